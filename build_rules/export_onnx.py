@@ -1,0 +1,77 @@
+"""export_onnx: a PyTorch source (Hugging Face folder or factory) -> ONNX, via torch.onnx.export.
+
+Uses the TorchScript-based exporter (dynamo=False): on BERT it is ~6x faster than dynamo export
+and onnxsim shrinks its graph instead of growing it. Dynamic axes come from the manifest's named
+dimensions. Deterministic: seeded example inputs, eval mode, no timestamps in ONNX.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kiln.rules import Params, Rule, RunContext, register
+
+
+class ExportOnnxParams(Params):
+    source: dict[str, Any]
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    opset: int
+    constant_folding: bool = True
+
+
+# Two sentences of different lengths, so the traced graph sees padding and a real attention mask.
+EXAMPLE_TEXT = ["kiln builds model artifacts.", "An example with padding, so the mask is not all ones."]
+
+
+@register
+class ExportOnnx(Rule):
+    name = "export_onnx"
+    version = 1
+    tools = ("torch", "transformers", "onnx")
+    Params = ExportOnnxParams
+
+    def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ExportOnnxParams, ctx: RunContext) -> dict[str, Any]:
+        import warnings
+
+        import onnx
+        import torch
+
+        from kiln.sources import load_torch_model
+
+        torch.manual_seed(0)
+        input_names = [t["name"] for t in params.inputs]
+        output_names = [t["name"] for t in params.outputs]
+        model = load_torch_model(params.source, inputs["source"], input_names, output_names, ctx.root)
+        example = _example_inputs(params, inputs["source"])
+        args = tuple(torch.from_numpy(example[name]) for name in input_names)
+        dynamic_axes = {t["name"]: _axes(t) for t in params.inputs + params.outputs if _axes(t)}
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
+            torch.onnx.export(
+                model, args, str(outputs["model"]), input_names=input_names, output_names=output_names,
+                dynamic_axes=dynamic_axes, opset_version=params.opset,
+                do_constant_folding=params.constant_folding, dynamo=False,
+            )
+        onnx.checker.check_model(str(outputs["model"]))
+        graph = onnx.load(str(outputs["model"]), load_external_data=False).graph
+        return {"nodes": len(graph.node), "opset": params.opset}
+
+
+def _axes(tensor: dict[str, Any]) -> dict[int, str]:
+    return {i: d for i, d in enumerate(tensor.get("shape") or []) if isinstance(d, str)}
+
+
+def _example_inputs(params: ExportOnnxParams, source_files: list[Path]):
+    from kiln.data import example_inputs
+
+    example = example_inputs(params.inputs)
+    if params.source["kind"] == "huggingface":
+        from kiln.sources import load_tokenizer
+
+        encoded = load_tokenizer(source_files[0].parent)(EXAMPLE_TEXT, padding=True, return_tensors="np")
+        for spec in params.inputs:
+            if spec["name"] in encoded:
+                example[spec["name"]] = encoded[spec["name"]].astype(spec["dtype"])
+    return example

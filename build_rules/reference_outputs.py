@@ -1,0 +1,77 @@
+"""reference_outputs: run the source model on the validation data once; save inputs and outputs.
+
+Every target's validation compares against this file, so the source model runs once per build no
+matter how many targets there are, and changing a threshold reruns only the (fast) comparison.
+Layout (SafeTensors, deterministic bytes): "<batch>/in/<input>" and "<batch>/out/<output>".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kiln.rules import Params, Rule, RunContext, register
+
+
+class ReferenceOutputsParams(Params):
+    source: dict[str, Any]
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    batch_size: int
+    max_length: int
+    max_samples: int | None = None
+
+
+@register
+class ReferenceOutputs(Rule):
+    name = "reference_outputs"
+    version = 1
+    tools = ("torch", "transformers", "tokenizers", "onnxruntime", "safetensors", "numpy")
+    Params = ReferenceOutputsParams
+
+    def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ReferenceOutputsParams, ctx: RunContext) -> dict[str, Any]:
+        from safetensors.numpy import save_file
+
+        tensors: dict = {}
+        samples = 0
+        for index, (feed, result) in enumerate(_run_source(inputs, params, ctx)):
+            samples += len(next(iter(feed.values())))
+            tensors.update({f"{index:05d}/in/{name}": value for name, value in feed.items()})
+            tensors.update({f"{index:05d}/out/{name}": value for name, value in result.items()})
+        save_file(tensors, str(outputs["outputs"]))
+        return {"samples": samples, "batches": index + 1}
+
+
+def _batches(inputs: dict[str, list[Path]], params: ReferenceOutputsParams):
+    from kiln import data
+
+    data_file = inputs["data"][0]
+    if data_file.suffix == ".txt":
+        from kiln.sources import load_tokenizer
+
+        tokenizer = load_tokenizer(inputs["source"][0].parent)
+        return data.text_batches(data_file, tokenizer, params.inputs, params.batch_size, params.max_length, params.max_samples)
+    return data.array_batches(data_file, params.inputs, params.batch_size, params.max_samples)
+
+
+def _run_source(inputs: dict[str, list[Path]], params: ReferenceOutputsParams, ctx: RunContext):
+    """Yield (feed, outputs) per batch, from the original model in its own framework."""
+    import numpy as np
+
+    output_names = [t["name"] for t in params.outputs]
+    if params.source["kind"] == "onnx":
+        from kiln.onnx_runtime import session
+
+        sess = session(inputs["source"][0], optimize=False)
+        for feed in _batches(inputs, params):
+            yield feed, dict(zip(output_names, sess.run(output_names, feed)))
+        return
+    import torch
+
+    from kiln.sources import load_torch_model
+
+    model = load_torch_model(params.source, inputs["source"], [t["name"] for t in params.inputs], output_names, ctx.root)
+    with torch.inference_mode():
+        for feed in _batches(inputs, params):
+            result = model(*(torch.from_numpy(feed[t["name"]]) for t in params.inputs))
+            yield feed, {name: np.ascontiguousarray(value.numpy()) for name, value in zip(output_names, result)}

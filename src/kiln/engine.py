@@ -1,0 +1,223 @@
+"""Stage 4: steps -> doit tasks, and running a step. The only module that knows doit.
+
+Up-to-date checks are kiln's own: a step is up to date when its key (rule, params, input digests,
+tool versions) equals the key recorded by its last successful run and its outputs are still the
+bytes that run wrote. Digests come from a stat-keyed cache, so a no-op build reads no large file.
+Because keys hold input *digests*, a rerun that reproduces the same bytes stops the rebuild from
+spreading downstream (ninja's "restat").
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from kiln.errors import KilnError, ManifestError, StepError
+from kiln.keys import DigestCache, step_key, tool_versions
+from kiln.manifest import all_manifests, find_manifest, read_manifest
+from kiln.plan import Plan, Step, plan
+from kiln.records import failure_path, read_json, record_path, relative, state_dir, write_json_atomic
+from kiln.rules import RunContext, get_rule
+from kiln.sources import resolve
+from kiln.spec import validate
+
+TASK = "build"  # doit basename: tasks are build:<model>/<targets>/<rule>
+
+
+# ---- loading -------------------------------------------------------------------------------------
+
+def load_plans(root: Path, manifest_arg: str | None) -> list[Plan]:
+    """manifest=<path or bare name>[,<more>], or every manifest under manifests/ when None."""
+    if manifest_arg:
+        paths = [find_manifest(name.strip(), root) for name in manifest_arg.split(",") if name.strip()]
+    else:
+        paths = all_manifests(root)
+        if not paths:
+            raise ManifestError(root / "manifests", "", "no manifests found (expected manifests/*.toml)")
+    plans: list[Plan] = []
+    owners: dict[str, Path] = {}
+    for path in paths:
+        raw = read_manifest(path)
+        spec = validate(raw)
+        if spec.model.name in owners and owners[spec.model.name] != path:
+            raise ManifestError(path, "model.name", f"{spec.model.name!r} is already used by {owners[spec.model.name]}; model names must be unique (they name build/<name>/)")
+        owners[spec.model.name] = path
+        plans.append(plan(spec, resolve(spec, raw, root), path, root))
+    return plans
+
+
+# ---- keys and reasons ---------------------------------------------------------------------------
+
+@functools.cache
+def _digest_cache(root: Path, pid: int) -> DigestCache:
+    return DigestCache(state_dir(root) / "digests.sqlite")
+
+
+def digest(root: Path, path: Path) -> str:
+    return _digest_cache(root, os.getpid()).digest(path)
+
+
+def components(step: Step, root: Path) -> dict[str, Any]:
+    """Everything the step's key is made of. Inputs by role and file name, never absolute path."""
+    rule = get_rule(step.rule)
+    return {
+        "rule": step.rule,
+        "version": rule.version,
+        "params": step.params,
+        "inputs": {role: [[p.name, digest(root, p)] for p in files] for role, files in step.inputs.items()},
+        "tools": tool_versions(rule.tools),
+    }
+
+
+def why(step: Step, root: Path) -> str | None:
+    """The reason this step must run, or None when it is up to date."""
+    record = read_json(record_path(root, step))
+    if record is None:
+        return "not built yet"
+    try:
+        current = components(step, root)
+    except FileNotFoundError as err:
+        return f"input missing: {err.filename}"
+    changed = describe_change(record["components"], current)
+    if changed:
+        return changed
+    for role, out in record["outputs"].items():
+        path = root / out["path"]
+        if not path.exists():
+            return f"output {out['path']} is missing"
+        if digest(root, path) != out["sha256"]:
+            return f"output {out['path']} was changed on disk"
+    return None
+
+
+def describe_change(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    if old.get("rule") != new["rule"] or old.get("version") != new["version"]:
+        return f"rule {new['rule']} version changed: {old.get('version')} -> {new['version']}"
+    param = _first_difference(old.get("params"), new["params"], "params")
+    if param:
+        return f"parameter changed: {param}"
+    for role in sorted(set(old.get("inputs", {})) | set(new["inputs"])):
+        before, after = dict(map(tuple, old.get("inputs", {}).get(role, []))), dict(map(tuple, new["inputs"].get(role, [])))
+        for name in sorted(set(before) | set(after)):
+            if before.get(name) != after.get(name):
+                return f"input {role}/{name} changed: {_short(before.get(name))} -> {_short(after.get(name))}"
+    for tool in sorted(set(old.get("tools", {})) | set(new["tools"])):
+        if old.get("tools", {}).get(tool) != new["tools"].get(tool):
+            return f"tool {tool} changed: {old.get('tools', {}).get(tool)} -> {new['tools'].get(tool)}"
+    return None
+
+
+def _first_difference(old: Any, new: Any, path: str) -> str | None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            found = _first_difference(old.get(key, "<unset>"), new.get(key, "<unset>"), f"{path}.{key}")
+            if found:
+                return found
+        return None
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new)):
+            found = _first_difference(a, b, f"{path}[{i}]")
+            if found:
+                return found
+        return None
+    return None if old == new else f"{path}: {old!r} -> {new!r}"
+
+
+def _short(digest_value: str | None) -> str:
+    return "absent" if digest_value is None else f"sha256:{digest_value[:12]}"
+
+
+# ---- running a step -----------------------------------------------------------------------------
+
+def run_step(step: Step, root: Path):
+    """doit action: run the rule into temp files, rename them into place, then write the record."""
+    from doit.exceptions import TaskFailed
+
+    started = time.monotonic()
+    reason = why(step, root) or "forced (doit -a or an explicit request)"
+    rule = get_rule(step.rule)
+    params = rule.Params.model_validate(step.params)
+    current = components(step, root)
+    temps = {role: path.with_name(f".{path.name}.{os.getpid()}.tmp") for role, path in step.outputs.items()}
+    for path in temps.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        info = rule().run({r: list(f) for r, f in step.inputs.items()}, temps, params, RunContext(root, step.name)) or {}
+    except BaseException as err:  # no temp output may stay behind, whatever went wrong
+        for path in temps.values():
+            path.unlink(missing_ok=True)
+        if not isinstance(err, StepError):
+            raise
+        write_json_atomic(failure_path(root, step), {"step": step.name, "reason": reason, "error": str(err), "facts": err.facts, "seconds": round(time.monotonic() - started, 3)})
+        return TaskFailed(str(err))
+    missing = [role for role, path in temps.items() if not path.exists()]
+    if missing:
+        raise RuntimeError(f"rule {step.rule} did not write its output {missing[0]!r}")
+    for role, temp in temps.items():
+        os.replace(temp, step.outputs[role])
+    outputs = {role: {"path": relative(p, root), "sha256": digest(root, p), "bytes": p.stat().st_size} for role, p in step.outputs.items()}
+    record = {
+        "step": step.name, "id": step.id, "key": step_key(current), "components": current, "outputs": outputs,
+        "reason": reason, "seconds": round(time.monotonic() - started, 3), "info": info,
+    }
+    write_json_atomic(record_path(root, step), record)
+    failure_path(root, step).unlink(missing_ok=True)
+    return {"key": record["key"]}
+
+
+def is_up_to_date(step: Step, root: Path) -> bool:
+    return why(step, root) is None
+
+
+# ---- doit glue ----------------------------------------------------------------------------------
+
+def to_task(step: Step, plan_: Plan) -> dict[str, Any]:
+    names = {s.id: s.name for s in plan_.steps}
+    return {
+        "name": step.name,
+        "doc": f"{step.rule} for {', '.join(step.targets)} of {relative(plan_.manifest, plan_.root)}",
+        "actions": [(run_step, [step, plan_.root])],
+        "uptodate": [(is_up_to_date, [step, plan_.root])],
+        "task_dep": [f"{TASK}:{names[d]}" for d in step.deps],
+        "targets": [str(p) for p in step.outputs.values()],
+        "clean": True,
+    }
+
+
+PLANS: list[Plan] = []  # what this process loaded; the reporter writes lockfiles and reports for them
+
+
+def doit_globals(root: Path | None = None, manifest_arg: str | None = None) -> dict[str, Any]:
+    """What dodo.py exposes to doit: DOIT_CONFIG and task_build. Exits with one line on a bad manifest,
+    before doit opens its database, so a bad manifest writes nothing."""
+    from doit import get_var
+
+    from kiln.report import KilnReporter
+
+    root = Path(root or os.getcwd()).resolve()
+    try:
+        plans = load_plans(root, manifest_arg if manifest_arg is not None else get_var("manifest"))
+    except KilnError as err:
+        print(f"kiln: error: {err}", file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
+    state_dir(root).mkdir(parents=True, exist_ok=True)
+    PLANS[:] = plans
+
+    def task_build():
+        """Build manifests: doit build [manifest=manifests/bert.toml] (default: every manifest)."""
+        for plan_ in plans:
+            for step in plan_.steps:
+                yield to_task(step, plan_)
+
+    config = {
+        "dep_file": str(state_dir(root) / "doit.db"),
+        "backend": "sqlite3",
+        "reporter": KilnReporter,
+        "default_tasks": [TASK],
+        "action_string_formatting": "new",
+    }
+    return {"DOIT_CONFIG": config, "task_build": task_build}

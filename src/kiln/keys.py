@@ -1,0 +1,107 @@
+"""What counts as changed: canonical params, file digests (cached by stat), tool versions, step keys.
+
+A step's key is sha256 over its components: rule name and version, canonical params, the digests
+of its inputs (by role and file name, never by absolute path, so a moved venv or clone keeps its
+keys) and the versions of the tools the rule uses. Same key, same bytes.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import sqlite3
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import kiln
+
+CHUNK = 1 << 20
+
+
+def canonical_json(obj: Any) -> str:
+    """One text per value: sorted keys, no spaces, floats in repr form."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@functools.cache
+def tool_version(name: str) -> str:
+    """Installed version of a tool (a distribution name, or "kiln"/"python"); read once per process."""
+    if name == "kiln":
+        return kiln.__version__
+    if name == "python":
+        import platform
+
+        return platform.python_version()
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def tool_versions(names: tuple[str, ...] | list[str]) -> dict[str, str]:
+    return {name: tool_version(name) for name in sorted(set(names) | {"kiln"})}
+
+
+def step_key(components: dict[str, Any]) -> str:
+    return sha256_text(canonical_json(components))
+
+
+class DigestCache:
+    """sha256 of files, remembered by (path, inode, size, mtime_ns, ctime_ns).
+
+    A file whose stat is unchanged is not read again; a file that was only touched is hashed once
+    and its entry refreshed, so the next run is free again (unlike doit's MD5 checker, doit#431).
+    SQLite in WAL mode lets parallel doit workers share it.
+    """
+
+    def __init__(self, db_path: Path):
+        self.db_path = Path(db_path)
+        self._conn: sqlite3.Connection | None = None
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self.db_path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, inode INTEGER, size INTEGER,"
+                " mtime_ns INTEGER, ctime_ns INTEGER, sha256 TEXT)"
+            )
+            self._conn = conn
+        return self._conn
+
+    def digest(self, path: Path) -> str:
+        path = Path(path).resolve()
+        st = os.stat(path)
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        row = self._db().execute(
+            "SELECT inode, size, mtime_ns, ctime_ns, sha256 FROM digests WHERE path = ?", (str(path),)
+        ).fetchone()
+        if row is not None and tuple(row[:4]) == stamp:
+            return row[4]
+        value = sha256_file(path)
+        if os.stat(path).st_mtime_ns == st.st_mtime_ns:  # not written while we read it
+            self._db().execute(
+                "INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?)", (str(path), *stamp, value)
+            )
+        return value
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

@@ -1,0 +1,78 @@
+"""Validation metrics: how far an artifact's outputs are from the reference outputs.
+
+Per output: max_abs_diff and max_rel_diff (native kernel, exact), and the cosine similarity of each
+row along the last axis (one per token for last_hidden_state, one per sample for pooled outputs),
+summarized as mean_cosine and min_cosine over all rows of all batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kiln import _native
+
+GATES = {  # metric -> (comparison, words for a failure)
+    "min_cosine": (lambda value, limit: value >= limit, "<"),
+    "mean_cosine": (lambda value, limit: value >= limit, "<"),
+    "max_abs_diff": (lambda value, limit: value <= limit, ">"),
+    "max_rel_diff": (lambda value, limit: value <= limit, ">"),
+}
+
+
+@dataclass
+class OutputMetrics:
+    """Running metrics of one output across batches: holds only scalars and the row cosines."""
+
+    max_abs_diff: float = 0.0
+    max_rel_diff: float = 0.0
+    nonfinite: int = 0
+    cosines: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, ref: np.ndarray, out: np.ndarray) -> None:
+        ref32 = np.ascontiguousarray(ref, dtype=np.float32)
+        out32 = np.ascontiguousarray(out, dtype=np.float32)
+        if ref32.shape != out32.shape:
+            raise ValueError(f"shape {list(out32.shape)} differs from the reference's {list(ref32.shape)}")
+        max_abs, max_rel, nonfinite = _native.diff_stats(ref32, out32)
+        self.max_abs_diff = max(self.max_abs_diff, max_abs) if not np.isnan(max_abs) else float("nan")
+        self.max_rel_diff = max(self.max_rel_diff, max_rel) if not np.isnan(max_rel) else float("nan")
+        self.nonfinite += nonfinite
+        self.cosines.append(row_cosines(ref32, out32))
+
+    def summary(self) -> dict[str, float | int]:
+        cos = np.concatenate(self.cosines) if self.cosines else np.ones(1)
+        return {
+            "max_abs_diff": float(self.max_abs_diff), "max_rel_diff": float(self.max_rel_diff),
+            "mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()),
+            "rows": int(cos.size), "nonfinite": int(self.nonfinite),
+        }
+
+
+def row_cosines(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Cosine of each row along the last axis, in float64. Two zero rows agree (1.0)."""
+    a = ref.reshape(-1, ref.shape[-1] if ref.ndim else 1).astype(np.float64)
+    b = out.reshape(-1, out.shape[-1] if out.ndim else 1).astype(np.float64)
+    dot = (a * b).sum(axis=1)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    both_zero = (np.linalg.norm(a, axis=1) == 0) & (np.linalg.norm(b, axis=1) == 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), 0.0)
+    return np.where(both_zero, 1.0, cos)
+
+
+def failures(metrics: dict[str, dict], thresholds: dict[str, float | None]) -> list[str]:
+    """Human-readable failed gates, e.g. 'last_hidden_state min_cosine 0.9981 < 0.9999'."""
+    failed = []
+    for output, values in metrics.items():
+        if values["nonfinite"]:
+            failed.append(f"{output} has {values['nonfinite']} NaN/Inf values")
+        for metric, limit in thresholds.items():
+            if limit is None or metric not in values:
+                continue
+            passes, word = GATES[metric]
+            value = values[metric]
+            if np.isnan(value) or not passes(value, limit):
+                failed.append(f"{output} {metric} {value:.6g} {word} {limit:g}")
+    return failed

@@ -1,0 +1,19 @@
+"""onnxruntime sessions made the same way everywhere kiln runs a model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def session(model: Path, optimize: bool = True, threads: int = 1):
+    """A CPU session. One intra-op thread by default: reductions then run in a fixed order, so the
+    validation metrics kiln reports are the same on every run and every machine size."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])

@@ -1,0 +1,131 @@
+"""Stage 3: spec -> steps. Pure: reads no file, imports no doit, runs no rule.
+
+Each target expands into a chain of steps (the rule chain for its format and precision). Steps with
+the same rule, params and inputs are one step, whichever targets need them: it runs once and its
+outputs are shared. Intermediate outputs live in build/<model>/.steps/<rule>-<id>/; a target's
+published artifact lives in build/<model>/<target>/ and appears only after validation passed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kiln.keys import canonical_json, sha256_text
+from kiln.sources import Resolved
+from kiln.spec import Spec, effective_thresholds
+
+
+@dataclass
+class Step:
+    id: str  # stable identity from rule, params and input paths (not bytes): names records and folders
+    rule: str
+    params: dict[str, Any]
+    inputs: dict[str, tuple[Path, ...]]  # role -> files (absolute)
+    outputs: dict[str, Path]  # role -> file (absolute)
+    model: str
+    targets: list[str] = field(default_factory=list)
+    deps: list[str] = field(default_factory=list)  # ids of the steps that produce our inputs
+
+    @property
+    def name(self) -> str:
+        """What people read: bert/onnx_fp32/export_onnx, or bert/a+b/export_onnx when shared."""
+        who = "+".join(self.targets) if self.targets else "all"
+        return f"{self.model}/{who}/{self.rule}"
+
+
+@dataclass
+class Plan:
+    model: str
+    manifest: Path
+    root: Path
+    steps: list[Step]  # in dependency order
+
+    def artifacts(self) -> list[tuple[str, Path]]:
+        """(target, path) of every published artifact."""
+        return [(s.targets[0], p) for s in self.steps if s.rule == "validate" for role, p in s.outputs.items() if role == "artifact"]
+
+
+def identity(rule: str, params: dict, inputs: dict[str, tuple[Path, ...]]) -> str:
+    return sha256_text(canonical_json([rule, params, {k: [str(p) for p in v] for k, v in inputs.items()}]))
+
+
+def plan(spec: Spec, resolved: Resolved, manifest: Path, root: Path) -> Plan:
+    planner = _Planner(spec, resolved, root / "build" / spec.model.name)
+    for target_name in spec.targets:
+        planner.add_target(target_name)
+    return Plan(spec.model.name, manifest, root, planner.steps)
+
+
+class _Planner:
+    def __init__(self, spec: Spec, resolved: Resolved, build_dir: Path):
+        self.spec = spec
+        self.resolved = resolved
+        self.build_dir = build_dir
+        self.steps: list[Step] = []
+        self._by_id: dict[str, Step] = {}
+        self.source_params = spec.source.model_dump()
+        self.inputs = [t.model_dump() for t in spec.inputs]
+        self.outputs = [t.model_dump() for t in spec.outputs]
+
+    def add_target(self, name: str) -> None:
+        target = self.spec.targets[name]
+        if target.format == "onnx":
+            self._onnx_chain(name, target)
+        else:  # pragma: no cover - the spec admits only formats with a chain here
+            raise AssertionError(f"no rule chain for format {target.format!r}")
+
+    def _onnx_chain(self, name: str, target) -> None:
+        reference = self._reference(name)
+        if self.spec.source.kind == "onnx":
+            model, model_step = self.resolved.source_files[0], None
+        else:
+            model_step = self._add(name, "export_onnx", {
+                "source": self.source_params, "inputs": self.inputs, "outputs": self.outputs,
+                "opset": target.opset, "constant_folding": target.options.constant_folding,
+            }, {"source": self.resolved.source_files}, {"model": "model.onnx"})
+            model = model_step.outputs["model"]
+        if target.options.simplify:
+            model_step = self._add(name, "simplify_onnx", {}, {"model": (model,)}, {"model": "model.onnx"}, [model_step])
+            model = model_step.outputs["model"]
+        self._validate(name, target, model, model_step, reference)
+
+    def _reference(self, name: str) -> Step:
+        validation = self.spec.validation
+        params = {
+            "source": self.source_params, "inputs": self.inputs, "outputs": self.outputs,
+            "batch_size": validation.batch_size, "max_length": validation.max_length, "max_samples": validation.max_samples,
+        }
+        inputs = {"source": self.resolved.source_files, "data": (self.resolved.data_file,)}
+        return self._add(name, "reference_outputs", params, inputs, {"outputs": "reference.safetensors"})
+
+    def _validate(self, name: str, target, model: Path, model_step: Step | None, reference: Step) -> None:
+        validation = self.spec.validation
+        params = {
+            "target": name,  # each target publishes (and validates) its own artifact
+            "format": target.format, "precision": target.precision, "hardware": target.hardware,
+            "metrics": list(validation.metrics),
+            "outputs": validation.outputs or [o.name for o in self.spec.outputs],
+            "thresholds": effective_thresholds(self.spec, name).model_dump(),
+        }
+        inputs = {"model": (model,), "reference": (reference.outputs["outputs"],)}
+        published = {"artifact": self.build_dir / name / "model.onnx", "validation": self.build_dir / name / "validation.json"}
+        deps = [s for s in (model_step, reference) if s is not None]
+        self._add(name, "validate", params, inputs, published, deps)
+
+    def _add(self, target: str, rule: str, params: dict, inputs: dict, outputs: dict, deps: list[Step | None] = ()) -> Step:
+        step_id = f"{rule}-{identity(rule, params, inputs)[:12]}"
+        existing = self._by_id.get(step_id)
+        if existing is not None:
+            existing.targets.append(target)
+            return existing
+        folder = self.build_dir / ".steps" / step_id
+        step = Step(
+            id=step_id, rule=rule, params=params, inputs=inputs,
+            outputs={role: (p if isinstance(p, Path) else folder / p) for role, p in outputs.items()},
+            model=self.spec.model.name, targets=[target], deps=[d.id for d in deps if d is not None],
+        )
+        self._by_id[step_id] = step
+        self.steps.append(step)
+        return step

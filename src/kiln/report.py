@@ -1,0 +1,101 @@
+"""build/<model>/report.json, written at the end of every `doit build` by KilnReporter: per step,
+whether it ran or was up to date and why, its seconds and output sizes; per artifact, its size and
+validation metrics. Also prints a short summary."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from doit.reporter import ConsoleReporter
+
+from kiln.lockfile import write_lock
+from kiln.plan import Plan
+from kiln.records import failure_path, read_json, record_path, write_json_atomic
+
+RAN, UP_TO_DATE, FAILED, NOT_RUN = "ran", "up to date", "failed", "not run"
+
+
+def report_path(plan: Plan) -> Path:
+    return plan.root / "build" / plan.model / "report.json"
+
+
+def step_entry(plan: Plan, step, status: str) -> dict[str, Any]:
+    entry: dict[str, Any] = {"step": step.name, "rule": step.rule, "targets": step.targets, "status": status}
+    if status == FAILED:
+        failure = read_json(failure_path(plan.root, step)) or {}
+        entry |= {"why": failure.get("reason"), "error": failure.get("error", "see doit's output"), "seconds": failure.get("seconds"), "facts": failure.get("facts")}
+        return entry
+    record = read_json(record_path(plan.root, step))
+    if record is None:
+        return entry | {"why": "not built yet"}
+    entry["why"] = record["reason"] if status == RAN else "key unchanged and outputs intact"
+    entry["seconds"] = record["seconds"] if status == RAN else 0.0
+    entry["last_run_seconds"] = record["seconds"]
+    entry["key"] = record["key"]
+    entry["outputs"] = [{"path": o["path"], "bytes": o["bytes"]} for o in record["outputs"].values()]
+    if record.get("info"):
+        entry["info"] = record["info"]
+    return entry
+
+
+def build_report(plan: Plan, statuses: dict[str, str], seconds: float) -> dict[str, Any]:
+    steps = [step_entry(plan, s, statuses.get(s.name, NOT_RUN)) for s in plan.steps]
+    artifacts = []
+    for step, entry in zip(plan.steps, steps):
+        if step.rule == "validate":
+            info = entry.get("info") or entry.get("facts") or {}
+            artifact = {"target": step.targets[0], "status": entry["status"], "metrics": info.get("metrics"), "thresholds": info.get("thresholds"), "passed": info.get("passed")}
+            artifact |= next(({"path": o["path"], "bytes": o["bytes"]} for o in entry.get("outputs", []) if o["path"].endswith(".onnx")), {})
+            artifacts.append(artifact)
+    return {
+        "model": plan.model,
+        "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(seconds, 3),
+        "ok": all(e["status"] in (RAN, UP_TO_DATE) for e in steps),
+        "counts": {s: sum(e["status"] == s for e in steps) for s in (RAN, UP_TO_DATE, FAILED, NOT_RUN)},
+        "steps": steps,
+        "artifacts": artifacts,
+    }
+
+
+class KilnReporter(ConsoleReporter):
+    """doit's console output, plus kiln's lockfile and report at the end of the run."""
+
+    def __init__(self, outstream, options):
+        super().__init__(outstream, options)
+        self.statuses: dict[str, str] = {}
+        self.started = time.monotonic()
+
+    def execute_task(self, task):
+        super().execute_task(task)
+        self.statuses[_step_name(task)] = RAN
+
+    def skip_uptodate(self, task):
+        super().skip_uptodate(task)
+        self.statuses[_step_name(task)] = UP_TO_DATE
+
+    def add_failure(self, task, fail):
+        super().add_failure(task, fail)
+        self.statuses[_step_name(task)] = FAILED
+
+    def complete_run(self):
+        super().complete_run()
+        from kiln.engine import PLANS
+
+        seconds = time.monotonic() - self.started
+        for plan in PLANS:
+            if not any(s.name in self.statuses for s in plan.steps):
+                continue  # this run did not touch this manifest (e.g. doit build:<other>)
+            report = build_report(plan, self.statuses, seconds)
+            write_json_atomic(report_path(plan), report)
+            if report["ok"]:
+                write_lock(plan)
+            counts = report["counts"]
+            self.write(f"kiln: {plan.model}: {counts[RAN]} ran, {counts[UP_TO_DATE]} up to date, {counts[FAILED]} failed"
+                       f"{', ' + str(counts[NOT_RUN]) + ' not run' if counts[NOT_RUN] else ''} -> {report_path(plan).relative_to(plan.root)}\n")
+
+
+def _step_name(task) -> str:
+    return task.name.split(":", 1)[1] if ":" in task.name else task.name

@@ -1,0 +1,65 @@
+"""The Rule base class and the registry. One rule per file in build_rules/ (kiln.build_rules).
+
+A rule declares its name, version (bump it when its output for the same inputs changes), the
+tools whose versions enter its steps' keys, and typed Params. Heavy imports (torch, onnx...) go
+inside run(), so planning a build never pays for them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a running rule may know besides its inputs: the workspace root and its step's name."""
+
+    root: Path
+    step: str
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Rule:
+    name: ClassVar[str]
+    version: ClassVar[int]
+    tools: ClassVar[tuple[str, ...]]
+    Params: ClassVar[type[Params]]
+
+    def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: Any, ctx: RunContext) -> dict[str, Any]:
+        """Read inputs, write every output path (kiln renames them into place afterwards).
+        Return facts for the report (metrics, sizes). Raise StepError for a user-fixable failure."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[Rule]] = {}
+
+
+def register(cls: type[Rule]) -> type[Rule]:
+    """Class decorator used by each build_rules/<rule>.py. A second rule of the same name is a bug."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise RuntimeError(f"two rules named {cls.name!r}: {_REGISTRY[cls.name].__module__} and {cls.__module__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def all_rules() -> dict[str, type[Rule]]:
+    """Import every module of kiln.build_rules once; each registers its rule."""
+    if not _REGISTRY:
+        import kiln.build_rules as package
+
+        for info in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{package.__name__}.{info.name}")
+    return _REGISTRY
+
+
+def get_rule(name: str) -> type[Rule]:
+    return all_rules()[name]

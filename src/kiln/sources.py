@@ -1,0 +1,209 @@
+"""Where a manifest's files are, and how a source model is loaded.
+
+resolve() is the disk-touching stage between spec and plan: it finds the source files (including
+`pkg:<package>/<subdir>` inside an installed package), enforces the pickle policy, and checks that
+data files exist, naming the manifest key on any problem. load_torch_model() is used by rules at
+run time (heavy imports inside).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kiln.errors import ManifestError, StepError
+from kiln.manifest import RawManifest
+from kiln.spec import Spec
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib")
+# Files of a Hugging Face folder that do not change the model: documentation and git plumbing.
+IGNORED_IN_MODEL_FOLDER = (".md", ".gitattributes", ".gitignore")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The absolute files a manifest's source and data resolve to."""
+
+    source_dir: Path | None  # the folder to load from (huggingface), else None
+    source_files: tuple[Path, ...]  # every file whose bytes define the source model
+    data_file: Path
+
+
+def resolve(spec: Spec, raw: RawManifest, root: Path) -> Resolved:
+    source = spec.source
+    if source.kind == "huggingface":
+        folder = resolve_path(source.path, raw, "source.path", root)
+        files = _model_folder_files(folder, source.allow_pickle, raw)
+        resolved = Resolved(folder, files, Path())
+    elif source.kind == "torch":
+        files = [_factory_file(source.factory, raw, root)]
+        if source.weights:
+            weights = resolve_path(source.weights, raw, "source.weights", root)
+            _require_file(weights, raw, "source.weights")
+            _check_pickle(weights, source.allow_pickle, raw, "source.weights")
+            files.append(weights)
+        resolved = Resolved(None, tuple(files), Path())
+    else:
+        path = resolve_path(source.path, raw, "source.path", root)
+        _require_file(path, raw, "source.path")
+        resolved = Resolved(None, (path,), Path())
+    data = resolve_path(spec.validation.data, raw, "validation.data", root)
+    _require_file(data, raw, "validation.data")
+    if data.suffix not in (".txt", ".npz", ".npy"):
+        raise ManifestError(raw.path, "validation.data", f"{spec.validation.data!r} is not allowed; expected a .txt, .npz or .npy file")
+    if data.suffix == ".txt" and source.kind != "huggingface":
+        raise ManifestError(raw.path, "validation.data", f"{spec.validation.data!r}: text data needs a tokenizer, which only a huggingface source has; give .npz arrays named after the inputs")
+    return Resolved(resolved.source_dir, resolved.source_files, data)
+
+
+def resolve_path(text: str, raw: RawManifest, key: str, root: Path) -> Path:
+    """A manifest path: relative to the manifest's folder, absolute, or pkg:<package>/<subdir>."""
+    if text.startswith("pkg:"):
+        package, _, subdir = text[4:].partition("/")
+        found = importlib.util.find_spec(package) if package.isidentifier() else None
+        if found is None or not found.submodule_search_locations:
+            raise ManifestError(raw.path, key, f"{text!r}: Python package {package!r} is not installed (pip install {package.replace('_', '-')})")
+        return Path(list(found.submodule_search_locations)[0]) / subdir
+    path = Path(text)
+    return path if path.is_absolute() else (raw.folder / path).resolve()
+
+
+def _require_file(path: Path, raw: RawManifest, key: str) -> None:
+    if not path.is_file():
+        raise ManifestError(raw.path, key, f"{str(path)!r} does not exist or is not a file")
+
+
+def _check_pickle(path: Path, allowed: bool, raw: RawManifest, key: str) -> None:
+    if path.suffix in PICKLE_SUFFIXES and not allowed:
+        raise ManifestError(raw.path, key, f"{path.name!r} is a pickle file, which can run code when loaded; refused unless the manifest sets source.allow_pickle = true (or convert it to .safetensors)")
+
+
+def _model_folder_files(folder: Path, allow_pickle: bool, raw: RawManifest) -> tuple[Path, ...]:
+    if not (folder / "config.json").is_file():
+        raise ManifestError(raw.path, "source.path", f"{str(folder)!r} is not a Hugging Face model folder (no config.json)")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix not in IGNORED_IN_MODEL_FOLDER)
+    safe = [p for p in files if p.suffix == ".safetensors"]
+    pickled = [p for p in files if p.suffix in PICKLE_SUFFIXES]
+    if not safe and pickled:
+        _check_pickle(pickled[0], allow_pickle, raw, "source.allow_pickle")
+    if not safe and not pickled:
+        raise ManifestError(raw.path, "source.path", f"{str(folder)!r} holds no weights (*.safetensors, or *.bin with allow_pickle)")
+    if not allow_pickle:  # pickle files are never read then, so they do not define the model
+        files = [p for p in files if p.suffix not in PICKLE_SUFFIXES]
+    return tuple(files)
+
+
+def _factory_file(factory: str, raw: RawManifest, root: Path) -> Path:
+    module = factory.split(":")[0]
+    with _on_sys_path(root):
+        try:
+            found = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            found = None
+    if found is None or not found.origin or not Path(found.origin).is_file():
+        raise ManifestError(raw.path, "source.factory", f"{factory!r}: module {module!r} not found (looked on sys.path and in {root})")
+    return Path(found.origin)
+
+
+class _on_sys_path:
+    def __init__(self, folder: Path):
+        self.folder = str(folder)
+
+    def __enter__(self):
+        self.added = self.folder not in sys.path
+        if self.added:
+            sys.path.insert(0, self.folder)
+
+    def __exit__(self, *exc):
+        if self.added and self.folder in sys.path:
+            sys.path.remove(self.folder)
+
+
+# ---- loading at run time (inside rules) --------------------------------------------------------
+
+def load_torch_model(source: dict[str, Any], files: list[Path], input_names: list[str], output_names: list[str], root: Path):
+    """The source as an nn.Module in eval mode whose forward takes the manifest's inputs in order and
+    returns a tuple of the manifest's outputs in order."""
+    import torch
+
+    if source["kind"] == "huggingface":
+        inner = _load_huggingface(source, files[0].parent)
+    else:
+        inner = _load_factory(source, files, root)
+    inner.eval()
+
+    class Named(torch.nn.Module):
+        """Positional inputs in, a tuple of named outputs out: one calling convention for every rule."""
+
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args):
+            if source["kind"] == "huggingface":
+                result = self.model(**dict(zip(input_names, args)))
+            else:
+                result = self.model(*args)
+            return _pick_outputs(result, output_names)
+
+    return Named(inner).eval()
+
+
+def _pick_outputs(result: Any, names: list[str]) -> tuple:
+    if hasattr(result, "keys"):
+        missing = [n for n in names if n not in result.keys()]
+        if missing:
+            raise StepError("source", f"output {missing[0]!r} is not produced by the model; it gives {list(result.keys())}")
+        return tuple(result[n] for n in names)
+    values = result if isinstance(result, (tuple, list)) else (result,)
+    if len(values) != len(names):
+        raise StepError("source", f"the model returns {len(values)} outputs but the manifest declares {len(names)}: {names}")
+    return tuple(values)
+
+
+def _load_huggingface(source: dict[str, Any], folder: Path):
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at build time
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(
+        folder,
+        local_files_only=True,
+        trust_remote_code=source.get("trust_remote_code", False),
+        use_safetensors=None if source.get("allow_pickle") else True,
+        attn_implementation="eager",
+    )
+
+
+def _load_factory(source: dict[str, Any], files: list[Path], root: Path):
+    import torch
+
+    module_name, function_name = source["factory"].split(":")
+    with _on_sys_path(root):
+        module = importlib.import_module(module_name)
+    model = getattr(module, function_name)()
+    if not isinstance(model, torch.nn.Module):
+        raise StepError("source", f"{source['factory']} returned {type(model).__name__}, not a torch.nn.Module")
+    if source.get("weights"):
+        weights = files[1]
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(weights)
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    return model
+
+
+def load_tokenizer(folder: Path):
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)

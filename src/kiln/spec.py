@@ -1,0 +1,333 @@
+"""Stage 2: validate a raw manifest into a frozen Spec (pydantic v2).
+
+Every model forbids unknown keys. Targets are a discriminated union on `format`, sources on `kind`,
+so an error names exactly the key that is wrong. `validate()` turns pydantic's errors into one
+ManifestError line: file, dotted key (`targets.onnx_fp32.opset`), the bad value, what is allowed.
+Checks that need the disk (files exist, pickle policy) are in kiln.sources, not here.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kiln.errors import ManifestError
+from kiln.manifest import RawManifest
+
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+TENSOR_NAME = r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,127}$"
+# torch.onnx.export's TorchScript exporter supports opsets 7..20; 14 is the first with the ops
+# transformer attention exports to (Trilu, scaled_dot_product_attention's decomposition).
+MIN_OPSET, MAX_OPSET = 14, 20
+DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool")
+METRICS = ("max_abs_diff", "max_rel_diff", "mean_cosine", "min_cosine")
+
+
+class Strict(BaseModel):
+    # strict: "17" is not an opset and 1 is not true; TOML has real types, so demand them.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class ModelInfo(Strict):
+    """The model's name names its build folder: build/<name>/."""
+
+    name: str = Field(pattern=NAME, description="letters, digits, _ . - ; names build/<name>/")
+    description: str = ""
+
+
+class HuggingFaceSource(Strict):
+    """A local Hugging Face model folder (config.json + weights), loaded with transformers.AutoModel."""
+
+    kind: Literal["huggingface"]
+    path: str = Field(
+        min_length=1,
+        description="folder relative to the manifest, or pkg:<package>/<subdir> inside an installed package",
+    )
+    allow_pickle: bool = Field(False, description="allow .bin/.pt weights (pickle can run code)")
+    trust_remote_code: bool = Field(False, description="let transformers run Python code from the folder")
+
+
+class TorchSource(Strict):
+    """A Python factory `module:function` returning a torch.nn.Module, with optional weights."""
+
+    kind: Literal["torch"]
+    factory: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", description="module:function")
+    weights: str | None = Field(None, description=".safetensors file (or .pt/.bin with allow_pickle)")
+    allow_pickle: bool = False
+
+
+class OnnxSource(Strict):
+    """An existing ONNX file; targets are validated against it in onnxruntime."""
+
+    kind: Literal["onnx"]
+    path: str = Field(min_length=1)
+
+
+Source = Annotated[Union[HuggingFaceSource, TorchSource, OnnxSource], Field(discriminator="kind")]
+
+
+class TensorSpec(Strict):
+    """A model input or output. Shape entries: an int (fixed) or a name (a dynamic axis)."""
+
+    name: str = Field(pattern=TENSOR_NAME)
+    dtype: Literal[DTYPES] = "float32"  # type: ignore[valid-type]
+    shape: list[Annotated[int, Field(ge=1)] | Annotated[str, Field(pattern=r"^[A-Za-z_]\w*$")]] | None = None
+    range: list[float] | None = Field(
+        None, min_length=2, max_length=2,
+        description="[low, high) of generated example values (ints: token ids, classes...)",
+    )
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape or []) if isinstance(d, str)}
+
+
+class Thresholds(Strict):
+    """Validation gates; unset ones fall back to the per-precision defaults (see defaults_for)."""
+
+    min_cosine: float | None = Field(None, ge=-1.0, le=1.0)
+    mean_cosine: float | None = Field(None, ge=-1.0, le=1.0)
+    max_abs_diff: float | None = Field(None, ge=0.0)
+    max_rel_diff: float | None = Field(None, ge=0.0)
+
+
+# fp32 export should be numerically the same model: cosine within float rounding, and absolute
+# differences at the level of accumulated fp32 reordering (measured ~7e-5 on all-MiniLM-L6-v2).
+PRECISION_DEFAULTS: dict[str, Thresholds] = {
+    "fp32": Thresholds(min_cosine=0.9999, mean_cosine=0.99999, max_abs_diff=1e-4),
+}
+
+
+class OnnxOptions(Strict):
+    simplify: bool = Field(True, description="run onnxsim after export")
+    constant_folding: bool = Field(True, description="torch.onnx.export do_constant_folding")
+
+
+class OnnxTarget(Strict):
+    format: Literal["onnx"]
+    precision: Literal["fp32"] = "fp32"
+    hardware: Literal["cpu"] = "cpu"
+    opset: int = Field(17, ge=MIN_OPSET, le=MAX_OPSET)
+    options: OnnxOptions = OnnxOptions()
+    thresholds: Thresholds = Field(Thresholds(), description="overrides [validation.thresholds] for this target")
+
+
+Target = Annotated[Union[OnnxTarget], Field(discriminator="format")]
+
+
+class Validation(Strict):
+    data: str = Field(min_length=1, description=".txt (one text per line) or .npz/.npy arrays, relative to the manifest")
+    batch_size: int = Field(32, ge=1, le=4096)
+    max_length: int = Field(128, ge=2, le=8192, description="tokenizer truncation for text data")
+    max_samples: int | None = Field(None, ge=1)
+    metrics: list[Literal[METRICS]] = list(METRICS)  # type: ignore[valid-type]
+    outputs: list[str] | None = Field(None, description="outputs to compare; default: all")
+    thresholds: Thresholds = Thresholds()
+
+
+class Spec(Strict):
+    """A validated manifest. Frozen: later stages cannot change what the user asked for."""
+
+    model: ModelInfo
+    source: Source
+    inputs: list[TensorSpec] = Field(min_length=1)
+    outputs: list[TensorSpec] = Field(min_length=1)
+    targets: dict[Annotated[str, Field(pattern=NAME)], Target] = Field(min_length=1)
+    validation: Validation
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Spec":
+        for group in ("inputs", "outputs"):
+            seen: set[str] = set()
+            for i, tensor in enumerate(getattr(self, group)):
+                if tensor.name in seen:
+                    raise _CrossError(f"{group}[{i}].name", tensor.name, "a name not used by another of the " + group)
+                seen.add(tensor.name)
+        known = {o.name for o in self.outputs}
+        for name in self.validation.outputs or []:
+            if name not in known:
+                raise _CrossError("validation.outputs", name, f"one of the declared outputs: {sorted(known)}")
+        for metric in self.thresholds_keys():
+            if metric not in self.validation.metrics:
+                raise _CrossError("validation.metrics", self.validation.metrics, f"a list including {metric!r}, which a threshold gates on")
+        return self
+
+    def thresholds_keys(self) -> set[str]:
+        keys = {k for k, v in self.validation.thresholds.model_dump().items() if v is not None}
+        for target in self.targets.values():
+            keys |= {k for k, v in target.thresholds.model_dump().items() if v is not None}
+        return keys
+
+
+class _CrossError(ValueError):
+    """A rule spanning several keys; carries the key to blame so the message can name it."""
+
+    def __init__(self, key: str, value: Any, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"{key}={value!r}")
+
+
+def effective_thresholds(spec: Spec, target_name: str) -> Thresholds:
+    """Per-precision defaults, overridden by [validation.thresholds], overridden by the target's."""
+    target = spec.targets[target_name]
+    merged = PRECISION_DEFAULTS[target.precision].model_dump()
+    for layer in (spec.validation.thresholds, target.thresholds):
+        merged |= {k: v for k, v in layer.model_dump().items() if v is not None}
+    return Thresholds(**merged)
+
+
+def validate(raw: RawManifest) -> Spec:
+    try:
+        return Spec.model_validate(raw.data)
+    except ValidationError as err:
+        raise _manifest_error(raw, err) from None
+
+
+def json_schema() -> dict[str, Any]:
+    return Spec.model_json_schema()
+
+
+# ---- error messages -------------------------------------------------------------------------
+
+def _manifest_error(raw: RawManifest, err: ValidationError) -> ManifestError:
+    errors = err.errors(include_url=False)
+    first = errors[0]
+    cross = (first.get("ctx") or {}).get("error")
+    if isinstance(cross, _CrossError):
+        problem = f"{cross.value!r} is not allowed; expected {cross.allowed}"
+        return ManifestError(raw.path, cross.key, problem + _more(errors))
+    key, value, annotation = _locate(raw.data, first["loc"])
+    if first["type"].startswith("union_tag_"):  # blame the tag key itself: targets.x.format
+        key = f"{key}.{first['ctx']['discriminator'].strip(chr(39))}"
+    return ManifestError(raw.path, key, _describe(first, value, annotation) + _more(errors))
+
+
+def _more(errors: list) -> str:
+    extra = len(errors) - 1
+    return f" (and {extra} more problem{'s' if extra > 1 else ''})" if extra else ""
+
+
+def _locate(data: Any, loc: tuple) -> tuple[str, Any, Any]:
+    """Walk the raw data and the type annotations along pydantic's loc.
+
+    Returns the user's dotted key, the raw value found there and the annotation that validates it.
+    Union tags and pydantic's "[key]" marker in loc are not part of the user's key and are skipped.
+    """
+    key = ""
+    node: Any = data
+    annotation: Any = Spec
+    for item in loc:
+        annotation = _unwrap(annotation)
+        origin = typing.get_origin(annotation)
+        if item == "[key]":
+            node = None  # the error is about the dict key itself, already named in `key`
+            continue
+        if isinstance(node, dict) and item in (node.get("format"), node.get("kind")) and item not in node:
+            continue  # a union tag (one-member unions collapse, so check the data, not the type)
+        if _is_model(annotation):
+            field = annotation.model_fields.get(str(item))
+            key = f"{key}.{_quote(str(item))}" if key else _quote(str(item))
+            node = node.get(item, _MISSING) if isinstance(node, dict) else _MISSING
+            annotation = field.annotation if field is not None else None
+        elif origin is Union:
+            annotation = _union_member(annotation, node)  # item is the tag: not a key
+        elif origin is dict:
+            key = f"{key}.{_quote(str(item))}"
+            node = node.get(item, _MISSING) if isinstance(node, dict) else _MISSING
+            annotation = typing.get_args(annotation)[1]
+        elif origin in (list, tuple) and isinstance(item, int):
+            key = f"{key}[{item}]"
+            node = node[item] if isinstance(node, list) and item < len(node) else _MISSING
+            args = typing.get_args(annotation)
+            annotation = args[0] if args else None
+        else:
+            break  # inside a scalar union (int | str): the key is already precise
+    return key, node, annotation
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Strip Annotated[...] and Optional[...] so the walk sees the container or model."""
+    while typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(members) == 1:
+            return _unwrap(members[0])
+        if all(_is_model(m) for m in members):
+            return Union[tuple(members)]
+    return annotation
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _tag_values(annotation: Any) -> dict[str, type[BaseModel]]:
+    """For a discriminated union of models: {tag value: model}."""
+    found = {}
+    for member in typing.get_args(_unwrap(annotation)):
+        for field_name in ("format", "kind"):
+            field = member.model_fields.get(field_name) if _is_model(member) else None
+            if field is not None and typing.get_origin(field.annotation) is Literal:
+                found[typing.get_args(field.annotation)[0]] = member
+    return found
+
+
+def _union_member(annotation: Any, node: Any) -> Any:
+    if isinstance(node, dict):
+        tags = _tag_values(annotation)
+        for tag_key in ("format", "kind"):
+            if node.get(tag_key) in tags:
+                return tags[node[tag_key]]
+    return None
+
+
+def _quote(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else f'"{key}"'
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING = _Missing()
+
+
+def _describe(error: dict, value: Any, annotation: Any) -> str:
+    kind, ctx = error["type"], error.get("ctx") or {}
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "extra_forbidden":
+        return f"unknown key; allowed keys here: {', '.join(_allowed_keys(error['loc']))}"
+    if kind == "union_tag_invalid":
+        return f"{ctx['tag']!r} is not allowed; expected one of {ctx['expected_tags']}"
+    if kind == "union_tag_not_found":
+        return "required key is missing"
+    if kind == "literal_error":
+        return f"{value!r} is not allowed; expected {ctx['expected']}"
+    shown = error.get("input") if value is _MISSING or value is None else value
+    msg = error["msg"].replace("Value error, ", "").replace("Input should be", "expected")
+    return f"{shown!r} is not allowed; {msg[:1].lower()}{msg[1:]}"
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """Field names of the model that holds the unknown key (walks the schema, not the data)."""
+    annotation: Any = Spec
+    for item in loc[:-1]:
+        annotation = _unwrap(annotation)
+        if _is_model(annotation):
+            field = annotation.model_fields.get(str(item))
+            annotation = field.annotation if field else annotation  # else: a union tag
+        elif typing.get_origin(annotation) is Union:
+            annotation = _tag_values(annotation).get(item)
+        elif typing.get_origin(annotation) is dict:
+            annotation = typing.get_args(annotation)[1]
+        elif typing.get_origin(annotation) in (list, tuple):
+            annotation = typing.get_args(annotation)[0]
+    annotation = _unwrap(annotation)
+    return sorted(annotation.model_fields) if _is_model(annotation) else []
