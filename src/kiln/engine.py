@@ -20,7 +20,7 @@ from kiln.errors import KilnError, ManifestError, StepError
 from kiln.keys import DigestCache, step_key, tool_versions
 from kiln.manifest import all_manifests, find_manifest, read_manifest
 from kiln.plan import Plan, Step, plan
-from kiln.records import failure_path, read_json, record_path, relative, state_dir, write_json_atomic
+from kiln.records import failure_path, last_path, read_json, record_path, relative, state_dir, write_json_atomic
 from kiln.rules import RunContext, get_rule
 from kiln.sources import resolve
 from kiln.spec import validate
@@ -75,13 +75,13 @@ def components(step: Step, root: Path) -> dict[str, Any]:
 
 def why(step: Step, root: Path) -> str | None:
     """The reason this step must run, or None when it is up to date."""
-    record = read_json(record_path(root, step))
-    if record is None:
-        return "not built yet"
     try:
         current = components(step, root)
     except FileNotFoundError as err:
-        return f"input missing: {err.filename}"
+        return f"input {relative(Path(err.filename), root)} is not built yet"
+    record = read_json(record_path(root, step))
+    if record is None:
+        return _change_since_last(step, root, current) or "not built yet"
     changed = describe_change(record["components"], current)
     if changed:
         return changed
@@ -90,7 +90,17 @@ def why(step: Step, root: Path) -> str | None:
         if not path.exists():
             return f"output {out['path']} is missing"
         if digest(root, path) != out["sha256"]:
-            return f"output {out['path']} was changed on disk"
+            return f"output {out['path']} is not what this step wrote (changed on disk, or built by another configuration)"
+    return None
+
+
+def _change_since_last(step: Step, root: Path, current: dict[str, Any]) -> str | None:
+    """A step never built with these params and inputs: say what differs from the last build of the
+    same rule for the same target (a new opset, a new source file...)."""
+    for target in step.targets:
+        last = read_json(last_path(root, step, target))
+        if last is not None:
+            return describe_change(last, current)
     return None
 
 
@@ -143,13 +153,17 @@ def run_step(step: Step, root: Path):
     params = rule.Params.model_validate(step.params)
     current = components(step, root)
     temps = {role: path.with_name(f".{path.name}.{os.getpid()}.tmp") for role, path in step.outputs.items()}
-    for path in temps.values():
-        path.parent.mkdir(parents=True, exist_ok=True)
+    created = [p.parent for p in temps.values() if not p.parent.exists()]
+    for folder in created:
+        folder.mkdir(parents=True, exist_ok=True)
     try:
         info = rule().run({r: list(f) for r, f in step.inputs.items()}, temps, params, RunContext(root, step.name)) or {}
     except BaseException as err:  # no temp output may stay behind, whatever went wrong
         for path in temps.values():
             path.unlink(missing_ok=True)
+        for folder in created:  # a failed target leaves no empty build/<model>/<target>/ behind
+            if folder.exists() and not any(folder.iterdir()):
+                folder.rmdir()
         if not isinstance(err, StepError):
             raise
         write_json_atomic(failure_path(root, step), {"step": step.name, "reason": reason, "error": str(err), "facts": err.facts, "seconds": round(time.monotonic() - started, 3)})
@@ -165,6 +179,8 @@ def run_step(step: Step, root: Path):
         "reason": reason, "seconds": round(time.monotonic() - started, 3), "info": info,
     }
     write_json_atomic(record_path(root, step), record)
+    for target in step.targets:
+        write_json_atomic(last_path(root, step, target), current)
     failure_path(root, step).unlink(missing_ok=True)
     return {"key": record["key"]}
 

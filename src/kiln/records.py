@@ -23,6 +23,12 @@ def record_path(root: Path, step: Step) -> Path:
     return state_dir(root) / "steps" / step.model / f"{step.id}.json"
 
 
+def last_path(root: Path, step: Step, target: str) -> Path:
+    """The components this rule last ran with for this target, whatever the step id was then:
+    the baseline that explains a change ("parameter changed: params.opset: 17 -> 18")."""
+    return state_dir(root) / "steps" / step.model / "last" / f"{target}.{step.rule}.json"
+
+
 def failure_path(root: Path, step: Step) -> Path:
     return record_path(root, step).with_suffix(".failed.json")
 

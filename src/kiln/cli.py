@@ -1,0 +1,93 @@
+"""The `kiln` command: schema, check, plan, explain, build. Expected errors print one line and exit
+non-zero (2: bad manifest or input; 1: a step failed); anything else is a bug with a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from kiln.errors import KilnError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KilnError as err:
+        print(f"kiln: error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kiln", description="Declarative, incremental, validated builds of ML model artifacts.")
+    parser.add_argument("--root", type=Path, default=Path.cwd(), help="workspace root (holds manifests/ and build/); default: the current folder")
+    sub = parser.add_subparsers(required=True, metavar="command")
+
+    schema = sub.add_parser("schema", help="print the manifest JSON Schema")
+    schema.set_defaults(func=_schema)
+
+    check = sub.add_parser("check", help="validate manifests (and their files) without building")
+    check.add_argument("manifests", nargs="*", help="paths or bare names in manifests/; default: all")
+    check.set_defaults(func=_check)
+
+    explain = sub.add_parser("explain", help="list the steps a build would run, and why")
+    explain.add_argument("manifest")
+    explain.add_argument("target", nargs="?", help="only steps this target needs")
+    explain.set_defaults(func=_explain)
+
+    build = sub.add_parser("build", help="build manifests (same as `doit build manifest=...`)")
+    build.add_argument("manifests", nargs="*", help="paths or bare names in manifests/; default: all")
+    build.add_argument("-n", "--jobs", type=int, default=1, help="parallel steps")
+    build.set_defaults(func=_build)
+    return parser
+
+
+def _schema(args) -> int:
+    from kiln.spec import json_schema
+
+    print(json.dumps(json_schema(), indent=2, sort_keys=True))
+    return 0
+
+
+def _plans(args, names):
+    from kiln.engine import load_plans
+
+    return load_plans(args.root.resolve(), ",".join(names) if names else None)
+
+
+def _check(args) -> int:
+    for plan in _plans(args, args.manifests):
+        print(f"{plan.manifest}: ok: model {plan.model}, {len(plan.steps)} steps, artifacts: " + ", ".join(str(p.relative_to(plan.root)) for _, p in plan.artifacts()))
+    return 0
+
+
+def _explain(args) -> int:
+    from kiln.engine import why
+
+    (plan,) = _plans(args, [args.manifest])
+    steps = [s for s in plan.steps if args.target is None or args.target in s.targets]
+    if args.target and not steps:
+        print(f"kiln: error: {plan.manifest}: targets.{args.target}: no such target; targets: {sorted({t for s in plan.steps for t in s.targets})}", file=sys.stderr)
+        return 2
+    for step in steps:
+        reason = why(step, plan.root)
+        print(f"{'run ' if reason else 'ok  '} {step.name}: {reason or 'up to date'}")
+    return 0
+
+
+def _build(args) -> int:
+    from doit.cmd_base import ModuleTaskLoader
+    from doit.doit_cmd import DoitMain
+
+    from kiln.engine import doit_globals
+
+    names = ",".join(args.manifests) if args.manifests else ""
+    namespace = doit_globals(args.root, names)
+    extra = ["-n", str(args.jobs), "-P", "thread"] if args.jobs > 1 else []
+    return DoitMain(ModuleTaskLoader(namespace)).run(["build", *extra])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

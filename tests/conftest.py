@@ -1,0 +1,95 @@
+"""Shared fixtures: throwaway workspaces (a root with dodo.py and manifests/) and a doit runner.
+
+Builds of the real model are slow on 2 cores, so one bert build is made per session and copied
+into each test that changes something; copies keep their step records (ids are workspace-relative).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Workspace:
+    root: Path
+
+    def manifest(self, name: str = "bert") -> Path:
+        return self.root / "manifests" / f"{name}.toml"
+
+    def edit(self, old: str, new: str, name: str = "bert") -> None:
+        path = self.manifest(name)
+        text = path.read_text()
+        assert old in text, f"{old!r} not in {path}"
+        path.write_text(text.replace(old, new, 1))
+
+    def doit(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, "-m", "doit", *args], cwd=self.root, capture_output=True, text=True, env=_env())
+        if check and proc.returncode != 0:
+            raise AssertionError(f"doit {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def kiln(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "kiln.cli", *args], cwd=self.root, capture_output=True, text=True, env=_env())
+
+    def report(self, model: str = "bert") -> dict:
+        return json.loads((self.root / "build" / model / "report.json").read_text())
+
+    def statuses(self, model: str = "bert") -> dict[str, str]:
+        return {s["step"]: s["status"] for s in self.report(model)["steps"]}
+
+    def ran(self, model: str = "bert") -> list[str]:
+        return sorted(name for name, status in self.statuses(model).items() if status == "ran")
+
+    def files(self) -> dict[str, int]:
+        """Every file under build/ (path -> size), for 'nothing written / nothing lost' checks."""
+        build = self.root / "build"
+        return {str(p.relative_to(build)): p.stat().st_size for p in build.rglob("*") if p.is_file()} if build.exists() else {}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+def new_workspace(path: Path, manifests: dict[str, str] | None = None) -> Workspace:
+    """A workspace with the repo's dodo.py and data; manifests from the repo unless given."""
+    (path / "manifests").mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "dodo.py", path / "dodo.py")
+    shutil.copytree(REPO / "manifests" / "data", path / "manifests" / "data", dirs_exist_ok=True)
+    if manifests is None:
+        shutil.copy(REPO / "manifests" / "bert.toml", path / "manifests" / "bert.toml")
+    else:
+        for name, text in manifests.items():
+            (path / "manifests" / f"{name}.toml").write_text(text)
+    return Workspace(path)
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Workspace:
+    return new_workspace(tmp_path / "ws")
+
+
+@pytest.fixture(scope="session")
+def built_bert(tmp_path_factory) -> Workspace:
+    """manifests/bert.toml built once per test session (read-only: copy it before changing it)."""
+    ws = new_workspace(tmp_path_factory.mktemp("bert") / "ws")
+    ws.doit("build", "manifest=manifests/bert.toml")
+    return ws
+
+
+@pytest.fixture
+def bert_copy(built_bert: Workspace, tmp_path: Path) -> Workspace:
+    """A private copy of the built bert workspace, to change and rebuild."""
+    shutil.copytree(built_bert.root, tmp_path / "ws", symlinks=True)
+    return Workspace(tmp_path / "ws")
