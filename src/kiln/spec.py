@@ -226,15 +226,16 @@ def _locate(data: Any, loc: tuple) -> tuple[str, Any, Any]:
         if item == "[key]":
             node = None  # the error is about the dict key itself, already named in `key`
             continue
+        if origin is Union:  # a discriminated union: continue with the member the data selects
+            annotation = _union_member(annotation, node)
+            origin = None
         if isinstance(node, dict) and item in (node.get("format"), node.get("kind")) and item not in node:
-            continue  # a union tag (one-member unions collapse, so check the data, not the type)
+            continue  # a union tag in loc (one-member unions collapse, so check the data, not the type)
         if _is_model(annotation):
             field = annotation.model_fields.get(str(item))
             key = f"{key}.{_quote(str(item))}" if key else _quote(str(item))
             node = node.get(item, _MISSING) if isinstance(node, dict) else _MISSING
             annotation = field.annotation if field is not None else None
-        elif origin is Union:
-            annotation = _union_member(annotation, node)  # item is the tag: not a key
         elif origin is dict:
             key = f"{key}.{_quote(str(item))}"
             node = node.get(item, _MISSING) if isinstance(node, dict) else _MISSING

