@@ -169,6 +169,9 @@ def _load_huggingface(source: dict[str, Any], folder: Path):
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at build time
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # doit's output is one line per step
 
     return AutoModel.from_pretrained(
         folder,
