@@ -26,6 +26,10 @@ static std::tuple<float, float, std::int64_t> diff_stats(F32Array ref, F32Array 
     return {s.max_abs, s.max_rel, s.nonfinite};
 }
 
+// Topic sections of this translation unit; each defines one bind_<topic>(nb::module_&).
+#include "bindings_repack.inc"
+#include "bindings_safetensors.inc"
+
 NB_MODULE(_native, m) {
     m.doc() = "kiln's native kernels (C++). Each has a numpy twin in kiln.reference.";
     m.def("diff_stats", &diff_stats, nb::arg("ref").noconvert(), nb::arg("out").noconvert(),
@@ -33,4 +37,6 @@ NB_MODULE(_native, m) {
           "(max_abs, max_rel, nonfinite) of float32 arrays of equal size, C-contiguous.\n"
           "max_rel divides by max(|ref|, eps). NaN anywhere in a difference gives NaN.\n"
           "Bit-identical to kiln.reference.diff_stats.");
+    bind_repack(m);
+    bind_safetensors(m);
 }
