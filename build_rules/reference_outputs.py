@@ -2,7 +2,7 @@
 
 Every target's validation compares against this file, so the source model runs once per build no
 matter how many targets there are, and changing a threshold reruns only the (fast) comparison.
-Layout (SafeTensors, deterministic bytes): "<batch>/in/<input>" and "<batch>/out/<output>".
+Layout (SafeTensors written by kiln.safetensors, deterministic bytes): "<batch>/in/<input>" and "<batch>/out/<output>".
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ class ReferenceOutputsParams(Params):
 class ReferenceOutputs(Rule):
     name = "reference_outputs"
     version = 1
-    tools = ("torch", "transformers", "tokenizers", "onnxruntime", "safetensors", "numpy")
+    tools = ("torch", "transformers", "tokenizers", "onnxruntime", "numpy")
     Params = ReferenceOutputsParams
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ReferenceOutputsParams, ctx: RunContext) -> dict[str, Any]:
-        from safetensors.numpy import save_file
+        from kiln.safetensors import save_file
 
         tensors: dict = {}
         samples = 0

@@ -11,7 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from kiln.errors import StepError, one_line
+from kiln.errors import StepError
 from kiln.rules import Params, Rule, RunContext, register
 
 
@@ -23,23 +23,34 @@ class ValidateParams(Params):
     metrics: list[str]
     outputs: list[str]
     thresholds: dict[str, float | None]
+    # Formats run in torch (safetensors) need the source architecture; ONNX ones do not, and leave
+    # these unset so a source change reaches them only through their model input.
+    source: dict[str, Any] | None = None
+    inputs: list[dict[str, Any]] | None = None
 
 
 @register
 class Validate(Rule):
     name = "validate"
-    version = 1
-    tools = ("onnxruntime", "numpy", "safetensors")
+    version = 2
+    tools = ("onnxruntime", "torch", "transformers", "numpy", "safetensors")
     Params = ValidateParams
+
+    @classmethod
+    def tools_for(cls, params: dict[str, Any]) -> tuple[str, ...]:
+        runtime = ("onnxruntime",) if params["format"] == "onnx" else ("torch", "transformers")
+        return (*runtime, "numpy")
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ValidateParams, ctx: RunContext) -> dict[str, Any]:
         from kiln.metrics import OutputMetrics, failures
 
         per_output = {name: OutputMetrics() for name in params.outputs}
         samples = 0
-        sess = _session(inputs["model"][0], params.outputs, ctx)
+        from kiln.runners import open_runner
+
+        run = open_runner(params.format, inputs["model"][0], params.outputs, ctx.step, params.source, inputs.get("source"), params.inputs, ctx.root)
         for feed, expected in _reference_batches(inputs["reference"][0]):
-            got = dict(zip(params.outputs, sess.run(params.outputs, feed)))
+            got = run(feed)
             samples += len(next(iter(feed.values())))
             for name in params.outputs:
                 try:
@@ -63,7 +74,7 @@ def _select(summary: dict, wanted: list[str]) -> dict:
 
 def _reference_batches(path: Path):
     """Yield (inputs, outputs) per batch from reference_outputs' file, in batch order."""
-    from safetensors.numpy import load_file
+    from kiln.safetensors import load_file
 
     batches: dict[str, dict[str, dict]] = defaultdict(lambda: {"in": {}, "out": {}})
     for key, value in load_file(str(path)).items():
@@ -71,17 +82,3 @@ def _reference_batches(path: Path):
         batches[batch][kind][name] = value
     for batch in sorted(batches):
         yield batches[batch]["in"], batches[batch]["out"]
-
-
-def _session(model: Path, names: list[str], ctx: RunContext):
-    from kiln.onnx_runtime import session
-
-    try:
-        sess = session(model)
-    except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
-        raise StepError(ctx.step, f"onnxruntime cannot load {model.name}: {one_line(err)}") from None
-    known = {o.name for o in sess.get_outputs()}
-    missing = [n for n in names if n not in known]
-    if missing:
-        raise StepError(ctx.step, f"output {missing[0]!r} is not in the ONNX model; it has {sorted(known)}")
-    return sess

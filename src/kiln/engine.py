@@ -69,7 +69,7 @@ def components(step: Step, root: Path) -> dict[str, Any]:
         "version": rule.version,
         "params": step.params,
         "inputs": {role: [[p.name, digest(root, p)] for p in files] for role, files in step.inputs.items()},
-        "tools": tool_versions(rule.tools),
+        "tools": tool_versions(rule.tools_for(step.params)),
     }
 
 

@@ -80,6 +80,8 @@ class _Planner:
         target = self.spec.targets[name]
         if target.format == "onnx":
             self._onnx_chain(name, target)
+        elif target.format == "safetensors":
+            self._safetensors_chain(name, target)
         else:  # pragma: no cover - the spec admits only formats with a chain here
             raise AssertionError(f"no rule chain for format {target.format!r}")
 
@@ -97,6 +99,12 @@ class _Planner:
             model_step = self._add(name, "simplify_onnx", {}, {"model": (model,)}, {"model": "model.onnx"}, [model_step])
             model = model_step.outputs["model"]
         self._validate(name, target, model, model_step, reference)
+
+    def _safetensors_chain(self, name: str, target) -> None:
+        reference = self._reference(name)
+        weights = self._add(name, "write_safetensors", {"source": self.source_params, "precision": target.precision},
+                            {"source": self.resolved.source_files}, {"weights": "model.safetensors"})
+        self._validate(name, target, weights.outputs["weights"], weights, reference)
 
     def _reference(self, name: str) -> Step:
         validation = self.spec.validation
@@ -117,7 +125,10 @@ class _Planner:
             "thresholds": effective_thresholds(self.spec, name).model_dump(),
         }
         inputs = {"model": (model,), "reference": (reference.outputs["outputs"],)}
-        published = {"artifact": self.build_dir / name / "model.onnx", "validation": self.build_dir / name / "validation.json"}
+        if target.format != "onnx":  # run in torch: the source architecture is part of the check
+            params |= {"source": self.source_params, "inputs": self.inputs}
+            inputs["source"] = self.resolved.source_files
+        published = {"artifact": self.build_dir / name / f"model{model.suffix}", "validation": self.build_dir / name / "validation.json"}
         deps = [s for s in (model_step, reference) if s is not None]
         self._add(name, "validate", params, inputs, published, deps)
 

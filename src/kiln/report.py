@@ -47,7 +47,7 @@ def build_report(plan: Plan, statuses: dict[str, str], seconds: float) -> dict[s
         if step.rule == "validate":
             info = entry.get("info") or entry.get("facts") or {}
             artifact = {"target": step.targets[0], "status": entry["status"], "metrics": info.get("metrics"), "thresholds": info.get("thresholds"), "passed": info.get("passed")}
-            artifact |= next(({"path": o["path"], "bytes": o["bytes"]} for o in entry.get("outputs", []) if o["path"].endswith(".onnx")), {})
+            artifact |= next(({"path": o["path"], "bytes": o["bytes"]} for o in entry.get("outputs", []) if not o["path"].endswith("validation.json")), {})
             artifacts.append(artifact)
     return {
         "model": plan.model,

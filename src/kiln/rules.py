@@ -34,6 +34,12 @@ class Rule:
     tools: ClassVar[tuple[str, ...]]
     Params: ClassVar[type[Params]]
 
+    @classmethod
+    def tools_for(cls, params: dict[str, Any]) -> tuple[str, ...]:
+        """The tools whose versions enter this step's key; a rule whose tools depend on its params
+        (validate: onnxruntime for ONNX, torch for weights) narrows them here."""
+        return cls.tools
+
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: Any, ctx: RunContext) -> dict[str, Any]:
         """Read inputs, write every output path (kiln renames them into place afterwards).
         Return facts for the report (metrics, sizes). Raise StepError for a user-fixable failure."""

@@ -1,0 +1,63 @@
+"""Run an artifact on a batch of inputs, in the runtime its format deploys with. validate uses these
+to compare every artifact with the reference outputs of the source model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from kiln.errors import StepError, one_line
+
+Runner = Callable[[dict], dict]
+
+
+def open_runner(fmt: str, artifact: Path, outputs: list[str], step: str, source: dict[str, Any] | None = None,
+                source_files: list[Path] | None = None, inputs: list[dict] | None = None, root: Path | None = None) -> Runner:
+    if fmt == "onnx":
+        return _onnx(artifact, outputs, step)
+    if fmt == "safetensors":
+        return _torch_with_weights(artifact, outputs, step, source, source_files, inputs, root)
+    raise StepError(step, f"no runtime to validate format {fmt!r}")
+
+
+def _onnx(artifact: Path, names: list[str], step: str) -> Runner:
+    from kiln.onnx_runtime import session
+
+    try:
+        sess = session(artifact)
+    except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise StepError(step, f"onnxruntime cannot load {artifact.name}: {one_line(err)}") from None
+    known = {o.name for o in sess.get_outputs()}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise StepError(step, f"output {missing[0]!r} is not in the ONNX model; it has {sorted(known)}")
+    return lambda feed: dict(zip(names, sess.run(names, feed)))
+
+
+def _torch_with_weights(artifact: Path, names: list[str], step: str, source, source_files, inputs, root) -> Runner:
+    """The source architecture with the artifact's weights loaded (strictly: every key, every shape).
+    Weights stored at fp16/bf16 are widened to the model's own dtype, as a CPU user loads them."""
+    import numpy as np
+    import torch
+
+    from kiln import safetensors
+    from kiln.sources import load_torch_model
+
+    model = load_torch_model(source, source_files, [t["name"] for t in inputs], names, root)
+    expected = model.model.state_dict()
+    state = {}
+    for key, array in safetensors.load_file(artifact).items():
+        target = expected.get(key)
+        tensor = torch.from_numpy(np.asarray(array, dtype=np.float32) if array.dtype.kind == "f" or "bfloat16" in str(array.dtype) else array)
+        state[key] = tensor.to(target.dtype) if target is not None else tensor
+    try:
+        model.model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise StepError(step, f"weights of {artifact.name} do not fit the source architecture: {one_line(err)[:400]}") from None
+
+    def run(feed: dict) -> dict:
+        with torch.inference_mode():
+            result = model(*(torch.from_numpy(feed[t["name"]]) for t in inputs))
+        return {name: value.numpy() for name, value in zip(names, result)}
+
+    return run
