@@ -61,6 +61,7 @@ def rule_cases() -> list[tuple[str, bytes, str]]:
         ("metadata_not_strings.safetensors", file_with({"__metadata__": {"a": 1}, **h}, data), "__metadata__ must map strings to strings"),
         ("header_is_list_after_brace.safetensors", file_with(None, b"", raw_header=b'{} []'), "not valid JSON"),
         ("shape_overflow.safetensors", file_with(with_entry("w", shape=[2**32, 2**32]), data), "shape overflow"),
+        ("zero_hides_overflow.safetensors", file_with(with_entry("w", shape=[2**62, 4, 0], data_offsets=[0, 0]) | {"b": {"dtype": "I16", "shape": [8], "data_offsets": [0, 16]}}, bytes(16)), "shape overflow"),
         ("size_overflow.safetensors", file_with(with_entry("w", shape=[2**62]), data), "size overflow"),
         ("size_mismatch.safetensors", file_with(with_entry("w", shape=[4, 7]), data), "size mismatch: tensor 'w'"),
         ("reversed_offsets.safetensors", file_with(with_entry("b", data_offsets=[144, 128]), data), "offsets reversed: tensor 'b'"),

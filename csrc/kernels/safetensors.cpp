@@ -4,14 +4,28 @@ namespace kiln {
 
 namespace {
 
-// Byte size of tensor i, or a failed rule; dims_at is where its dims start in `dims`.
+constexpr std::uint64_t kMaxIndex = 0x7fffffffffffffffULL;  // numpy's intp
+
+// Byte size of a tensor, or a failed rule. The product of the non-zero dims (and that times the
+// item size) must fit numpy's signed 64-bit index even when another dim is 0 (numpy refuses shape [2**63, 0]), so zeros are
+// set aside rather than allowed to hide an overflow.
 LayoutRule tensor_bytes(std::uint64_t itemsize, std::uint64_t ndim, const std::uint64_t* dims,
                         std::uint64_t* out) noexcept {
-    std::uint64_t count = 1;
+    std::uint64_t nonzero_product = 1;
+    bool empty = false;
     for (std::uint64_t d = 0; d < ndim; ++d) {
-        if (__builtin_mul_overflow(count, dims[d], &count)) return LayoutRule::shape_overflow;
+        if (dims[d] == 0) {
+            empty = true;
+            continue;
+        }
+        if (__builtin_mul_overflow(nonzero_product, dims[d], &nonzero_product) || nonzero_product > kMaxIndex) {
+            return LayoutRule::shape_overflow;
+        }
     }
-    if (__builtin_mul_overflow(count, itemsize, out)) return LayoutRule::size_overflow;
+    // numpy also checks the non-zero product times the item size, empty or not.
+    std::uint64_t span = 0;
+    if (__builtin_mul_overflow(nonzero_product, itemsize, &span) || span > kMaxIndex) return LayoutRule::size_overflow;
+    *out = empty ? 0 : span;
     return LayoutRule::ok;
 }
 

@@ -45,8 +45,8 @@ DTYPES: dict[str, np.dtype] = {
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 LAYOUT_RULES = {  # kiln::LayoutRule codes -> (rule, what it means)
-    1: ("shape overflow", "the product of the shape's dims overflows 64 bits"),
-    2: ("size overflow", "element count times item size overflows 64 bits"),
+    1: ("shape overflow", "the product of the shape's non-zero dims does not fit a signed 64-bit index"),
+    2: ("size overflow", "element count times item size does not fit a signed 64-bit size"),
     3: ("offsets reversed", "data_offsets begin is after end"),
     4: ("size mismatch", "data_offsets span differs from dtype size x shape"),
     5: ("not at start", "the first tensor does not start at byte 0 of the data"),
