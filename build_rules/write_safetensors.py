@@ -44,4 +44,4 @@ class WriteSafetensors(Rule):
 def cast_weights(array, precision: str):
     from kiln import repack
 
-    return {"fp16": repack.fp32_to_fp16, "bf16": repack.fp32_to_bf16}[precision](array)
+    return {"fp16": repack.f32_to_f16, "bf16": repack.f32_to_bf16}[precision](array)

@@ -12,7 +12,9 @@ from pathlib import Path
 
 from conftest import Workspace
 
-EXPORT, SIMPLIFY, VALIDATE, REFERENCE = (f"bert/onnx_fp32/{r}" for r in ("export_onnx", "simplify_onnx", "validate", "reference_outputs"))
+EXPORT, SIMPLIFY, VALIDATE = (f"bert/onnx_fp32/{r}" for r in ("export_onnx", "simplify_onnx", "validate"))
+REFERENCE = "bert/onnx_fp32+safetensors_fp16+safetensors_bf16/reference_outputs"  # shared by every target
+TARGETS = ["onnx_fp32", "safetensors_bf16", "safetensors_fp16"]
 
 
 def sha256(path: Path) -> str:
@@ -26,12 +28,13 @@ def executed(proc) -> list[str]:
 
 def test_build_publishes_a_validated_artifact_with_lockfile_and_report(built_bert: Workspace):
     lock = json.loads((built_bert.root / "build/bert/kiln.lock.json").read_text())
-    (artifact,) = lock["artifacts"]
-    path = built_bert.root / artifact["path"]
-    assert artifact["target"] == "onnx_fp32" and artifact["path"] == "build/bert/onnx_fp32/model.onnx"
-    assert sha256(path) == artifact["sha256"] and path.stat().st_size == artifact["bytes"]
+    assert [a["target"] for a in lock["artifacts"]] == TARGETS
+    for artifact in lock["artifacts"]:
+        path = built_bert.root / artifact["path"]
+        assert sha256(path) == artifact["sha256"] and path.stat().st_size == artifact["bytes"]
+    assert lock["artifacts"][0]["path"] == "build/bert/onnx_fp32/model.onnx"
     assert {"torch", "onnx", "onnxruntime", "onnxsim", "kiln"} <= set(lock["tools"])
-    assert [s["rule"] for s in lock["steps"]] == ["reference_outputs", "export_onnx", "simplify_onnx", "validate"]
+    assert [s["rule"] for s in lock["steps"]][:4] == ["reference_outputs", "export_onnx", "simplify_onnx", "validate"]
     assert all(len(s["key"]) == 64 for s in lock["steps"])
 
     report = built_bert.report()
@@ -138,7 +141,7 @@ def test_failing_gate_fails_the_build_and_publishes_nothing(bert_copy: Workspace
     assert failed["status"] == "failed" and failed["passed"] is False and failed["metrics"]["last_hidden_state"]["max_abs_diff"] > 1e-9
     assert sha256(bert_copy.root / "build/bert/onnx_fp32/model.onnx") == published  # nothing else lost
     lock = json.loads((bert_copy.root / "build/bert/kiln.lock.json").read_text())
-    assert [a["target"] for a in lock["artifacts"]] == ["onnx_fp32"]  # the lockfile still describes the last good build
+    assert [a["target"] for a in lock["artifacts"]] == TARGETS  # the lockfile still describes the last good build
 
 
 def test_explain_says_why(bert_copy: Workspace):

@@ -64,7 +64,10 @@ BAD = [
     (_set("validation.metrics", ["min_cosine", "max_abs_diff", "bleu"]), "validation.metrics[2]", "'bleu' is not allowed"),
     (_set("validation.metrics", ["min_cosine"]), "validation.metrics", "expected a list including 'max_abs_diff', which a threshold gates on"),
     (_set("validation.outputs", ["logits"]), "validation.outputs", "'logits' is not allowed; expected one of the declared outputs"),
-    (_set("validation.thresholds.max_abs_diff", -1.0), "validation.thresholds.max_abs_diff", "-1.0 is not allowed; expected greater than or equal to 0"),
+    (_set("validation.thresholds", {"max_abs_diff": -1.0}), "validation.thresholds.max_abs_diff", "-1.0 is not allowed; expected greater than or equal to 0"),
+    (_set("targets.safetensors_fp16.precision", "int8"), "targets.safetensors_fp16.precision", "'int8' is not allowed; expected 'fp32', 'fp16' or 'bf16'"),
+    (_set("targets.safetensors_fp16.opset", 17), "targets.safetensors_fp16.opset", "unknown key; allowed keys here: format, hardware, precision, thresholds"),
+    (_set("source", {"kind": "onnx", "path": "m.onnx"}), "targets.safetensors_fp16.format", "weights as SafeTensors need a torch or huggingface source"),
 ]
 
 
@@ -82,14 +85,14 @@ def test_bad_manifest_names_file_key_value_and_what_is_allowed(mutate, key, text
 
 def test_the_default_manifest_is_valid():
     spec = validate(RawManifest(REPO / "manifests/bert.toml", GOOD))
-    assert spec.model.name == "bert" and list(spec.targets) == ["onnx_fp32"]
+    assert spec.model.name == "bert" and list(spec.targets) == ["onnx_fp32", "safetensors_fp16", "safetensors_bf16"]
     assert spec.inputs[0].dynamic_axes == {0: "batch", 1: "sequence"}
 
 
 def test_thresholds_layer_precision_defaults_then_validation_then_target():
     data = copy.deepcopy(GOOD)
     data["validation"]["thresholds"] = {"min_cosine": 0.999}
-    data["targets"]["onnx_fp32"]["thresholds"] = {"max_abs_diff": 1e-3}
+    data["targets"]["onnx_fp32"]["thresholds"] = {"max_abs_diff": 1e-3}  # replaces the manifest's own
     thresholds = effective_thresholds(validate(RawManifest(REPO / "x.toml", data)), "onnx_fp32")
     assert thresholds.min_cosine == 0.999  # from [validation.thresholds]
     assert thresholds.max_abs_diff == 1e-3  # from the target
