@@ -23,6 +23,7 @@ class ValidateParams(Params):
     metrics: list[str]
     outputs: list[str]
     thresholds: dict[str, float | None]
+    padding_mask: str | None = None  # an input whose zeros mark padding rows, left out of the metrics
     # Formats run in torch (safetensors) need the source architecture; ONNX ones do not, and leave
     # these unset so a source change reaches them only through their model input.
     source: dict[str, Any] | None = None
@@ -32,7 +33,7 @@ class ValidateParams(Params):
 @register
 class Validate(Rule):
     name = "validate"
-    version = 2
+    version = 3
     tools = ("onnxruntime", "torch", "transformers", "numpy", "safetensors")
     Params = ValidateParams
 
@@ -46,15 +47,17 @@ class Validate(Rule):
 
         per_output = {name: OutputMetrics() for name in params.outputs}
         samples = 0
-        from kiln.runners import open_runner
+        from kiln.runners import onnx_latency, open_runner
 
         run = open_runner(params.format, inputs["model"][0], params.outputs, ctx.step, params.source, inputs.get("source"), params.inputs, ctx.root)
+        first_feed = None
         for feed, expected in _reference_batches(inputs["reference"][0]):
+            first_feed = feed if first_feed is None else first_feed
             got = run(feed)
             samples += len(next(iter(feed.values())))
             for name in params.outputs:
                 try:
-                    per_output[name].add(expected[name], got[name])
+                    per_output[name].add(expected[name], got[name], feed.get(params.padding_mask) if params.padding_mask else None)
                 except ValueError as err:
                     raise StepError(ctx.step, f"output {name!r}: {err}") from None
         metrics = {name: _select(m.summary(), params.metrics) for name, m in per_output.items()}
@@ -65,7 +68,8 @@ class Validate(Rule):
             raise StepError(ctx.step, "validation failed, artifact not published: " + "; ".join(failed), facts=report | {"passed": False})
         shutil.copyfile(inputs["model"][0], outputs["artifact"])
         outputs["validation"].write_text(json.dumps(report | {"passed": True}, indent=2, sort_keys=True) + "\n")
-        return report | {"passed": True}
+        latency = {"latency": onnx_latency(inputs["model"][0], first_feed)} if params.format == "onnx" and first_feed else {}
+        return report | {"passed": True} | latency
 
 
 def _select(summary: dict, wanted: list[str]) -> dict:

@@ -12,9 +12,11 @@ from pathlib import Path
 
 from conftest import Workspace
 
+# onnx_fp32 and onnx_fp16 share export and simplify; every target shares the reference outputs.
+SHARED_EXPORT, SHARED_SIMPLIFY = (f"bert/onnx_fp32+onnx_fp16/{r}" for r in ("export_onnx", "simplify_onnx"))
 EXPORT, SIMPLIFY, VALIDATE = (f"bert/onnx_fp32/{r}" for r in ("export_onnx", "simplify_onnx", "validate"))
-REFERENCE = "bert/onnx_fp32+safetensors_fp16+safetensors_bf16/reference_outputs"  # shared by every target
-TARGETS = ["onnx_fp32", "safetensors_bf16", "safetensors_fp16"]
+REFERENCE = "bert/onnx_fp32+onnx_fp16+safetensors_fp16+safetensors_bf16/reference_outputs"
+TARGETS = ["onnx_fp16", "onnx_fp32", "safetensors_bf16", "safetensors_fp16"]
 
 
 def sha256(path: Path) -> str:
@@ -32,7 +34,7 @@ def test_build_publishes_a_validated_artifact_with_lockfile_and_report(built_ber
     for artifact in lock["artifacts"]:
         path = built_bert.root / artifact["path"]
         assert sha256(path) == artifact["sha256"] and path.stat().st_size == artifact["bytes"]
-    assert lock["artifacts"][0]["path"] == "build/bert/onnx_fp32/model.onnx"
+    assert lock["artifacts"][1]["path"] == "build/bert/onnx_fp32/model.onnx"
     assert {"torch", "onnx", "onnxruntime", "onnxsim", "kiln"} <= set(lock["tools"])
     assert [s["rule"] for s in lock["steps"]][:4] == ["reference_outputs", "export_onnx", "simplify_onnx", "validate"]
     assert all(len(s["key"]) == 64 for s in lock["steps"])
@@ -40,8 +42,13 @@ def test_build_publishes_a_validated_artifact_with_lockfile_and_report(built_ber
     report = built_bert.report()
     assert set(built_bert.statuses().values()) == {"ran"} and report["ok"]
     metrics = report["artifacts"][0]["metrics"]["last_hidden_state"]
+    assert report["artifacts"][0]["target"] == "onnx_fp32"
     assert metrics["min_cosine"] >= 0.9999 and metrics["max_abs_diff"] <= 1e-4
-    assert metrics["rows"] > 200  # every token of every validation sentence was compared
+    assert metrics["rows"] > 5000  # every real token of every validation sentence (padding left out)
+    fp16 = report["artifacts"][1]
+    assert fp16["target"] == "onnx_fp16" and fp16["metrics"]["last_hidden_state"]["min_cosine"] >= 0.999
+    assert fp16["bytes"] < 0.55 * report["artifacts"][0]["bytes"]
+    assert sum(e["step"] == SHARED_EXPORT for e in report["steps"]) == 1  # one export for both ONNX targets
     validation = json.loads((built_bert.root / "build/bert/onnx_fp32/validation.json").read_text())
     assert validation["passed"] and validation["samples"] == 240
 
@@ -66,7 +73,7 @@ def test_bare_manifest_name_and_no_manifest_build_the_same(bert_copy: Workspace)
 
 def test_doit_list_shows_readable_task_names(built_bert: Workspace):
     listed = built_bert.doit("list", "--all").stdout
-    for name in (EXPORT, SIMPLIFY, VALIDATE):
+    for name in (SHARED_EXPORT, SHARED_SIMPLIFY, VALIDATE, REFERENCE):
         assert f"build:{name}" in listed
 
 
@@ -74,7 +81,7 @@ def test_changing_one_targets_opset_reruns_only_that_targets_steps(bert_copy: Wo
     (bert_copy.manifest()).write_text(bert_copy.manifest().read_text() + '\n[targets.onnx_raw]\nformat = "onnx"\nopset = 17\noptions = { simplify = false }\n')
     bert_copy.doit("build")
     assert bert_copy.ran() == ["bert/onnx_raw/validate"]  # its export is the one onnx_fp32 already built
-    assert "bert/onnx_fp32+onnx_raw/export_onnx" in bert_copy.statuses()
+    assert "bert/onnx_fp32+onnx_fp16+onnx_raw/export_onnx" in bert_copy.statuses()
     raw_artifact = sha256(bert_copy.root / "build/bert/onnx_raw/model.onnx")
 
     bert_copy.edit("opset = 17", "opset = 18")  # the first occurrence: onnx_fp32's
@@ -118,7 +125,7 @@ def test_touching_source_weights_reruns_nothing(tmp_path: Path):
     (ws.root / "models/minilm/config.json").write_text((ws.root / "models/minilm/config.json").read_text() + "\n")
     ws.doit("build")
     reasons = {s["step"]: s["why"] for s in ws.report()["steps"]}
-    assert reasons[EXPORT].startswith("input source/config.json changed: sha256:")
+    assert reasons[SHARED_EXPORT].startswith("input source/config.json changed: sha256:")
 
 
 def test_export_is_deterministic_and_an_identical_rerun_stops_there(bert_copy: Workspace):
@@ -127,7 +134,7 @@ def test_export_is_deterministic_and_an_identical_rerun_stops_there(bert_copy: W
     export_out.unlink()
     bert_copy.doit("build")
     assert sha256(export_out) == before  # a fresh export gives the same bytes...
-    assert bert_copy.ran() == [EXPORT]  # ...so nothing downstream reruns
+    assert bert_copy.ran() == [SHARED_EXPORT]  # ...so nothing downstream reruns
 
 
 def test_failing_gate_fails_the_build_and_publishes_nothing(bert_copy: Workspace):

@@ -37,3 +37,16 @@ def test_nan_outputs_always_fail():
 def test_row_cosines_treat_two_zero_rows_as_equal():
     assert row_cosines(np.zeros((1, 3), np.float32), np.zeros((1, 3), np.float32)).tolist() == [1.0]
     assert row_cosines(np.zeros((1, 3), np.float32), np.ones((1, 3), np.float32)).tolist() == [0.0]
+
+
+def test_padding_rows_are_left_out_of_token_outputs_only():
+    ref = np.ones((2, 3, 4), np.float32)
+    out = ref.copy()
+    out[1, 2] = -1.0  # garbage in a padded position
+    mask = np.array([[1, 1, 1], [1, 1, 0]])
+    m = OutputMetrics()
+    m.add(ref, out, mask)
+    assert m.summary()["rows"] == 5 and m.summary()["min_cosine"] == 1.0 and m.summary()["max_abs_diff"] == 0
+    pooled = OutputMetrics()
+    pooled.add(ref[:, 0], out[:, 0], mask)  # [batch, hidden]: the mask does not apply
+    assert pooled.summary()["rows"] == 2

@@ -18,6 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     except KilnError as err:
         print(f"kiln: error: {err}", file=sys.stderr)
         return err.exit_code
+    except BrokenPipeError:  # `kiln explain ... | head`: the reader left, which is not an error
+        sys.stderr.close()
+        return 0
 
 
 def _parser() -> argparse.ArgumentParser:

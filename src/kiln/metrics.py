@@ -30,11 +30,17 @@ class OutputMetrics:
     nonfinite: int = 0
     cosines: list[np.ndarray] = field(default_factory=list)
 
-    def add(self, ref: np.ndarray, out: np.ndarray) -> None:
+    def add(self, ref: np.ndarray, out: np.ndarray, padding: np.ndarray | None = None) -> None:
+        """padding: optional mask over the leading axes (e.g. attention_mask [batch, sequence]);
+        rows where it is 0 are padding, whose values no caller uses, and are left out."""
         ref32 = np.ascontiguousarray(ref, dtype=np.float32)
         out32 = np.ascontiguousarray(out, dtype=np.float32)
         if ref32.shape != out32.shape:
             raise ValueError(f"shape {list(out32.shape)} differs from the reference's {list(ref32.shape)}")
+        if padding is not None and ref32.ndim > padding.ndim and ref32.shape[: padding.ndim] == padding.shape:
+            keep = padding.reshape(-1) != 0
+            ref32 = np.ascontiguousarray(ref32.reshape(keep.size, -1)[keep])
+            out32 = np.ascontiguousarray(out32.reshape(keep.size, -1)[keep])
         max_abs, max_rel, nonfinite = _native.diff_stats(ref32, out32)
         self.max_abs_diff = max(self.max_abs_diff, max_abs) if not np.isnan(max_abs) else float("nan")
         self.max_rel_diff = max(self.max_rel_diff, max_rel) if not np.isnan(max_rel) else float("nan")

@@ -98,6 +98,10 @@ class _Planner:
         if target.options.simplify:
             model_step = self._add(name, "simplify_onnx", {}, {"model": (model,)}, {"model": "model.onnx"}, [model_step])
             model = model_step.outputs["model"]
+        if target.precision == "fp16":
+            fp16 = {"keep_io_types": target.options.keep_io_types, "keep_fp32_ops": sorted(target.options.keep_fp32_ops)}
+            model_step = self._add(name, "convert_fp16", fp16, {"model": (model,)}, {"model": "model.onnx"}, [model_step])
+            model = model_step.outputs["model"]
         self._validate(name, target, model, model_step, reference)
 
     def _safetensors_chain(self, name: str, target) -> None:
@@ -124,6 +128,8 @@ class _Planner:
             "outputs": validation.outputs or [o.name for o in self.spec.outputs],
             "thresholds": effective_thresholds(self.spec, name).model_dump(),
         }
+        if validation.padding_mask:
+            params["padding_mask"] = validation.padding_mask
         inputs = {"model": (model,), "reference": (reference.outputs["outputs"],)}
         if target.format != "onnx":  # run in torch: the source architecture is part of the check
             params |= {"source": self.source_params, "inputs": self.inputs}

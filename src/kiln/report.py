@@ -47,6 +47,8 @@ def build_report(plan: Plan, statuses: dict[str, str], seconds: float) -> dict[s
         if step.rule == "validate":
             info = entry.get("info") or entry.get("facts") or {}
             artifact = {"target": step.targets[0], "status": entry["status"], "metrics": info.get("metrics"), "thresholds": info.get("thresholds"), "passed": info.get("passed")}
+            if info.get("latency"):
+                artifact["latency"] = info["latency"]  # measured when the artifact was last validated
             artifact |= next(({"path": o["path"], "bytes": o["bytes"]} for o in entry.get("outputs", []) if not o["path"].endswith("validation.json")), {})
             artifacts.append(artifact)
     return {

@@ -61,3 +61,30 @@ def _torch_with_weights(artifact: Path, names: list[str], step: str, source, sou
         return {name: value.numpy() for name, value in zip(names, result)}
 
     return run
+
+
+def onnx_latency(artifact: Path, feed: dict, runs: int = 30, threads: int = 2, sequence: int = 128) -> dict[str, Any]:
+    """CPU latency of one ONNX artifact: batch 1, dynamic non-batch axes at `sequence`, median of
+    `runs` timed runs after 5 warm-ups. Inputs are the first validation sample, repeated or cut to
+    that length. Goes to the report only: timings are not reproducible bytes."""
+    import time
+
+    import numpy as np
+
+    from kiln.onnx_runtime import session
+
+    sess = session(artifact, threads=threads)
+    shaped = {}
+    for spec in sess.get_inputs():
+        sample = feed[spec.name][:1]
+        shape = [1 if axis == 0 else (sequence if isinstance(dim, str) or dim is None else dim) for axis, dim in enumerate(spec.shape)]
+        shaped[spec.name] = np.resize(sample, shape).astype(sample.dtype)
+    for _ in range(5):
+        sess.run(None, shaped)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        sess.run(None, shaped)
+        times.append(time.perf_counter() - start)
+    return {"median_ms": round(1000 * float(np.median(times)), 3), "p10_ms": round(1000 * float(np.percentile(times, 10)), 3),
+            "runs": runs, "threads": threads, "shape": {k: list(v.shape) for k, v in shaped.items()}}

@@ -109,11 +109,13 @@ PRECISION_DEFAULTS: dict[str, Thresholds] = {
 class OnnxOptions(Strict):
     simplify: bool = Field(True, description="run onnxsim after export")
     constant_folding: bool = Field(True, description="torch.onnx.export do_constant_folding")
+    keep_io_types: bool = Field(True, description="fp16: keep the model's float inputs and outputs fp32")
+    keep_fp32_ops: list[Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")]] = Field([], description="fp16: op types to keep in fp32, e.g. [\"Softmax\"]")
 
 
 class OnnxTarget(Strict):
     format: Literal["onnx"]
-    precision: Literal["fp32"] = "fp32"
+    precision: Literal["fp32", "fp16"] = "fp32"
     hardware: Literal["cpu"] = "cpu"
     opset: int = Field(17, ge=MIN_OPSET, le=MAX_OPSET)
     options: OnnxOptions = OnnxOptions()
@@ -139,6 +141,7 @@ class Validation(Strict):
     max_samples: int | None = Field(None, ge=1)
     metrics: list[Literal[METRICS]] = list(METRICS)  # type: ignore[valid-type]
     outputs: list[str] | None = Field(None, description="outputs to compare; default: all")
+    padding_mask: str | None = Field(None, description="an input (e.g. attention_mask) whose zeros mark padding positions; their rows are left out of the metrics of outputs shaped [batch, sequence, ...]")
     thresholds: Thresholds = Thresholds()
 
 
@@ -161,8 +164,13 @@ class Spec(Strict):
                     raise _CrossError(f"{group}[{i}].name", tensor.name, "a name not used by another of the " + group)
                 seen.add(tensor.name)
         for name, target in self.targets.items():
+            if target.format == "onnx" and target.precision == "fp32" and target.options.keep_fp32_ops:
+                raise _CrossError(f"targets.{name}.options.keep_fp32_ops", target.options.keep_fp32_ops, "no ops (they apply to precision = \"fp16\" only)")
             if target.format == "safetensors" and self.source.kind == "onnx":
                 raise _CrossError(f"targets.{name}.format", "safetensors", "a format an ONNX source can give ('onnx'); weights as SafeTensors need a torch or huggingface source")
+        inputs = [t.name for t in self.inputs]
+        if self.validation.padding_mask is not None and self.validation.padding_mask not in inputs:
+            raise _CrossError("validation.padding_mask", self.validation.padding_mask, f"one of the inputs: {inputs}")
         known = {o.name for o in self.outputs}
         for name in self.validation.outputs or []:
             if name not in known:

@@ -1,0 +1,46 @@
+"""convert_fp16: an fp32 ONNX model -> fp16, with onnxruntime's transformers float16 converter.
+
+Chosen over onnxconverter-common, whose converter clamps weights above 1e4 by default and whose
+BERT output fails to load in onnxruntime (a Cast type mismatch). Here weights are rounded to
+nearest fp16 and clamped only beyond the fp16 range (+-65504); model inputs and outputs stay fp32
+unless the manifest says otherwise; ops named in keep_fp32_ops (on top of onnxruntime's default
+list of ops without fp16 kernels) stay fp32.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kiln.errors import StepError, one_line
+from kiln.rules import Params, Rule, RunContext, register
+
+
+class ConvertFp16Params(Params):
+    keep_io_types: bool = True
+    keep_fp32_ops: list[str] = []
+
+
+@register
+class ConvertFp16(Rule):
+    name = "convert_fp16"
+    version = 1
+    tools = ("onnx", "onnxruntime")
+    Params = ConvertFp16Params
+
+    def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ConvertFp16Params, ctx: RunContext) -> dict[str, Any]:
+        import onnx
+        from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+        model = onnx.load(str(inputs["model"][0]))
+        try:
+            converted = convert_float_to_float16(
+                model, keep_io_types=params.keep_io_types,
+                op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(params.keep_fp32_ops)),
+                max_finite_val=65504.0, min_positive_val=5.96e-08,
+            )
+        except Exception as err:  # the converter raises plain Exceptions on unsupported graphs
+            raise StepError(ctx.step, f"fp16 conversion failed: {one_line(err)}") from None
+        onnx.save(converted, str(outputs["model"]))
+        kept = sum(1 for node in converted.graph.node if node.op_type in params.keep_fp32_ops)
+        return {"nodes": len(converted.graph.node), "kept_fp32_nodes": kept}
