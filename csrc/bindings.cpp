@@ -29,6 +29,7 @@ static std::tuple<float, float, std::int64_t> diff_stats(F32Array ref, F32Array 
 // Topic sections of this translation unit; each defines one bind_<topic>(nb::module_&).
 #include "bindings_repack.inc"
 #include "bindings_safetensors.inc"
+#include "bindings_calib.inc"
 
 NB_MODULE(_native, m) {
     m.doc() = "kiln's native kernels (C++). Each has a numpy twin in kiln.reference.";
@@ -39,4 +40,5 @@ NB_MODULE(_native, m) {
           "Bit-identical to kiln.reference.diff_stats.");
     bind_repack(m);
     bind_safetensors(m);
+    bind_calib(m);
 }
