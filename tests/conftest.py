@@ -11,8 +11,10 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 
@@ -93,3 +95,22 @@ def bert_copy(built_bert: Workspace, tmp_path: Path) -> Workspace:
     """A private copy of the built bert workspace, to change and rebuild."""
     shutil.copytree(built_bert.root, tmp_path / "ws", symlinks=True)
     return Workspace(tmp_path / "ws")
+
+
+def run_in_threads(jobs: dict[str, Callable[[], Any]], copies: int = 2) -> list[tuple[str, Any]]:
+    """Call every job `copies` times, all at once from separate threads (native kernels release the
+    GIL, so they really overlap); returns (name, result) pairs in completion order."""
+    results: list[tuple[str, Any]] = []
+    lock = threading.Lock()
+
+    def run(name: str) -> None:
+        out = jobs[name]()
+        with lock:
+            results.append((name, out))
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in list(jobs) * copies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results

@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "kernels/repack.h"  // simd_supported()
+#include "kernels/simd_transpose.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -300,25 +301,6 @@ __attribute__((target("avx2"))) inline Q4Params q4_block_avx2(const float* v, st
     return p;
 }
 
-// Transposes 8 rows of 8 floats (row stride ld) into 8 columns of 8 (column stride depth).
-__attribute__((target("avx2"))) inline void transpose8x8(const float* src, std::size_t ld, float* dst, std::size_t depth) noexcept {
-    __m256 r[8], t[8];
-    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ld);
-    for (int i = 0; i < 8; i += 2) {
-        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 8; i += 4) {
-        r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-        r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-        r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-        r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-    }
-    for (int i = 0; i < 4; ++i) {
-        _mm256_store_ps(dst + i * depth, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
-        _mm256_store_ps(dst + (i + 4) * depth, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
-    }
-}
 
 __attribute__((target("avx2"))) void gather_avx2(const float* w, std::size_t ld, std::size_t rows, std::size_t cw,
                                                   std::size_t depth, float* tile) noexcept {
@@ -326,7 +308,8 @@ __attribute__((target("avx2"))) void gather_avx2(const float* w, std::size_t ld,
     // (rows a power of two apart share cache sets, so a line should not be needed twice).
     const std::size_t r8 = rows / 8 * 8, c8 = cw / 8 * 8;
     for (std::size_t i = 0; i < r8; i += 8) {
-        for (std::size_t c = 0; c < c8; c += 8) transpose8x8(w + i * ld + c, ld, tile + c * depth + i, depth);
+        for (std::size_t c = 0; c < c8; c += 8) simd::transpose8x8_u32<false>(reinterpret_cast<const std::uint32_t*>(w + i * ld + c), ld,
+                                                                   reinterpret_cast<std::uint32_t*>(tile + c * depth + i), depth);
     }
     for (std::size_t i = r8; i < rows; ++i) {
         for (std::size_t c = 0; c < c8; ++c) tile[c * depth + i] = w[i * ld + c];

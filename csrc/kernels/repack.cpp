@@ -2,6 +2,8 @@
 
 #include <cstring>
 
+#include "kernels/simd_transpose.h"
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define KILN_X86 1
@@ -215,33 +217,6 @@ void transpose_tiled(const T* src, T* dst, std::size_t rows, std::size_t cols, s
 }
 
 #ifdef KILN_X86
-// 8 rows of 8 4-byte elements (row stride ld) -> 8 rows of 8 (row stride ldd), in registers.
-// Stream: non-temporal stores (dst rows 32-byte aligned).
-template <bool Stream>
-__attribute__((target("avx2"))) inline void transpose8x8_u32(const std::uint32_t* src, std::size_t ld, std::uint32_t* dst,
-                                                             std::size_t ldd) noexcept {
-    __m256 r[8], t[8];
-    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(reinterpret_cast<const float*>(src + i * ld));
-    for (int i = 0; i < 8; i += 2) {
-        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 8; i += 4) {
-        r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-        r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-        r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-        r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-    }
-    for (int i = 0; i < 8; ++i) {
-        const __m256 v = _mm256_permute2f128_ps(r[i % 4], r[i % 4 + 4], i < 4 ? 0x20 : 0x31);
-        float* out = reinterpret_cast<float*>(dst + i * ldd);
-        if (Stream) {
-            _mm256_stream_ps(out, v);
-        } else {
-            _mm256_storeu_ps(out, v);
-        }
-    }
-}
 
 // 4-byte elements in bands of 16 source rows, walked left to right (the source is read front to
 // back) in blocks of 128 columns, each done as 8x8 register transposes, two per 64-byte destination
@@ -257,8 +232,8 @@ __attribute__((target("avx2"))) void transpose4_avx2(const std::uint32_t* src, s
         for (std::size_t cb = c0; cb < c8; cb += kBlock) {
             const std::size_t ce = cb + kBlock < c8 ? cb + kBlock : c8;
             for (std::size_t c = cb; c < ce; c += 8) {
-                transpose8x8_u32<Stream>(src + r * cols + c, cols, dst + c * rows + r, rows);
-                transpose8x8_u32<Stream>(src + (r + 8) * cols + c, cols, dst + c * rows + r + 8, rows);
+                simd::transpose8x8_u32<Stream>(src + r * cols + c, cols, dst + c * rows + r, rows);
+                simd::transpose8x8_u32<Stream>(src + (r + 8) * cols + c, cols, dst + c * rows + r + 8, rows);
             }
         }
     }

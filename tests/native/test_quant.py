@@ -4,12 +4,12 @@ operators."""
 
 from __future__ import annotations
 
-import threading
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import run_in_threads
 from onnx import TensorProto, helper
 
 from kiln import _native, repack
@@ -318,18 +318,6 @@ def test_many_threads_at_once_give_the_single_thread_result():
         "int8-tensor": (lambda: repack.quantize_int8(w), ref.quantize_int8(w)),
         "int4": (lambda: repack.quantize_int4(w, 32), ref.quantize_int4_matmulnbits(w, 32)),
     }
-    results = []
-    lock = threading.Lock()
-
-    def run(name):
-        out = jobs[name][0]()
-        with lock:
-            results.append((name, out))
-
-    threads = [threading.Thread(target=run, args=(name,)) for name in list(jobs) * 2]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = run_in_threads({name: job for name, (job, _) in jobs.items()})
     assert len(results) == 8
     assert all(all(same(g, e) for g, e in zip(out, jobs[name][1])) for name, out in results)

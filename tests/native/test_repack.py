@@ -3,11 +3,11 @@ on both the SIMD and the portable scalar kernel paths."""
 
 from __future__ import annotations
 
-import threading
 
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import run_in_threads
 
 from kiln import _native, repack
 from kiln.quant import reference as ref
@@ -252,19 +252,7 @@ def test_many_threads_at_once_give_the_single_thread_result():
     }
     expected = {"f16": ref.f32_to_f16(x), "bf16": ref.f32_to_bf16(x),
                 "f16->f32": ref.f16_to_f32(ref.f32_to_f16(x[:1 << 20])), "T": ref.transpose2d(a)}
-    results: list[tuple[str, np.ndarray]] = []
-    lock = threading.Lock()
-
-    def run(name):
-        out = jobs[name]()
-        with lock:
-            results.append((name, out))
-
-    threads = [threading.Thread(target=run, args=(name,)) for name in list(jobs) * 2]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = run_in_threads(jobs)
     assert len(results) == 8 and all(same(out, expected[name]) for name, out in results)
 
 
