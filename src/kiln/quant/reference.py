@@ -217,3 +217,41 @@ def dequantize_int4_matmulnbits(B: np.ndarray, scales: np.ndarray, zero_points: 
     scale = np.asarray(scales, F32).reshape(N, n_blocks)
     w = (q - zp[..., None]).astype(F32) * scale[..., None]
     return np.ascontiguousarray(w.reshape(N, n_blocks * block_size)[:, :K].T)
+
+
+# ---------------------------------------------------------------- calibration (csrc/kernels/calib.*)
+
+def minmax_update(x: np.ndarray, lo=np.inf, hi=-np.inf, nan_count: int = 0) -> tuple[np.float32, np.float32, int]:
+    """(lo, hi, nan_count) after a pass over float32 x: NaNs skipped and counted; lo / hi replaced only
+    by strictly smaller / larger values, so among equal values (+0, -0) the first in index order wins."""
+    x = np.asarray(x, F32).reshape(-1)
+    nan = np.isnan(x)
+    v = x[~nan]
+    lo, hi = F32(lo), F32(hi)
+    if v.size:
+        mn, mx = v.min(), v.max()
+        if mn < lo:
+            lo = v[np.argmax(v == mn)]  # the first occurrence carries the sign of a zero
+        if mx > hi:
+            hi = v[np.argmax(v == mx)]
+    return F32(lo), F32(hi), int(nan_count) + int(nan.sum())
+
+
+def abs_histogram_index(x: np.ndarray, range_, nbins: int) -> np.ndarray:
+    """Bin of each non-NaN |x| (NaNs dropped): t = (|x| / range) * nbins in float32, t >= nbins -> nbins - 1."""
+    x = np.asarray(x, F32).reshape(-1)
+    x = x[~np.isnan(x)]
+    with np.errstate(over="ignore"):
+        t = (np.abs(x) / F32(range_)) * F32(nbins)  # float32 arrays: the same two roundings as the C++
+    idx = np.zeros(t.shape, np.int64)
+    inside = t < F32(nbins)
+    idx[inside] = t[inside].astype(np.int64)  # truncation = floor for t >= 0
+    idx[~inside] = nbins - 1
+    return idx
+
+
+def abs_histogram_accumulate(x: np.ndarray, range_, bins: np.ndarray) -> np.ndarray:
+    """bins (uint64) + the histogram of |x| over [0, range]; see abs_histogram_index."""
+    bins = np.asarray(bins, np.uint64)
+    add = np.bincount(abs_histogram_index(x, range_, bins.size), minlength=bins.size).astype(np.uint64)
+    return bins + add

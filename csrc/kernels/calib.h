@@ -1,0 +1,24 @@
+// Streaming activation calibration (int8): running range and |x| histograms, one batch at a time.
+// Kernel rules: raw pointers and sizes, no allocation, no I/O, noexcept, single-threaded (the binding
+// splits large batches across threads). The numpy twins in kiln.quant.reference (minmax_update,
+// abs_histogram_accumulate) define every result bit for bit.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace kiln {
+
+// Running min / max of x[0..n): *lo = min(*lo, x[i]), *hi = max(*hi, x[i]) with strict comparisons
+// in index order, so among equal values (+0 / -0) the first one seen wins. NaNs are skipped and
+// counted into *nan_count. Start from lo = +Inf, hi = -Inf.
+void minmax_update(const float* x, std::size_t n, float* lo, float* hi, std::int64_t* nan_count) noexcept;
+
+// Adds x[0..n) to a histogram of |x| over [0, range] with nbins equal bins:
+//   t = (|x| / range) * (float)nbins      (float32, two roundings, in this order)
+//   bin = t >= nbins ? nbins - 1 : (size_t)t
+// so |x| == range and +-Inf land in the last bin. NaNs are skipped (minmax_update counts them).
+// Preconditions: range > 0 and finite, |x| <= range for finite x, 0 < nbins < 2^24 (exact as float).
+void abs_histogram_accumulate(const float* x, std::size_t n, float range, std::uint64_t* bins,
+                              std::size_t nbins) noexcept;
+
+}  // namespace kiln
