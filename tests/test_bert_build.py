@@ -13,10 +13,10 @@ from pathlib import Path
 from conftest import Workspace
 
 # onnx_fp32 and onnx_fp16 share export and simplify; every target shares the reference outputs.
-SHARED_EXPORT, SHARED_SIMPLIFY = (f"bert/onnx_fp32+onnx_fp16/{r}" for r in ("export_onnx", "simplify_onnx"))
+SHARED_EXPORT, SHARED_SIMPLIFY = (f"bert/onnx_fp32+onnx_fp16+onnx_int8/{r}" for r in ("export_onnx", "simplify_onnx"))
 EXPORT, SIMPLIFY, VALIDATE = (f"bert/onnx_fp32/{r}" for r in ("export_onnx", "simplify_onnx", "validate"))
-REFERENCE = "bert/onnx_fp32+onnx_fp16+safetensors_fp16+safetensors_bf16/reference_outputs"
-TARGETS = ["onnx_fp16", "onnx_fp32", "safetensors_bf16", "safetensors_fp16"]
+REFERENCE = "bert/onnx_fp32+onnx_fp16+onnx_int8+safetensors_fp16+safetensors_bf16/reference_outputs"
+TARGETS = ["onnx_fp16", "onnx_fp32", "onnx_int8", "safetensors_bf16", "safetensors_fp16"]
 
 
 def sha256(path: Path) -> str:
@@ -48,7 +48,10 @@ def test_build_publishes_a_validated_artifact_with_lockfile_and_report(built_ber
     fp16 = report["artifacts"][1]
     assert fp16["target"] == "onnx_fp16" and fp16["metrics"]["last_hidden_state"]["min_cosine"] >= 0.999
     assert fp16["bytes"] < 0.55 * report["artifacts"][0]["bytes"]
-    assert sum(e["step"] == SHARED_EXPORT for e in report["steps"]) == 1  # one export for both ONNX targets
+    assert sum(e["step"] == SHARED_EXPORT for e in report["steps"]) == 1  # one export for all ONNX targets
+    int8 = report["artifacts"][2]
+    assert int8["target"] == "onnx_int8" and int8["metrics"]["last_hidden_state"]["mean_cosine"] >= 0.98
+    assert all("median_ms" in a["latency"] for a in report["artifacts"][:3])  # ONNX artifacts are timed
     validation = json.loads((built_bert.root / "build/bert/onnx_fp32/validation.json").read_text())
     assert validation["passed"] and validation["samples"] == 240
 
@@ -81,7 +84,7 @@ def test_changing_one_targets_opset_reruns_only_that_targets_steps(bert_copy: Wo
     (bert_copy.manifest()).write_text(bert_copy.manifest().read_text() + '\n[targets.onnx_raw]\nformat = "onnx"\nopset = 17\noptions = { simplify = false }\n')
     bert_copy.doit("build")
     assert bert_copy.ran() == ["bert/onnx_raw/validate"]  # its export is the one onnx_fp32 already built
-    assert "bert/onnx_fp32+onnx_fp16+onnx_raw/export_onnx" in bert_copy.statuses()
+    assert "bert/onnx_fp32+onnx_fp16+onnx_int8+onnx_raw/export_onnx" in bert_copy.statuses()
     raw_artifact = sha256(bert_copy.root / "build/bert/onnx_raw/model.onnx")
 
     bert_copy.edit("opset = 17", "opset = 18")  # the first occurrence: onnx_fp32's

@@ -28,7 +28,7 @@ def test_one_target_expands_to_its_rule_chain():
     p = make_plan()
     mine = [s for s in p.steps if "onnx_fp32" in s.targets]  # (export and simplify shared with onnx_fp16)
     assert [s.rule for s in mine] == ["reference_outputs", "export_onnx", "simplify_onnx", "validate"]
-    assert mine[1].name == "bert/onnx_fp32+onnx_fp16/export_onnx"
+    assert mine[1].name == "bert/onnx_fp32+onnx_fp16+onnx_int8/export_onnx"
     reference, export, simplify, validate_step = mine
     assert simplify.deps == [export.id] and set(validate_step.deps) == {simplify.id, reference.id}
     assert validate_step.outputs["artifact"] == ROOT / "build/bert/onnx_fp32/model.onnx"
@@ -54,10 +54,10 @@ def test_planning_is_deterministic():
 def test_identical_steps_of_two_targets_are_one_step():
     p = make_plan(lambda d: d["targets"].__setitem__("raw", {"format": "onnx", "opset": 17, "options": {"simplify": False}}))
     exports = [s for s in p.steps if s.rule == "export_onnx"]
-    assert len(exports) == 1 and exports[0].targets == ["onnx_fp32", "onnx_fp16", "raw"]
-    assert exports[0].name == "bert/onnx_fp32+onnx_fp16+raw/export_onnx"
+    assert len(exports) == 1 and exports[0].targets == ["onnx_fp32", "onnx_fp16", "onnx_int8", "raw"]
+    assert exports[0].name == "bert/onnx_fp32+onnx_fp16+onnx_int8+raw/export_onnx"
     assert len([s for s in p.steps if s.rule == "reference_outputs"]) == 1
-    assert len([s for s in p.steps if s.rule == "validate"]) == len(p.artifacts()) == 5  # one per target
+    assert len([s for s in p.steps if s.rule == "validate"]) == len(p.artifacts()) == 6  # one per target
 
 
 def test_thresholds_only_reach_the_validate_step():
@@ -77,3 +77,9 @@ def test_fp16_adds_a_conversion_after_the_shared_simplify():
     chain = [s for s in make_plan().steps if "onnx_fp16" in s.targets]
     assert [s.rule for s in chain] == ["reference_outputs", "export_onnx", "simplify_onnx", "convert_fp16", "validate"]
     assert chain[3].params == {"keep_io_types": True, "keep_fp32_ops": []}
+
+
+def test_int8_adds_dynamic_quantization_after_the_shared_simplify():
+    chain = [s for s in make_plan().steps if "onnx_int8" in s.targets]
+    assert [s.rule for s in chain] == ["reference_outputs", "export_onnx", "simplify_onnx", "quantize_dynamic", "validate"]
+    assert chain[-1].params["thresholds"]["min_cosine"] == 0.9  # the int8 default

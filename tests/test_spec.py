@@ -39,12 +39,13 @@ BAD = [
     (_set("targets.onnx_fp32.opset", "17"), "targets.onnx_fp32.opset", "'17' is not allowed; expected a valid integer"),
     (_set("targets.onnx_fp32.format", "tflite"), "targets.onnx_fp32.format", "'tflite' is not allowed; expected one of 'onnx'"),
     (_set("targets.onnx_fp32.format", DELETE), "targets.onnx_fp32.format", "required key is missing"),
-    (_set("targets.onnx_fp32.precision", "int3"), "targets.onnx_fp32.precision", "'int3' is not allowed; expected 'fp32' or 'fp16'"),
+    (_set("targets.onnx_fp32.precision", "int3"), "targets.onnx_fp32.precision", "'int3' is not allowed; expected 'fp32', 'fp16' or 'int8'"),
+    (_set("targets.onnx_int8.options.quantization", "static"), "targets.onnx_int8.options.quantization", "'static' is not allowed; expected 'dynamic'"),
     (_set("targets.onnx_fp32.options.keep_fp32_ops", ["Softmax"]), "targets.onnx_fp32.options.keep_fp32_ops", "expected no ops (they apply to precision = \"fp16\" only)"),
     (_set("targets.onnx_fp16.options.keep_fp32_ops", ["Soft max"]), "targets.onnx_fp16.options.keep_fp32_ops[0]", "'Soft max' is not allowed"),
     (_set("targets.onnx_fp32.hardware", "tpu"), "targets.onnx_fp32.hardware", "'tpu' is not allowed; expected 'cpu'"),
     (_set("targets.onnx_fp32.optimise", True), "targets.onnx_fp32.optimise", "unknown key; allowed keys here: format, hardware, opset, options, precision, thresholds"),
-    (_set("targets.onnx_fp32.options.simplfy", True), "targets.onnx_fp32.options.simplfy", "allowed keys here: constant_folding, keep_fp32_ops, keep_io_types, simplify"),
+    (_set("targets.onnx_fp32.options.simplfy", True), "targets.onnx_fp32.options.simplfy", "allowed keys here: constant_folding, keep_fp32_ops, keep_io_types, quantization, simplify"),
     (_set("targets.onnx_fp32.options.simplify", "yes"), "targets.onnx_fp32.options.simplify", "'yes' is not allowed; expected a valid boolean"),
     (_set("targets.onnx_fp32.thresholds", {"min_cosine": 1.5}), "targets.onnx_fp32.thresholds.min_cosine", "1.5 is not allowed"),
     (_set("targets", {}), "targets", "at least 1 item"),
@@ -88,7 +89,7 @@ def test_bad_manifest_names_file_key_value_and_what_is_allowed(mutate, key, text
 
 def test_the_default_manifest_is_valid():
     spec = validate(RawManifest(REPO / "manifests/bert.toml", GOOD))
-    assert spec.model.name == "bert" and list(spec.targets) == ["onnx_fp32", "onnx_fp16", "safetensors_fp16", "safetensors_bf16"]
+    assert spec.model.name == "bert" and list(spec.targets) == ["onnx_fp32", "onnx_fp16", "onnx_int8", "safetensors_fp16", "safetensors_bf16"]
     assert spec.inputs[0].dynamic_axes == {0: "batch", 1: "sequence"}
 
 

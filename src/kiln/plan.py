@@ -102,6 +102,9 @@ class _Planner:
             fp16 = {"keep_io_types": target.options.keep_io_types, "keep_fp32_ops": sorted(target.options.keep_fp32_ops)}
             model_step = self._add(name, "convert_fp16", fp16, {"model": (model,)}, {"model": "model.onnx"}, [model_step])
             model = model_step.outputs["model"]
+        elif target.precision == "int8":
+            model_step = self._add(name, "quantize_dynamic", {"per_channel": True, "op_types": ["MatMul"]}, {"model": (model,)}, {"model": "model.onnx"}, [model_step])
+            model = model_step.outputs["model"]
         self._validate(name, target, model, model_step, reference)
 
     def _safetensors_chain(self, name: str, target) -> None:
