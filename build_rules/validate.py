@@ -44,11 +44,10 @@ class Validate(Rule):
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ValidateParams, ctx: RunContext) -> dict[str, Any]:
         from kiln.metrics import OutputMetrics, failures
+        from kiln.runners import onnx_latency, open_runner
 
         per_output = {name: OutputMetrics() for name in params.outputs}
         samples = 0
-        from kiln.runners import onnx_latency, open_runner
-
         run = open_runner(params.format, inputs["model"][0], params.outputs, ctx.step, params.source, inputs.get("source"), params.inputs, ctx.root)
         first_feed = None
         for feed, expected in _reference_batches(inputs["reference"][0]):

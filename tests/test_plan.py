@@ -15,7 +15,7 @@ from kiln.spec import validate
 
 GOOD = tomllib.loads((REPO / "manifests/bert.toml").read_text())
 ROOT = Path("/ws")
-RESOLVED = Resolved(Path("/site/model"), (Path("/site/model/config.json"), Path("/site/model/model.safetensors")), ROOT / "manifests/data/sentences.txt")
+RESOLVED = Resolved((Path("/site/model/config.json"), Path("/site/model/model.safetensors")), ROOT / "manifests/data/sentences.txt")
 
 
 def make_plan(change=lambda d: None):

@@ -79,6 +79,11 @@ def why(step: Step, root: Path) -> str | None:
         current = components(step, root)
     except FileNotFoundError as err:
         return f"input {relative(Path(err.filename), root)} is not built yet"
+    return _reason(step, root, current)
+
+
+def _reason(step: Step, root: Path, current: dict[str, Any]) -> str | None:
+    """why(), given the step's current components (so a running step hashes its inputs once)."""
     record = read_json(record_path(root, step))
     if record is None:
         return _change_since_last(step, root, current) or "not built yet"
@@ -148,10 +153,10 @@ def run_step(step: Step, root: Path):
     from doit.exceptions import TaskFailed
 
     started = time.monotonic()
-    reason = why(step, root) or "forced (doit -a or an explicit request)"
     rule = get_rule(step.rule)
     params = rule.Params.model_validate(step.params)
     current = components(step, root)
+    reason = _reason(step, root, current) or "forced (doit -a or an explicit request)"
     temps = {role: path.with_name(f".{path.name}.{os.getpid()}.tmp") for role, path in step.outputs.items()}
     created = [p.parent for p in temps.values() if not p.parent.exists()]
     for folder in created:

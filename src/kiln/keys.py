@@ -40,13 +40,9 @@ def sha256_file(path: Path) -> str:
 
 @functools.cache
 def tool_version(name: str) -> str:
-    """Installed version of a tool (a distribution name, or "kiln"/"python"); read once per process."""
+    """Installed version of a tool (a distribution name, or "kiln"); read once per process."""
     if name == "kiln":
         return kiln.__version__
-    if name == "python":
-        import platform
-
-        return platform.python_version()
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:

@@ -23,11 +23,10 @@ def lock_data(plan: Plan) -> dict[str, Any] | None:
         return None
     tools: dict[str, str] = {}
     steps = []
+    artifacts = []
     for step, record in zip(plan.steps, records):
         tools |= record["components"]["tools"]
         steps.append({"step": step.name, "rule": step.rule, "key": record["key"], "targets": step.targets})
-    artifacts = []
-    for step, record in zip(plan.steps, records):
         if step.rule == "validate":
             out = record["outputs"]["artifact"]
             artifacts.append({"target": step.targets[0], "path": out["path"], "sha256": out["sha256"], "bytes": out["bytes"]})

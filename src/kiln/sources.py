@@ -27,36 +27,39 @@ IGNORED_IN_MODEL_FOLDER = (".md", ".gitattributes", ".gitignore")
 class Resolved:
     """The absolute files a manifest's source and data resolve to."""
 
-    source_dir: Path | None  # the folder to load from (huggingface), else None
     source_files: tuple[Path, ...]  # every file whose bytes define the source model
     data_file: Path
 
 
 def resolve(spec: Spec, raw: RawManifest, root: Path) -> Resolved:
+    return Resolved(_source_files(spec, raw, root), _data_file(spec, raw, root))
+
+
+def _source_files(spec: Spec, raw: RawManifest, root: Path) -> tuple[Path, ...]:
     source = spec.source
     if source.kind == "huggingface":
-        folder = resolve_path(source.path, raw, "source.path", root)
-        files = _model_folder_files(folder, source.allow_pickle, raw)
-        resolved = Resolved(folder, files, Path())
-    elif source.kind == "torch":
+        return _model_folder_files(resolve_path(source.path, raw, "source.path", root), source.allow_pickle, raw)
+    if source.kind == "torch":
         files = [_factory_file(source.factory, raw, root)]
         if source.weights:
             weights = resolve_path(source.weights, raw, "source.weights", root)
             _require_file(weights, raw, "source.weights")
             _check_pickle(weights, source.allow_pickle, raw, "source.weights")
             files.append(weights)
-        resolved = Resolved(None, tuple(files), Path())
-    else:
-        path = resolve_path(source.path, raw, "source.path", root)
-        _require_file(path, raw, "source.path")
-        resolved = Resolved(None, (path,), Path())
+        return tuple(files)
+    path = resolve_path(source.path, raw, "source.path", root)
+    _require_file(path, raw, "source.path")
+    return (path,)
+
+
+def _data_file(spec: Spec, raw: RawManifest, root: Path) -> Path:
     data = resolve_path(spec.validation.data, raw, "validation.data", root)
     _require_file(data, raw, "validation.data")
     if data.suffix not in (".txt", ".npz", ".npy"):
         raise ManifestError(raw.path, "validation.data", f"{spec.validation.data!r} is not allowed; expected a .txt, .npz or .npy file")
-    if data.suffix == ".txt" and source.kind != "huggingface":
+    if data.suffix == ".txt" and spec.source.kind != "huggingface":
         raise ManifestError(raw.path, "validation.data", f"{spec.validation.data!r}: text data needs a tokenizer, which only a huggingface source has; give .npz arrays named after the inputs")
-    return Resolved(resolved.source_dir, resolved.source_files, data)
+    return data
 
 
 def resolve_path(text: str, raw: RawManifest, key: str, root: Path) -> Path:
