@@ -15,6 +15,7 @@ from kiln.rules import Params, Rule, RunContext, register
 class QuantizeDynamicParams(Params):
     per_channel: bool = True
     op_types: list[str] = ["MatMul"]
+    exclude_nodes: list[str] = []
 
 
 @register
@@ -30,11 +31,16 @@ class QuantizeDynamic(Rule):
         import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
+        from kiln.quant.graph import check_node_names
+
         logging.getLogger("onnxruntime").setLevel(logging.WARNING)
+        problem = check_node_names(onnx.load(str(inputs["model"][0]), load_external_data=False), params.exclude_nodes)
+        if problem:
+            raise StepError(ctx.step, problem)
         try:
             quantize_dynamic(
                 str(inputs["model"][0]), str(outputs["model"]), op_types_to_quantize=params.op_types,
-                per_channel=params.per_channel, weight_type=QuantType.QInt8,
+                per_channel=params.per_channel, weight_type=QuantType.QInt8, nodes_to_exclude=params.exclude_nodes,
             )
         except Exception as err:  # onnxruntime.quantization raises assorted plain exceptions
             raise StepError(ctx.step, f"dynamic int8 quantization failed: {one_line(err)}") from None

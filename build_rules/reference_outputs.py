@@ -42,28 +42,19 @@ class ReferenceOutputs(Rule):
         return {"samples": samples, "batches": index + 1}
 
 
-def _batches(inputs: dict[str, list[Path]], params: ReferenceOutputsParams):
-    from kiln import data
-
-    data_file = inputs["data"][0]
-    if data_file.suffix == ".txt":
-        from kiln.sources import load_tokenizer
-
-        tokenizer = load_tokenizer(inputs["source"][0].parent)
-        return data.text_batches(data_file, tokenizer, params.inputs, params.batch_size, params.max_length, params.max_samples)
-    return data.array_batches(data_file, params.inputs, params.batch_size, params.max_samples)
-
-
 def _run_source(inputs: dict[str, list[Path]], params: ReferenceOutputsParams, ctx: RunContext):
     """Yield (feed, outputs) per batch, from the original model in its own framework."""
     import numpy as np
 
+    from kiln.data import batches
+
+    feeds = batches(inputs["data"][0], inputs["source"], params.inputs, params.batch_size, params.max_length, params.max_samples)
     output_names = [t["name"] for t in params.outputs]
     if params.source["kind"] == "onnx":
         from kiln.onnx_runtime import session
 
         sess = session(inputs["source"][0], optimize=False)
-        for feed in _batches(inputs, params):
+        for feed in feeds:
             yield feed, dict(zip(output_names, sess.run(output_names, feed)))
         return
     import torch
@@ -72,6 +63,6 @@ def _run_source(inputs: dict[str, list[Path]], params: ReferenceOutputsParams, c
 
     model = load_torch_model(params.source, inputs["source"], [t["name"] for t in params.inputs], output_names, ctx.root)
     with torch.inference_mode():
-        for feed in _batches(inputs, params):
+        for feed in feeds:
             result = model(*(torch.from_numpy(feed[t["name"]]) for t in params.inputs))
             yield feed, {name: np.ascontiguousarray(value.numpy()) for name, value in zip(output_names, result)}

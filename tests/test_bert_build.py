@@ -12,11 +12,12 @@ from pathlib import Path
 
 from conftest import Workspace
 
-# onnx_fp32 and onnx_fp16 share export and simplify; every target shares the reference outputs.
-SHARED_EXPORT, SHARED_SIMPLIFY = (f"bert/onnx_fp32+onnx_fp16+onnx_int8/{r}" for r in ("export_onnx", "simplify_onnx"))
+# The five ONNX targets share export and simplify; every target shares the reference outputs.
+SHARED_EXPORT, SHARED_SIMPLIFY = (f"bert/onnx_fp32+4more/{r}" for r in ("export_onnx", "simplify_onnx"))
 EXPORT, SIMPLIFY, VALIDATE = (f"bert/onnx_fp32/{r}" for r in ("export_onnx", "simplify_onnx", "validate"))
-REFERENCE = "bert/onnx_fp32+onnx_fp16+onnx_int8+safetensors_fp16+safetensors_bf16/reference_outputs"
-TARGETS = ["onnx_fp16", "onnx_fp32", "onnx_int8", "safetensors_bf16", "safetensors_fp16"]
+REFERENCE = "bert/onnx_fp32+6more/reference_outputs"
+TARGETS = ["onnx_fp16", "onnx_fp32", "onnx_int4", "onnx_int8", "onnx_int8_static", "safetensors_bf16", "safetensors_fp16"]
+STATIC = [f"bert/onnx_int8_static/{r}" for r in ("calibrate", "quantize_static", "validate")]
 
 
 def sha256(path: Path) -> str:
@@ -51,7 +52,7 @@ def test_build_publishes_a_validated_artifact_with_lockfile_and_report(built_ber
     assert sum(e["step"] == SHARED_EXPORT for e in report["steps"]) == 1  # one export for all ONNX targets
     int8 = report["artifacts"][2]
     assert int8["target"] == "onnx_int8" and int8["metrics"]["last_hidden_state"]["mean_cosine"] >= 0.98
-    assert all("median_ms" in a["latency"] for a in report["artifacts"][:3])  # ONNX artifacts are timed
+    assert all("median_ms" in a["latency"] for a in report["artifacts"][:5])  # ONNX artifacts are timed
     validation = json.loads((built_bert.root / "build/bert/onnx_fp32/validation.json").read_text())
     assert validation["passed"] and validation["samples"] == 240
 
@@ -84,7 +85,7 @@ def test_changing_one_targets_opset_reruns_only_that_targets_steps(bert_copy: Wo
     (bert_copy.manifest()).write_text(bert_copy.manifest().read_text() + '\n[targets.onnx_raw]\nformat = "onnx"\nopset = 17\noptions = { simplify = false }\n')
     bert_copy.doit("build")
     assert bert_copy.ran() == ["bert/onnx_raw/validate"]  # its export is the one onnx_fp32 already built
-    assert "bert/onnx_fp32+onnx_fp16+onnx_int8+onnx_raw/export_onnx" in bert_copy.statuses()
+    assert "bert/onnx_fp32+5more/export_onnx" in bert_copy.statuses()
     raw_artifact = sha256(bert_copy.root / "build/bert/onnx_raw/model.onnx")
 
     bert_copy.edit("opset = 17", "opset = 18")  # the first occurrence: onnx_fp32's
@@ -159,3 +160,39 @@ def test_explain_says_why(bert_copy: Workspace):
     out = bert_copy.kiln("explain", "bert").stdout
     assert f"run  {EXPORT}: parameter changed: params.opset: 17 -> 18" in out
     assert f"ok   {REFERENCE}: up to date" in out
+
+
+def _graph_ops(path: Path) -> set[str]:
+    import onnx
+
+    return {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node}
+
+
+def test_static_int8_and_int4_artifacts_are_quantized_and_pass_their_gates(built_bert: Workspace):
+    report = built_bert.report()
+    artifacts = {a["target"]: a for a in report["artifacts"]}
+    static, int4 = artifacts["onnx_int8_static"], artifacts["onnx_int4"]
+    assert static["passed"] and static["metrics"]["last_hidden_state"]["mean_cosine"] >= 0.98
+    assert int4["passed"] and int4["metrics"]["last_hidden_state"]["mean_cosine"] >= 0.95
+    assert {"QuantizeLinear", "DequantizeLinear"} <= _graph_ops(built_bert.root / "build/bert/onnx_int8_static/model.onnx")
+    ops = _graph_ops(built_bert.root / "build/bert/onnx_int4/model.onnx")
+    assert "MatMulNBits" in ops and "Gemm" not in ops
+    assert int4["bytes"] < artifacts["onnx_fp32"]["bytes"] * 0.65
+    (calibrate,) = [s for s in report["steps"] if s["step"] == STATIC[0]]
+    assert calibrate["info"]["samples"] == 256 and calibrate["info"]["tensors"] == 25  # 4 per encoder layer (q, k, v share one input) + the pooler
+
+
+def test_a_second_static_target_reuses_the_calibration(bert_copy: Workspace):
+    bert_copy.manifest().write_text(bert_copy.manifest().read_text() + '\n[targets.minmax]\nformat = "onnx"\nprecision = "int8"\noptions = { quantization = "static", calibration = "minmax" }\n')
+    bert_copy.doit("build")
+    assert bert_copy.ran() == ["bert/minmax/quantize_static", "bert/minmax/validate"]  # no second calibrate
+    assert "bert/onnx_int8_static+minmax/calibrate" in bert_copy.statuses()
+
+
+def test_new_calibration_data_reruns_only_the_static_chain(bert_copy: Workspace):
+    data = bert_copy.root / "manifests/data/calibration.txt"
+    data.write_text(data.read_text() + "One more line for the calibration set.\n")
+    bert_copy.doit("build")
+    assert bert_copy.ran() == sorted(STATIC)
+    reasons = {s["step"]: s["why"] for s in bert_copy.report()["steps"]}
+    assert reasons[STATIC[0]].startswith("input data/calibration.txt changed: sha256:")

@@ -15,7 +15,7 @@ from kiln.spec import validate
 
 GOOD = tomllib.loads((REPO / "manifests/bert.toml").read_text())
 ROOT = Path("/ws")
-RESOLVED = Resolved((Path("/site/model/config.json"), Path("/site/model/model.safetensors")), ROOT / "manifests/data/sentences.txt")
+RESOLVED = Resolved((Path("/site/model/config.json"), Path("/site/model/model.safetensors")), ROOT / "manifests/data/sentences.txt", ROOT / "manifests/data/calibration.txt")
 
 
 def make_plan(change=lambda d: None):
@@ -28,7 +28,7 @@ def test_one_target_expands_to_its_rule_chain():
     p = make_plan()
     mine = [s for s in p.steps if "onnx_fp32" in s.targets]  # (export and simplify shared with onnx_fp16)
     assert [s.rule for s in mine] == ["reference_outputs", "export_onnx", "simplify_onnx", "validate"]
-    assert mine[1].name == "bert/onnx_fp32+onnx_fp16+onnx_int8/export_onnx"
+    assert mine[1].name == "bert/onnx_fp32+4more/export_onnx"  # shared by all five onnx targets
     reference, export, simplify, validate_step = mine
     assert simplify.deps == [export.id] and set(validate_step.deps) == {simplify.id, reference.id}
     assert validate_step.outputs["artifact"] == ROOT / "build/bert/onnx_fp32/model.onnx"
@@ -54,10 +54,10 @@ def test_planning_is_deterministic():
 def test_identical_steps_of_two_targets_are_one_step():
     p = make_plan(lambda d: d["targets"].__setitem__("raw", {"format": "onnx", "opset": 17, "options": {"simplify": False}}))
     exports = [s for s in p.steps if s.rule == "export_onnx"]
-    assert len(exports) == 1 and exports[0].targets == ["onnx_fp32", "onnx_fp16", "onnx_int8", "raw"]
-    assert exports[0].name == "bert/onnx_fp32+onnx_fp16+onnx_int8+raw/export_onnx"
+    assert len(exports) == 1 and exports[0].targets == ["onnx_fp32", "onnx_fp16", "onnx_int8", "onnx_int8_static", "onnx_int4", "raw"]
+    assert exports[0].name == "bert/onnx_fp32+5more/export_onnx"
     assert len([s for s in p.steps if s.rule == "reference_outputs"]) == 1
-    assert len([s for s in p.steps if s.rule == "validate"]) == len(p.artifacts()) == 6  # one per target
+    assert len([s for s in p.steps if s.rule == "validate"]) == len(p.artifacts()) == 8  # one per target
 
 
 def test_thresholds_only_reach_the_validate_step():
@@ -83,3 +83,31 @@ def test_int8_adds_dynamic_quantization_after_the_shared_simplify():
     chain = [s for s in make_plan().steps if "onnx_int8" in s.targets]
     assert [s.rule for s in chain] == ["reference_outputs", "export_onnx", "simplify_onnx", "quantize_dynamic", "validate"]
     assert chain[-1].params["thresholds"]["min_cosine"] == 0.9  # the int8 default
+
+
+def test_static_int8_calibrates_once_for_every_static_target_whatever_its_method():
+    def two_static(d):
+        d["targets"]["entropy"] = {"format": "onnx", "precision": "int8", "options": {"quantization": "static", "calibration": "entropy"}}
+    p = make_plan(two_static)
+    chain = [s for s in p.steps if "onnx_int8_static" in s.targets]
+    assert [s.rule for s in chain] == ["reference_outputs", "export_onnx", "simplify_onnx", "calibrate", "quantize_static", "validate"]
+    calibrate, quantize = chain[3], chain[4]
+    assert calibrate.targets == ["onnx_int8_static", "entropy"] and [s.rule for s in p.steps].count("calibrate") == 1
+    assert calibrate.inputs["data"] == (ROOT / "manifests/data/calibration.txt",) and calibrate.params["bins"] == 2048
+    assert quantize.deps == [chain[2].id, calibrate.id] and quantize.params["method"] == "percentile"
+    assert [s.params["method"] for s in p.steps if s.rule == "quantize_static"] == ["percentile", "entropy"]
+
+
+def test_calibration_settings_reach_calibrate_and_exclusions_only_quantize():
+    base = {s.id: s.rule for s in make_plan().steps}
+    more = {s.id: s.rule for s in make_plan(lambda d: d["calibration"].__setitem__("max_samples", 64)).steps}
+    assert sorted(base[i] for i in set(base) - set(more)) == ["calibrate", "quantize_static", "validate"]
+    excl = {s.id: s.rule for s in make_plan(lambda d: d["targets"]["onnx_int4"]["options"].__setitem__("exclude_nodes", ["Gemm_1"])).steps}
+    assert sorted(base[i] for i in set(base) - set(excl)) == ["quantize_int4", "validate"]
+
+
+def test_int4_packs_after_the_shared_simplify():
+    chain = [s for s in make_plan().steps if "onnx_int4" in s.targets]
+    assert [s.rule for s in chain] == ["reference_outputs", "export_onnx", "simplify_onnx", "quantize_int4", "validate"]
+    assert chain[3].params == {"block_size": 32, "symmetric": False, "accuracy_level": 4}
+    assert chain[-1].params["thresholds"]["min_cosine"] == 0.8  # the int4 default

@@ -39,13 +39,24 @@ BAD = [
     (_set("targets.onnx_fp32.opset", "17"), "targets.onnx_fp32.opset", "'17' is not allowed; expected a valid integer"),
     (_set("targets.onnx_fp32.format", "tflite"), "targets.onnx_fp32.format", "'tflite' is not allowed; expected one of 'onnx'"),
     (_set("targets.onnx_fp32.format", DELETE), "targets.onnx_fp32.format", "required key is missing"),
-    (_set("targets.onnx_fp32.precision", "int3"), "targets.onnx_fp32.precision", "'int3' is not allowed; expected 'fp32', 'fp16' or 'int8'"),
-    (_set("targets.onnx_int8.options.quantization", "static"), "targets.onnx_int8.options.quantization", "'static' is not allowed; expected 'dynamic'"),
-    (_set("targets.onnx_fp32.options.keep_fp32_ops", ["Softmax"]), "targets.onnx_fp32.options.keep_fp32_ops", "expected no ops (they apply to precision = \"fp16\" only)"),
+    (_set("targets.onnx_fp32.precision", "int3"), "targets.onnx_fp32.precision", "'int3' is not allowed; expected 'fp32', 'fp16', 'int8' or 'int4'"),
+    (_set("targets.onnx_int8.options.quantization", "qat"), "targets.onnx_int8.options.quantization", "'qat' is not allowed; expected 'dynamic' or 'static'"),
+    (_set("calibration", DELETE), "targets.onnx_int8_static.options.quantization", "expected a [calibration] table naming the calibration data"),
+    (_set("targets.onnx_fp32.options.keep_fp32_ops", ["Softmax"]), "targets.onnx_fp32.options.keep_fp32_ops", "expected no keep_fp32_ops for precision = \"fp32\" (it applies to precision = \"fp16\" only)"),
+    (_set("targets.onnx_int8.options.calibration", "entropy"), "targets.onnx_int8.options.calibration", "expected no calibration with quantization = \"dynamic\" (it applies to quantization = \"static\" only)"),
+    (_set("targets.onnx_int8_static.options.calibration", "kl"), "targets.onnx_int8_static.options.calibration", "'kl' is not allowed; expected 'minmax', 'percentile' or 'entropy'"),
+    (_set("targets.onnx_int8_static.options.percentile", 0.0), "targets.onnx_int8_static.options.percentile", "0.0 is not allowed; expected greater than 0"),
+    (_set("targets.onnx_int4.options.block_size", 48), "targets.onnx_int4.options.block_size", "48 is not allowed; expected one of 16, 32, 64, 128, 256"),
+    (_set("targets.onnx_int4.options.accuracy_level", 5), "targets.onnx_int4.options.accuracy_level", "5 is not allowed; expected 0, 1, 2, 3 or 4"),
+    (_set("targets.onnx_fp16.options.block_size", 64), "targets.onnx_fp16.options.block_size", "expected no block_size for precision = \"fp16\" (it applies to precision = \"int4\" only)"),
+    (_set("targets.onnx_fp32.options.exclude_nodes", ["Gemm_1"]), "targets.onnx_fp32.options.exclude_nodes", "it applies to precision = \"int8\" or \"int4\" only"),
+    (_set("calibration.bins", 100), "calibration.bins", "100 is not allowed; expected greater than or equal to 128"),
+    (_set("calibration.bins", 1001), "calibration.bins", "1001 is not allowed; expected a multiple of 2"),
+    (_set("calibration.samples", 10), "calibration.samples", "unknown key; allowed keys here: batch_size, bins, data, max_length, max_samples"),
     (_set("targets.onnx_fp16.options.keep_fp32_ops", ["Soft max"]), "targets.onnx_fp16.options.keep_fp32_ops[0]", "'Soft max' is not allowed"),
     (_set("targets.onnx_fp32.hardware", "tpu"), "targets.onnx_fp32.hardware", "'tpu' is not allowed; expected 'cpu'"),
     (_set("targets.onnx_fp32.optimise", True), "targets.onnx_fp32.optimise", "unknown key; allowed keys here: format, hardware, opset, options, precision, thresholds"),
-    (_set("targets.onnx_fp32.options.simplfy", True), "targets.onnx_fp32.options.simplfy", "allowed keys here: constant_folding, keep_fp32_ops, keep_io_types, quantization, simplify"),
+    (_set("targets.onnx_fp32.options.simplfy", True), "targets.onnx_fp32.options.simplfy", "allowed keys here: accuracy_level, activation_type, block_size, calibration, constant_folding, exclude_nodes, keep_fp32_ops, keep_io_types, percentile, quantization, simplify, symmetric"),
     (_set("targets.onnx_fp32.options.simplify", "yes"), "targets.onnx_fp32.options.simplify", "'yes' is not allowed; expected a valid boolean"),
     (_set("targets.onnx_fp32.thresholds", {"min_cosine": 1.5}), "targets.onnx_fp32.thresholds.min_cosine", "1.5 is not allowed"),
     (_set("targets", {}), "targets", "at least 1 item"),
@@ -62,7 +73,7 @@ BAD = [
     (_set("outputs.0.name", "3d"), "outputs[0].name", "'3d' is not allowed; string should match pattern"),
     (_set("model.name", "my model"), "model.name", "'my model' is not allowed"),
     (_set("model", DELETE), "model", "required key is missing"),
-    (_set("modle", {"name": "x"}), "modle", "unknown key; allowed keys here: inputs, model, outputs, source, targets, validation"),
+    (_set("modle", {"name": "x"}), "modle", "unknown key; allowed keys here: calibration, inputs, model, outputs, source, targets, validation"),
     (_set("validation.batch_size", 0), "validation.batch_size", "0 is not allowed; expected greater than or equal to 1"),
     (_set("validation.metrics", ["min_cosine", "max_abs_diff", "bleu"]), "validation.metrics[2]", "'bleu' is not allowed"),
     (_set("validation.metrics", ["min_cosine"]), "validation.metrics", "expected a list including 'max_abs_diff', which a threshold gates on"),
@@ -89,7 +100,7 @@ def test_bad_manifest_names_file_key_value_and_what_is_allowed(mutate, key, text
 
 def test_the_default_manifest_is_valid():
     spec = validate(RawManifest(REPO / "manifests/bert.toml", GOOD))
-    assert spec.model.name == "bert" and list(spec.targets) == ["onnx_fp32", "onnx_fp16", "onnx_int8", "safetensors_fp16", "safetensors_bf16"]
+    assert spec.model.name == "bert" and list(spec.targets) == ["onnx_fp32", "onnx_fp16", "onnx_int8", "onnx_int8_static", "onnx_int4", "safetensors_fp16", "safetensors_bf16"]
     assert spec.inputs[0].dynamic_axes == {0: "batch", 1: "sequence"}
 
 

@@ -14,6 +14,16 @@ import numpy as np
 from kiln.errors import StepError
 
 
+def batches(data_file: Path, source_files: list[Path] | None, inputs: list[dict], batch_size: int, max_length: int, max_samples: int | None) -> Iterator[dict[str, np.ndarray]]:
+    """The batches of a data file: text tokenized with the source's tokenizer, or arrays."""
+    if data_file.suffix == ".txt":
+        from kiln.sources import load_tokenizer
+
+        tokenizer = load_tokenizer(source_files[0].parent)
+        return text_batches(data_file, tokenizer, inputs, batch_size, max_length, max_samples)
+    return array_batches(data_file, inputs, batch_size, max_samples)
+
+
 def read_text_lines(path: Path, max_samples: int | None) -> list[str]:
     try:
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]

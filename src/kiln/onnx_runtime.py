@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def session(model: Path, optimize: bool = True, threads: int = 1):
+def session(model: Path | bytes, optimize: bool = True, threads: int = 1):
     """A CPU session. One intra-op thread by default: reductions then run in a fixed order, so the
     validation metrics kiln reports are the same on every run and every machine size."""
     import onnxruntime as ort
@@ -16,4 +16,4 @@ def session(model: Path, optimize: bool = True, threads: int = 1):
     options.log_severity_level = 3
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=["CPUExecutionProvider"])

@@ -30,8 +30,10 @@ class Step:
 
     @property
     def name(self) -> str:
-        """What people read: bert/onnx_fp32/export_onnx, or bert/a+b/export_onnx when shared."""
-        who = "+".join(self.targets) if self.targets else "all"
+        """What people read: bert/onnx_fp32/export_onnx; bert/a+b/export_onnx when shared; bert/a+4more/...
+        when shared by more than three (a target has one step per rule, so names stay unique)."""
+        who = "+".join(self.targets) if len(self.targets) <= 3 else f"{self.targets[0]}+{len(self.targets) - 1}more"
+        who = who or "all"
         return f"{self.model}/{who}/{self.rule}"
 
 
@@ -102,10 +104,45 @@ class _Planner:
             fp16 = {"keep_io_types": target.options.keep_io_types, "keep_fp32_ops": sorted(target.options.keep_fp32_ops)}
             model_step = self._add(name, "convert_fp16", fp16, {"model": (model,)}, {"model": "model.onnx"}, [model_step])
             model = model_step.outputs["model"]
+        elif target.precision == "int8" and target.options.quantization == "static":
+            model_step = self._quantize_static(name, target, model, model_step)
+            model = model_step.outputs["model"]
         elif target.precision == "int8":
-            model_step = self._add(name, "quantize_dynamic", {"per_channel": True, "op_types": ["MatMul"]}, {"model": (model,)}, {"model": "model.onnx"}, [model_step])
+            params = {"per_channel": True, "op_types": ["MatMul"]} | self._excluded(target)
+            model_step = self._add(name, "quantize_dynamic", params, {"model": (model,)}, {"model": "model.onnx"}, [model_step])
+            model = model_step.outputs["model"]
+        elif target.precision == "int4":
+            options = target.options
+            params = {"block_size": options.block_size, "symmetric": options.symmetric, "accuracy_level": options.accuracy_level} | self._excluded(target)
+            model_step = self._add(name, "quantize_int4", params, {"model": (model,)}, {"model": "model.onnx"}, [model_step])
             model = model_step.outputs["model"]
         self._validate(name, target, model, model_step, reference)
+
+    @staticmethod
+    def _excluded(target) -> dict:
+        """exclude_nodes enters params only when set, so targets without it keep their step ids."""
+        return {"exclude_nodes": sorted(target.options.exclude_nodes)} if target.options.exclude_nodes else {}
+
+    def _quantize_static(self, name: str, target, model: Path, model_step: Step | None) -> Step:
+        """calibrate (one per model + data + calibration settings, shared by every static target)
+        -> quantize_static (ranges from the calibration by this target's method)."""
+        calibration = self.spec.calibration
+        calibrate = self._add(name, "calibrate", {
+            "inputs": self.inputs, "batch_size": calibration.batch_size, "max_length": calibration.max_length,
+            "max_samples": calibration.max_samples, "bins": calibration.bins, "op_types": ["MatMul", "Gemm"],
+        }, {"model": (model,), "data": (self.resolved.calibration_file,)} | self._tokenizer(self.resolved.calibration_file),
+            {"calibration": "calibration.json"}, [model_step])
+        options = target.options
+        params = {"method": options.calibration, "activation_type": options.activation_type, "per_channel": True,
+                  "op_types": ["MatMul", "Gemm"]} | self._excluded(target)
+        if options.calibration == "percentile":
+            params["percentile"] = options.percentile
+        return self._add(name, "quantize_static", params, {"model": (model,), "calibration": (calibrate.outputs["calibration"],)},
+                         {"model": "model.onnx"}, [model_step, calibrate])
+
+    def _tokenizer(self, data: Path) -> dict[str, tuple[Path, ...]]:
+        """Text data is tokenized with the source's tokenizer, whose files are then inputs too."""
+        return {"source": self.resolved.source_files} if data.suffix == ".txt" else {}
 
     def _safetensors_chain(self, name: str, target) -> None:
         reference = self._reference(name)

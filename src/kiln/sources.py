@@ -29,10 +29,12 @@ class Resolved:
 
     source_files: tuple[Path, ...]  # every file whose bytes define the source model
     data_file: Path
+    calibration_file: Path | None = None  # [calibration].data, when the manifest has one
 
 
 def resolve(spec: Spec, raw: RawManifest, root: Path) -> Resolved:
-    return Resolved(_source_files(spec, raw, root), _data_file(spec, raw, root))
+    calibration = _data_file(spec, raw, root, "calibration") if spec.calibration else None
+    return Resolved(_source_files(spec, raw, root), _data_file(spec, raw, root, "validation"), calibration)
 
 
 def _source_files(spec: Spec, raw: RawManifest, root: Path) -> tuple[Path, ...]:
@@ -52,13 +54,15 @@ def _source_files(spec: Spec, raw: RawManifest, root: Path) -> tuple[Path, ...]:
     return (path,)
 
 
-def _data_file(spec: Spec, raw: RawManifest, root: Path) -> Path:
-    data = resolve_path(spec.validation.data, raw, "validation.data", root)
-    _require_file(data, raw, "validation.data")
+def _data_file(spec: Spec, raw: RawManifest, root: Path, table: str) -> Path:
+    """[validation].data or [calibration].data: an existing .txt (tokenized) or .npz/.npy file."""
+    text, key = getattr(spec, table).data, f"{table}.data"
+    data = resolve_path(text, raw, key, root)
+    _require_file(data, raw, key)
     if data.suffix not in (".txt", ".npz", ".npy"):
-        raise ManifestError(raw.path, "validation.data", f"{spec.validation.data!r} is not allowed; expected a .txt, .npz or .npy file")
+        raise ManifestError(raw.path, key, f"{text!r} is not allowed; expected a .txt, .npz or .npy file")
     if data.suffix == ".txt" and spec.source.kind != "huggingface":
-        raise ManifestError(raw.path, "validation.data", f"{spec.validation.data!r}: text data needs a tokenizer, which only a huggingface source has; give .npz arrays named after the inputs")
+        raise ManifestError(raw.path, key, f"{text!r}: text data needs a tokenizer, which only a huggingface source has; give .npz arrays named after the inputs")
     return data
 
 

@@ -16,8 +16,8 @@ Conventions (the numpy twins in kiln.quant.reference define the kernels bit for 
   (|x| with fl(|x| / range) == 1, and Inf) keep following the last bin down; so the histogram is
   "each value's bin at its batch's range, shifted right by the later doublings" (reference_stream).
 - Thresholds are symmetric (|x| <= threshold), for symmetric int8 scale = threshold / 127:
-  minmax: (min, max) of the data; percentile(p): the upper edge of the first bin where the cumulative
-  count reaches p% of the binned values; entropy: TensorRT's KL-divergence search, see
+  minmax: (min, max) of the data; percentile(p): the lower edge of the first bin where the cumulative
+  count reaches p% of the binned values (onnxruntime's convention, so the two agree within a bin); entropy: TensorRT's KL-divergence search, see
   entropy_threshold. Percentile and entropy are capped at the largest finite |x| seen.
 """
 
@@ -141,33 +141,15 @@ class HistogramObserver:
 
 
 def percentile_threshold(bins: np.ndarray, bin_width: float, p: float) -> float:
-    """Upper edge of the first bin whose cumulative count is >= p% of the total (0.0 if empty).
-    onnxruntime's compute_percentile returns that bin's lower edge instead."""
+    """Lower edge of the first bin whose cumulative count is >= p% of the total (0.0 if empty), as
+    onnxruntime's compute_percentile: the true quantile lies within one bin above it."""
     if not 0 <= p <= 100:
         raise ValueError(f"percentile must be in [0, 100], got {p}")
     cum = np.cumsum(np.asarray(bins, np.uint64))
     if cum.size == 0 or cum[-1] == 0:
         return 0.0
     j = int(np.argmax(cum.astype(np.float64) >= float(cum[-1]) * p / 100.0))
-    return (j + 1) * bin_width
-
-
-def _smooth(p: np.ndarray, eps: float = 1e-4) -> np.ndarray | None:
-    """TensorRT / MXNet smoothing of unnormalized counts: zeros get eps, taken evenly off the rest."""
-    zeros = p == 0
-    n_nonzero = p.size - int(zeros.sum())
-    if n_nonzero == 0:
-        return None
-    out = p + np.where(zeros, eps, -eps * zeros.sum() / n_nonzero)
-    return out if np.all(out > 0) else None
-
-
-def _kl(p: np.ndarray, q: np.ndarray) -> float:
-    p, q = _smooth(p), _smooth(q)
-    if p is None or q is None:
-        return math.inf
-    p, q = p / p.sum(), q / q.sum()
-    return float(np.sum(p * np.log(p / q)))
+    return j * bin_width
 
 
 def entropy_threshold(bins: np.ndarray, bin_width: float, num_quantized_bins: int = 128) -> float:
@@ -177,36 +159,23 @@ def entropy_threshold(bins: np.ndarray, bin_width: float, num_quantized_bins: in
     last bin; Q = bins[:i] (without outliers) merged into num_quantized_bins levels of i //
     num_quantized_bins bins (the remainder joins the last level) and expanded back, each level's count
     spread evenly over its bins where P is nonzero (zero bins stay zero). Both are smoothed (eps 1e-4)
-    and KL(P || Q) computed in float64; the threshold is the upper edge i * bin_width of the i with the
+    and KL(P || Q) computed in float64 (native kernel, all candidates in parallel; the twin is
+    kiln.quant.reference.entropy_kl); the threshold is the upper edge i * bin_width of the i with the
     smallest KL (the first on ties). 0.0 for an empty histogram.
 
     onnxruntime's HistogramCollector.get_entropy_threshold differs: it bins signed x on a symmetric
     histogram and takes 2i+1 centre bins; it expands Q over all bins of a level (zeros too), leaves the
     remainder bins of Q at 0, and stores Q in int64 (truncating); it computes in float32.
     """
-    h = np.asarray(bins, np.uint64).astype(np.float64)
+    h = np.ascontiguousarray(bins, np.uint64)
     n, m = h.size, num_quantized_bins
     if h.sum() == 0:
         return 0.0
     if n < m:
         raise ValueError(f"entropy calibration needs at least {m} bins, got {n}")
-    tail = np.concatenate([np.cumsum(h[::-1])[::-1], [0.0]])  # tail[i] = sum(h[i:])
-    best_i, best_kl = n, math.inf
-    for i in range(m, n + 1):
-        sliced = h[:i]
-        p = sliced.copy()
-        p[-1] += tail[i]
-        nonzero = p != 0
-        merged = i // m
-        groups = np.repeat(np.arange(m), merged)
-        groups = np.concatenate([groups, np.full(i - groups.size, m - 1)])  # remainder -> last level
-        level = np.bincount(groups, weights=sliced, minlength=m)
-        norm = np.bincount(groups, weights=nonzero, minlength=m)
-        q = np.where(nonzero, level[groups] / np.maximum(norm[groups], 1), 0.0)
-        kl = _kl(p, q)
-        if kl < best_kl:
-            best_i, best_kl = i, kl
-    return best_i * bin_width
+    kl = np.empty(n - m + 1, np.float64)
+    _native.entropy_kl_curve(h, m, kl)
+    return (m + int(np.argmin(kl))) * bin_width
 
 
 def reference_stream(batches, nbins: int = 2048) -> np.ndarray:

@@ -255,3 +255,33 @@ def abs_histogram_accumulate(x: np.ndarray, range_, bins: np.ndarray) -> np.ndar
     bins = np.asarray(bins, np.uint64)
     add = np.bincount(abs_histogram_index(x, range_, bins.size), minlength=bins.size).astype(np.uint64)
     return bins + add
+
+
+def _smooth(p: np.ndarray, eps: float = 1e-4) -> np.ndarray | None:
+    """TensorRT / MXNet smoothing of unnormalized counts: zeros get eps, taken evenly off the rest."""
+    zeros = p == 0
+    n_nonzero = p.size - int(zeros.sum())
+    if n_nonzero == 0:
+        return None
+    out = p + np.where(zeros, eps, -eps * zeros.sum() / n_nonzero)
+    return out if np.all(out > 0) else None
+
+
+def entropy_kl(bins: np.ndarray, i: int, m: int) -> float:
+    """KL(P || Q) of clipping the |x| histogram at bin i with m levels (see
+    kiln.quant.calibration.entropy_threshold); inf when a smoothed distribution is not positive."""
+    h = np.asarray(bins, np.uint64).astype(np.float64)
+    sliced = h[:i]
+    p = sliced.copy()
+    p[-1] += h[i:].sum()
+    nonzero = p != 0
+    groups = np.repeat(np.arange(m), i // m)
+    groups = np.concatenate([groups, np.full(i - groups.size, m - 1)])  # remainder -> last level
+    level = np.bincount(groups, weights=sliced, minlength=m)
+    norm = np.bincount(groups, weights=nonzero, minlength=m)
+    q = np.where(nonzero, level[groups] / np.maximum(norm[groups], 1), 0.0)
+    p, q = _smooth(p), _smooth(q)
+    if p is None or q is None:
+        return float("inf")
+    p, q = p / p.sum(), q / q.sum()
+    return float(np.sum(p * np.log(p / q)))

@@ -1,0 +1,80 @@
+"""calibrate: streams each weight layer's activation input into kiln's observers, one batch at a
+time; the result equals the numpy twin fed the same batches, and its bytes are reproducible."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import tiny_onnx
+from kiln.errors import StepError
+from kiln.onnx_runtime import session
+from kiln.quant.calibration import Calibration, reference_stream
+from kiln.rules import RunContext, get_rule
+
+
+def calibrate(tmp_path: Path, name: str = "calibration.json", batch_size: int = 8, bins: int = 256, data: Path | None = None) -> Path:
+    rule = get_rule("calibrate")
+    model = tmp_path / "fp32.onnx"
+    if not model.exists():
+        tiny_onnx.tiny_model(model)
+    data = data or tiny_onnx.data(tmp_path / "calib.npz")
+    out = tmp_path / name
+    params = rule.Params(inputs=tiny_onnx.INPUTS, batch_size=batch_size, max_length=16, bins=bins)
+    rule().run({"model": [model], "data": [data]}, {"calibration": out}, params, RunContext(tmp_path, "test/calibrate"))
+    return out
+
+
+def activations(tmp_path: Path, names: list[str], batch_size: int) -> dict[str, list[np.ndarray]]:
+    """Each batch's activations, read with a plain onnxruntime session on a model exposing them."""
+    model = onnx.load(str(tmp_path / "fp32.onnx"))
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    sess = session(model.SerializeToString(), optimize=False)
+    x = np.load(tmp_path / "calib.npz")["X"]
+    found = {n: [] for n in names}
+    for start in range(0, len(x), batch_size):
+        for n, v in zip(names, sess.run(names, {"X": x[start : start + batch_size]})):
+            found[n].append(v)
+    return found
+
+
+def test_observes_the_input_of_every_weight_layer_exactly(tmp_path):
+    out = calibrate(tmp_path, batch_size=8)
+    cal = Calibration.from_json(out.read_text())
+    assert sorted(cal.observers) == ["m2", "mixed2", "r3", "x2"]  # inputs of fc1, fc2, fc2_again, fc3
+    for name, batches in activations(tmp_path, sorted(cal.observers), 8).items():
+        whole = np.concatenate([b.ravel() for b in batches])
+        assert (cal[name].min, cal[name].max) == (float(whole.min()), float(whole.max()))
+        assert np.array_equal(cal[name].bins, reference_stream(batches, 256)), name
+        assert int(cal[name].bins.sum()) == whole.size
+
+
+def test_bytes_are_reproducible_and_extremes_do_not_depend_on_batching(tmp_path):
+    a, b = calibrate(tmp_path, "a.json"), calibrate(tmp_path, "b.json")
+    assert a.read_bytes() == b.read_bytes()
+    one_batch = json.loads(calibrate(tmp_path, "c.json", batch_size=40).read_text())["tensors"]
+    for name, state in json.loads(a.read_text())["tensors"].items():
+        assert (state["min"], state["max"]) == (one_batch[name]["min"], one_batch[name]["max"])
+        assert sum(state["bins"]) == sum(one_batch[name]["bins"])
+
+
+def test_nan_activations_fail_with_the_tensor_named(tmp_path):
+    x = np.load(tiny_onnx.data(tmp_path / "calib.npz"))["X"]
+    x[3, 1, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", X=x)
+    with pytest.raises(StepError, match=r"gives NaN on the calibration data in \d+ tensors \(first 'm2'"):
+        calibrate(tmp_path, data=tmp_path / "nan.npz")
+
+
+def test_a_model_without_weight_layers_has_nothing_to_calibrate(tmp_path):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["X"], ["Y"])], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 4, tiny_onnx.K])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "fp32.onnx"))
+    with pytest.raises(StepError, match="no MatMul/Gemm node with a weight initializer"):
+        calibrate(tmp_path)
