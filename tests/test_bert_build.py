@@ -196,3 +196,14 @@ def test_new_calibration_data_reruns_only_the_static_chain(bert_copy: Workspace)
     assert bert_copy.ran() == sorted(STATIC)
     reasons = {s["step"]: s["why"] for s in bert_copy.report()["steps"]}
     assert reasons[STATIC[0]].startswith("input data/calibration.txt changed: sha256:")
+
+
+def test_parallel_thread_build_runs_independent_steps(bert_copy: Workspace):
+    """kiln build -n 2 (doit -n 2 -P thread): two new targets' steps run side by side and publish."""
+    bert_copy.manifest().write_text(bert_copy.manifest().read_text() + (
+        '\n[targets.minmax]\nformat = "onnx"\nprecision = "int8"\noptions = { quantization = "static", calibration = "minmax" }\n'
+        '\n[targets.int4_b64]\nformat = "onnx"\nprecision = "int4"\noptions = { block_size = 64 }\n'))
+    proc = bert_copy.kiln("build", "bert", "-n", "2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert bert_copy.ran() == ["bert/int4_b64/quantize_int4", "bert/int4_b64/validate", "bert/minmax/quantize_static", "bert/minmax/validate"]
+    assert (bert_copy.root / "build/bert/minmax/model.onnx").exists() and (bert_copy.root / "build/bert/int4_b64/model.onnx").exists()

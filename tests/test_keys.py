@@ -34,3 +34,19 @@ def test_digest_cache_hashes_a_file_once_per_stat(tmp_path: Path, monkeypatch):
 
     data.write_bytes(b"other bytes")
     assert cache.digest(data) == sha256_file(data) != first
+
+
+def test_digest_cache_is_shared_by_threads(tmp_path: Path):
+    """doit -n 2 -P thread runs steps in threads that share one cache object (sqlite3 connections
+    must not cross threads)."""
+    from conftest import run_in_threads
+
+    files = []
+    for i in range(4):
+        files.append(tmp_path / f"f{i}")
+        files[-1].write_bytes(bytes([i]) * 1000)
+    cache = DigestCache(tmp_path / "digests.sqlite")
+    jobs = {f.name: (lambda f=f: cache.digest(f)) for f in files}
+    results = run_in_threads(jobs, copies=3)
+    assert len(results) == 12
+    assert all(value == sha256_file(tmp_path / name) for name, value in results)

@@ -3,6 +3,13 @@
 #include <algorithm>
 #include <cmath>
 
+#include "kernels/repack.h"  // simd_supported()
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define KILN_X86 1
+#endif
+
 namespace kiln {
 
 void minmax_update(const float* x, std::size_t n, float* lo, float* hi, std::int64_t* nan_count) noexcept {
@@ -22,18 +29,68 @@ void minmax_update(const float* x, std::size_t n, float* lo, float* hi, std::int
     *nan_count += nans;
 }
 
-void abs_histogram_accumulate(const float* x, std::size_t n, float range, std::uint64_t* bins,
-                              std::size_t nbins) noexcept {
+namespace {
+
+// NaN -> slot nbins of its lane (dropped by the caller); compare before converting: Inf (or a broken
+// precondition) must not reach the cast. -ffp-contract=off keeps the two float32 roundings.
+inline std::size_t abs_bin(float v, float range, float fbins, std::size_t nbins) noexcept {
+    const float t = (std::fabs(v) / range) * fbins;
+    return t >= fbins ? nbins - 1 : (t == t ? static_cast<std::size_t>(static_cast<std::int32_t>(t)) : nbins);  // t < 2^24: int32 is exact
+}
+
+void histogram_scalar(const float* x, std::size_t n, float range, std::uint64_t* lanes, std::size_t nbins) noexcept {
     const float fbins = static_cast<float>(nbins);
-    const std::size_t last = nbins - 1;
-    for (std::size_t i = 0; i < n; ++i) {
-        const float v = x[i];
-        if (v != v) continue;
-        const float t = (std::fabs(v) / range) * fbins;  // -ffp-contract=off: two float32 roundings
-        // compare before converting: Inf (or a broken precondition) must not reach the cast
-        const std::size_t b = t >= fbins ? last : static_cast<std::size_t>(t);
-        ++bins[b];
+    const std::size_t stride = nbins + 1;
+    std::uint64_t* l0 = lanes;
+    std::uint64_t* l1 = lanes + stride;
+    std::uint64_t* l2 = lanes + 2 * stride;
+    std::uint64_t* l3 = lanes + 3 * stride;
+    static_assert(kHistogramLanes == 4, "the unrolled loop below writes four lanes");
+    std::size_t i = 0;
+    for (; i + 4 <= n; i += 4) {  // four independent bins per round: no store-to-load chain on peaked data
+        const std::size_t b0 = abs_bin(x[i], range, fbins, nbins), b1 = abs_bin(x[i + 1], range, fbins, nbins);
+        const std::size_t b2 = abs_bin(x[i + 2], range, fbins, nbins), b3 = abs_bin(x[i + 3], range, fbins, nbins);
+        ++l0[b0];
+        ++l1[b1];
+        ++l2[b2];
+        ++l3[b3];
     }
+    for (; i < n; ++i) ++lanes[(i % 4) * stride + abs_bin(x[i], range, fbins, nbins)];
+}
+
+#ifdef KILN_X86
+// The same two roundings per lane (div then mul, IEEE float32); t < nbins < 2^24 converts exactly.
+__attribute__((target("avx2"))) void histogram_avx2(const float* x, std::size_t n, float range, std::uint64_t* lanes,
+                                                    std::size_t nbins) noexcept {
+    const __m256 vrange = _mm256_set1_ps(range), vbins = _mm256_set1_ps(static_cast<float>(nbins));
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i vlast = _mm256_set1_epi32(static_cast<int>(nbins - 1)), vnan = _mm256_set1_epi32(static_cast<int>(nbins));
+    const std::size_t stride = nbins + 1;
+    alignas(32) std::int32_t idx[8];
+    std::size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 t = _mm256_mul_ps(_mm256_div_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)), vrange), vbins);
+        const __m256i over = _mm256_castps_si256(_mm256_cmp_ps(t, vbins, _CMP_GE_OQ));
+        const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(t, t, _CMP_UNORD_Q));
+        __m256i b = _mm256_cvttps_epi32(t);  // garbage where over or NaN: replaced just below
+        b = _mm256_blendv_epi8(b, vlast, over);
+        b = _mm256_blendv_epi8(b, vnan, nan);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(idx), b);
+        for (std::size_t l = 0; l < 8; ++l) ++lanes[(l % kHistogramLanes) * stride + static_cast<std::size_t>(idx[l])];
+    }
+    histogram_scalar(x + i, n - i, range, lanes, nbins);
+}
+#endif
+
+}  // namespace
+
+void abs_histogram_accumulate(const float* x, std::size_t n, float range, std::uint64_t* lanes,
+                              std::size_t nbins, bool simd) noexcept {
+#ifdef KILN_X86
+    if (simd && simd_supported()) return histogram_avx2(x, n, range, lanes, nbins);
+#endif
+    (void)simd;
+    histogram_scalar(x, n, range, lanes, nbins);
 }
 
 namespace {

@@ -17,9 +17,16 @@ void minmax_update(const float* x, std::size_t n, float* lo, float* hi, std::int
 //   t = (|x| / range) * (float)nbins      (float32, two roundings, in this order)
 //   bin = t >= nbins ? nbins - 1 : (size_t)t
 // so |x| == range and +-Inf land in the last bin. NaNs are skipped (minmax_update counts them).
+// Counts go to kHistogramLanes interleaved histograms (element i to lane i % lanes), each
+// nbins + 1 long (the extra slot takes the NaNs): consecutive values landing in the same bin then
+// increment different memory, which is what limits a single histogram on peaked data. The caller
+// sums lanes[l * (nbins + 1) + b] over l; lanes must be zeroed (or hold earlier counts).
 // Preconditions: range > 0 and finite, |x| <= range for finite x, 0 < nbins < 2^24 (exact as float).
-void abs_histogram_accumulate(const float* x, std::size_t n, float range, std::uint64_t* bins,
-                              std::size_t nbins) noexcept;
+constexpr std::size_t kHistogramLanes = 4;
+// simd: compute the bin indices 8 at a time with AVX2 when the CPU has it (the same IEEE float32
+// operations, so the same bins; tests run both paths).
+void abs_histogram_accumulate(const float* x, std::size_t n, float range, std::uint64_t* lanes,
+                              std::size_t nbins, bool simd = true) noexcept;
 
 
 // TensorRT's KL-divergence threshold search on a |x| histogram, one candidate i: the KL(P || Q) of

@@ -89,7 +89,7 @@ def _build(args) -> int:
     names = ",".join(args.manifests) if args.manifests else ""
     namespace = doit_globals(args.root, names)
     extra = ["-n", str(args.jobs), "-P", "thread"] if args.jobs > 1 else []
-    return DoitMain(ModuleTaskLoader(namespace)).run(["build", *extra])
+    return DoitMain(ModuleTaskLoader(namespace)).run([*extra, "build"])  # doit options go before the task name
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ spreading downstream (ninja's "restat").
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -148,6 +150,12 @@ def _short(digest_value: str | None) -> str:
 
 # ---- running a step -----------------------------------------------------------------------------
 
+# Under doit -P thread, torch work runs one step at a time: torch.onnx.export flips process-global
+# state (torch.onnx.is_in_onnx_export) that a model running in another thread would see, and torch
+# already spreads one step over every core. Processes (doit's default) each have their own torch.
+_torch_lock = threading.Lock()
+
+
 def run_step(step: Step, root: Path):
     """doit action: run the rule into temp files, rename them into place, then write the record."""
     from doit.exceptions import TaskFailed
@@ -162,7 +170,8 @@ def run_step(step: Step, root: Path):
     for folder in created:
         folder.mkdir(parents=True, exist_ok=True)
     try:
-        info = rule().run({r: list(f) for r, f in step.inputs.items()}, temps, params, RunContext(root, step.name)) or {}
+        with _torch_lock if "torch" in rule.tools_for(step.params) else contextlib.nullcontext():
+            info = rule().run({r: list(f) for r, f in step.inputs.items()}, temps, params, RunContext(root, step.name)) or {}
     except BaseException as err:  # no temp output may stay behind, whatever went wrong
         for path in temps.values():
             path.unlink(missing_ok=True)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import threading
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -62,12 +63,21 @@ class DigestCache:
 
     A file whose stat is unchanged is not read again; a file that was only touched is hashed once
     and its entry refreshed, so the next run is free again (unlike doit's MD5 checker, doit#431).
-    SQLite in WAL mode lets parallel doit workers share it.
+    SQLite in WAL mode lets parallel doit workers share it: one connection per thread (doit -P
+    thread) and per process (doit's default multiprocessing), as sqlite3 requires.
     """
 
     def __init__(self, db_path: Path):
         self.db_path = Path(db_path)
-        self._conn: sqlite3.Connection | None = None
+        self._local = threading.local()
+
+    @property
+    def _conn(self) -> sqlite3.Connection | None:
+        return getattr(self._local, "conn", None)
+
+    @_conn.setter
+    def _conn(self, conn: sqlite3.Connection | None) -> None:
+        self._local.conn = conn
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:

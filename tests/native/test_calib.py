@@ -42,9 +42,9 @@ def native_minmax(x, lo=np.inf, hi=-np.inf, nans=0):
     return np.float32(lo), np.float32(hi), nans
 
 
-def native_hist(x, range_, nbins, bins=None):
+def native_hist(x, range_, nbins, bins=None, simd=True):
     bins = np.zeros(nbins, np.uint64) if bins is None else bins.copy()
-    _native.abs_histogram_accumulate(x, range_, bins)
+    _native.abs_histogram_accumulate(x, range_, bins, simd)
     return bins
 
 
@@ -75,23 +75,25 @@ def test_minmax_zero_signs_and_all_nan():
     assert native_minmax(np.full(9, np.nan, np.float32))[2] == 9
 
 
+@pytest.mark.parametrize("simd", [True, False], ids=["simd", "scalar"])
 @pytest.mark.parametrize("nbins", [1, 2, 7, 128, 2048])
 @pytest.mark.parametrize("n", SIZES + [BIG])
 @pytest.mark.parametrize("seed", range(3))
-def test_histogram_matches_the_twin(seed, n, nbins):
+def test_histogram_matches_the_twin(seed, n, nbins, simd):
     x = activations(seed, n)
     r = finite_absmax(x)
-    got = native_hist(x, r, nbins)
+    got = native_hist(x, r, nbins, simd=simd)
     assert same(got, ref.abs_histogram_accumulate(x, r, np.zeros(nbins, np.uint64)))
     assert int(got.sum()) == int((~np.isnan(x)).sum())
     start = np.arange(nbins, dtype=np.uint64)  # accumulates onto existing counts
-    assert same(native_hist(x, r, nbins, start), ref.abs_histogram_accumulate(x, r, start))
+    assert same(native_hist(x, r, nbins, start, simd), ref.abs_histogram_accumulate(x, r, start))
 
 
-def test_histogram_edges():
-    x = np.array([0.0, -0.0, 1.0, -1.0, 0.5, 0.49999997, np.inf, -np.inf, np.nan, 0.25], np.float32)
-    got = native_hist(x, 1.0, 4)
-    assert got.tolist() == [2, 2, 1, 4]  # 0.5 -> bin 2, |x| == range and Inf -> last bin, NaN skipped
+@pytest.mark.parametrize("simd", [True, False], ids=["simd", "scalar"])
+def test_histogram_edges(simd):
+    x = np.array([0.0, -0.0, 1.0, -1.0, 0.5, 0.49999997, np.inf, -np.inf, np.nan, 0.25] * 2, np.float32)  # 8 + 8 + 4
+    got = native_hist(x, 1.0, 4, simd=simd)
+    assert got.tolist() == [4, 4, 2, 8]  # 0.5 -> bin 2, |x| == range and Inf -> last bin, NaN skipped
     assert same(got, ref.abs_histogram_accumulate(x, 1.0, np.zeros(4, np.uint64)))
     with pytest.raises(ValueError, match="range"):
         native_hist(x, 0.0, 4)
