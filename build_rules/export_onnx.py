@@ -21,10 +21,6 @@ class ExportOnnxParams(Params):
     constant_folding: bool = True
 
 
-# Two sentences of different lengths, so the traced graph sees padding and a real attention mask.
-EXAMPLE_TEXT = ["kiln builds model artifacts.", "An example with padding, so the mask is not all ones."]
-
-
 @register
 class ExportOnnx(Rule):
     name = "export_onnx"
@@ -38,13 +34,14 @@ class ExportOnnx(Rule):
         import onnx
         import torch
 
+        from kiln.data import export_example
         from kiln.sources import load_torch_model
 
         torch.manual_seed(0)
         input_names = [t["name"] for t in params.inputs]
         output_names = [t["name"] for t in params.outputs]
         model = load_torch_model(params.source, inputs["source"], input_names, output_names, ctx.root)
-        example = _example_inputs(params, inputs["source"])
+        example = export_example(params.inputs, params.source, inputs["source"])
         args = tuple(torch.from_numpy(example[name]) for name in input_names)
         dynamic_axes = {t["name"]: _axes(t) for t in params.inputs + params.outputs if _axes(t)}
         with warnings.catch_warnings(), torch.no_grad():
@@ -61,17 +58,3 @@ class ExportOnnx(Rule):
 
 def _axes(tensor: dict[str, Any]) -> dict[int, str]:
     return {i: d for i, d in enumerate(tensor.get("shape") or []) if isinstance(d, str)}
-
-
-def _example_inputs(params: ExportOnnxParams, source_files: list[Path]):
-    from kiln.data import example_inputs
-
-    example = example_inputs(params.inputs)
-    if params.source["kind"] == "huggingface":
-        from kiln.sources import load_tokenizer
-
-        encoded = load_tokenizer(source_files[0].parent)(EXAMPLE_TEXT, padding=True, return_tensors="np")
-        for spec in params.inputs:
-            if spec["name"] in encoded:
-                example[spec["name"]] = encoded[spec["name"]].astype(spec["dtype"])
-    return example

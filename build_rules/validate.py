@@ -39,7 +39,7 @@ class Validate(Rule):
 
     @classmethod
     def tools_for(cls, params: dict[str, Any]) -> tuple[str, ...]:
-        runtime = ("onnxruntime",) if params["format"] == "onnx" else ("torch", "transformers")
+        runtime = {"onnx": ("onnxruntime",), "safetensors": ("torch", "transformers")}.get(params["format"], ("torch",))
         return (*runtime, "numpy")
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ValidateParams, ctx: RunContext) -> dict[str, Any]:

@@ -15,8 +15,8 @@ from conftest import Workspace
 # The five ONNX targets share export and simplify; every target shares the reference outputs.
 SHARED_EXPORT, SHARED_SIMPLIFY = (f"bert/onnx_fp32+4more/{r}" for r in ("export_onnx", "simplify_onnx"))
 EXPORT, SIMPLIFY, VALIDATE = (f"bert/onnx_fp32/{r}" for r in ("export_onnx", "simplify_onnx", "validate"))
-REFERENCE = "bert/onnx_fp32+6more/reference_outputs"
-TARGETS = ["onnx_fp16", "onnx_fp32", "onnx_int4", "onnx_int8", "onnx_int8_static", "safetensors_bf16", "safetensors_fp16"]
+REFERENCE = "bert/onnx_fp32+8more/reference_outputs"
+TARGETS = ["onnx_fp16", "onnx_fp32", "onnx_int4", "onnx_int8", "onnx_int8_static", "safetensors_bf16", "safetensors_fp16", "torch_export", "torchscript"]
 STATIC = [f"bert/onnx_int8_static/{r}" for r in ("calibrate", "quantize_static", "validate")]
 
 
@@ -207,3 +207,10 @@ def test_parallel_thread_build_runs_independent_steps(bert_copy: Workspace):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert bert_copy.ran() == ["bert/int4_b64/quantize_int4", "bert/int4_b64/validate", "bert/minmax/quantize_static", "bert/minmax/validate"]
     assert (bert_copy.root / "build/bert/minmax/model.onnx").exists() and (bert_copy.root / "build/bert/int4_b64/model.onnx").exists()
+
+
+def test_torchscript_and_torch_export_equal_the_source_exactly(built_bert: Workspace):
+    artifacts = {a["target"]: a for a in built_bert.report()["artifacts"]}
+    for target in ("torchscript", "torch_export"):
+        metrics = artifacts[target]["metrics"]["last_hidden_state"]
+        assert artifacts[target]["passed"] and metrics["max_abs_diff"] <= 1e-5, target

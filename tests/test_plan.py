@@ -57,7 +57,7 @@ def test_identical_steps_of_two_targets_are_one_step():
     assert len(exports) == 1 and exports[0].targets == ["onnx_fp32", "onnx_fp16", "onnx_int8", "onnx_int8_static", "onnx_int4", "raw"]
     assert exports[0].name == "bert/onnx_fp32+5more/export_onnx"
     assert len([s for s in p.steps if s.rule == "reference_outputs"]) == 1
-    assert len([s for s in p.steps if s.rule == "validate"]) == len(p.artifacts()) == 8  # one per target
+    assert len([s for s in p.steps if s.rule == "validate"]) == len(p.artifacts()) == 10  # one per target
 
 
 def test_thresholds_only_reach_the_validate_step():
@@ -111,3 +111,14 @@ def test_int4_packs_after_the_shared_simplify():
     assert [s.rule for s in chain] == ["reference_outputs", "export_onnx", "simplify_onnx", "quantize_int4", "validate"]
     assert chain[3].params == {"block_size": 32, "symmetric": False, "accuracy_level": 4}
     assert chain[-1].params["thresholds"]["min_cosine"] == 0.8  # the int4 default
+
+
+def test_torch_programs_export_from_the_source_and_validate_with_positional_inputs():
+    p = make_plan()
+    for target, rule, file in (("torchscript", "export_torchscript", "model.pt"), ("torch_export", "export_torch_export", "model.pt2")):
+        chain = [s for s in p.steps if target in s.targets]
+        assert [s.rule for s in chain] == ["reference_outputs", rule, "validate"]
+        assert chain[1].outputs["model"].name == file and chain[2].outputs["artifact"] == ROOT / f"build/bert/{target}/{file}"
+        assert [t["name"] for t in chain[2].params["inputs"]] == ["input_ids", "attention_mask", "token_type_ids"]
+        assert "source" not in chain[2].params and "source" not in chain[2].inputs  # the artifact alone is run
+    assert [s for s in p.steps if s.rule == "export_torchscript"][0].params["mode"] == "trace"

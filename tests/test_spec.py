@@ -82,7 +82,10 @@ BAD = [
     (_set("validation.thresholds", {"max_abs_diff": -1.0}), "validation.thresholds.max_abs_diff", "-1.0 is not allowed; expected greater than or equal to 0"),
     (_set("targets.safetensors_fp16.precision", "int8"), "targets.safetensors_fp16.precision", "'int8' is not allowed; expected 'fp32', 'fp16' or 'bf16'"),
     (_set("targets.safetensors_fp16.opset", 17), "targets.safetensors_fp16.opset", "unknown key; allowed keys here: format, hardware, precision, thresholds"),
-    (_set("source", {"kind": "onnx", "path": "m.onnx"}), "targets.safetensors_fp16.format", "weights as SafeTensors need a torch or huggingface source"),
+    (_set("source", {"kind": "onnx", "path": "m.onnx"}), "targets.torchscript.format", "'torchscript' is not allowed; expected a format an ONNX source can give ('onnx'); torchscript needs a torch or huggingface source"),
+    (_set("targets.torchscript.mode", "compile"), "targets.torchscript.mode", "'compile' is not allowed; expected 'trace' or 'script'"),
+    (_set("targets.torch_export.precision", "fp16"), "targets.torch_export.precision", "'fp16' is not allowed; expected 'fp32'"),
+    (_set("targets.torch_export.mode", "trace"), "targets.torch_export.mode", "unknown key; allowed keys here: format, hardware, precision, thresholds"),
 ]
 
 
@@ -100,7 +103,7 @@ def test_bad_manifest_names_file_key_value_and_what_is_allowed(mutate, key, text
 
 def test_the_default_manifest_is_valid():
     spec = validate(RawManifest(REPO / "manifests/bert.toml", GOOD))
-    assert spec.model.name == "bert" and list(spec.targets) == ["onnx_fp32", "onnx_fp16", "onnx_int8", "onnx_int8_static", "onnx_int4", "safetensors_fp16", "safetensors_bf16"]
+    assert spec.model.name == "bert" and list(spec.targets) == ["onnx_fp32", "onnx_fp16", "onnx_int8", "onnx_int8_static", "onnx_int4", "torchscript", "torch_export", "safetensors_fp16", "safetensors_bf16"]
     assert spec.inputs[0].dynamic_axes == {0: "batch", 1: "sequence"}
 
 

@@ -111,3 +111,21 @@ def example_inputs(inputs: list[dict], seed: int = 0, sizes: dict[str, int] | No
             values = rng.uniform(low, high, size=shape)
         out[spec["name"]] = values.astype(spec["dtype"])
     return out
+
+
+# Two sentences of different lengths, so a traced graph sees padding and a real attention mask.
+EXAMPLE_TEXT = ["kiln builds model artifacts.", "An example with padding, so the mask is not all ones."]
+
+
+def export_example(inputs: list[dict], source: dict[str, Any], source_files: list[Path]) -> dict[str, np.ndarray]:
+    """The example inputs exporters trace with: seeded values, or for a Hugging Face source the
+    tokenized EXAMPLE_TEXT (real token ids and a real mask) for the inputs its tokenizer gives."""
+    example = example_inputs(inputs)
+    if source["kind"] == "huggingface":
+        from kiln.sources import load_tokenizer
+
+        encoded = load_tokenizer(source_files[0].parent)(EXAMPLE_TEXT, padding=True, return_tensors="np")
+        for spec in inputs:
+            if spec["name"] in encoded:
+                example[spec["name"]] = encoded[spec["name"]].astype(spec["dtype"])
+    return example

@@ -84,6 +84,8 @@ class _Planner:
             self._onnx_chain(name, target)
         elif target.format == "safetensors":
             self._safetensors_chain(name, target)
+        elif target.format in ("torchscript", "torch_export"):
+            self._torch_program_chain(name, target)
         else:  # pragma: no cover - the spec admits only formats with a chain here
             raise AssertionError(f"no rule chain for format {target.format!r}")
 
@@ -150,6 +152,17 @@ class _Planner:
                             {"source": self.resolved.source_files}, {"weights": "model.safetensors"})
         self._validate(name, target, weights.outputs["weights"], weights, reference)
 
+    def _torch_program_chain(self, name: str, target) -> None:
+        """TorchScript / torch.export: one export step from the source, validated by reloading it."""
+        reference = self._reference(name)
+        params = {"source": self.source_params, "inputs": self.inputs, "outputs": self.outputs}
+        if target.format == "torchscript":
+            rule, file, params = "export_torchscript", "model.pt", params | {"mode": target.mode}
+        else:
+            rule, file = "export_torch_export", "model.pt2"
+        program = self._add(name, rule, params, {"source": self.resolved.source_files}, {"model": file})
+        self._validate(name, target, program.outputs["model"], program, reference)
+
     def _reference(self, name: str) -> Step:
         validation = self.spec.validation
         params = {
@@ -171,9 +184,11 @@ class _Planner:
         if validation.padding_mask:
             params["padding_mask"] = validation.padding_mask
         inputs = {"model": (model,), "reference": (reference.outputs["outputs"],)}
-        if target.format != "onnx":  # run in torch: the source architecture is part of the check
+        if target.format == "safetensors":  # weights only: the source architecture is part of the check
             params |= {"source": self.source_params, "inputs": self.inputs}
             inputs["source"] = self.resolved.source_files
+        elif target.format != "onnx":  # a torch program takes the inputs positionally, in the manifest's order
+            params["inputs"] = self.inputs
         published = {"artifact": self.build_dir / name / f"model{model.suffix}", "validation": self.build_dir / name / "validation.json"}
         deps = [s for s in (model_step, reference) if s is not None]
         self._add(name, "validate", params, inputs, published, deps)

@@ -17,7 +17,29 @@ def open_runner(fmt: str, artifact: Path, outputs: list[str], step: str, source:
         return _onnx(artifact, outputs, step)
     if fmt == "safetensors":
         return _torch_with_weights(artifact, outputs, step, source, source_files, inputs, root)
+    if fmt in ("torchscript", "torch_export"):
+        return _torch_program(fmt, artifact, outputs, step, [t["name"] for t in inputs])
     raise StepError(step, f"no runtime to validate format {fmt!r}")
+
+
+def _torch_program(fmt: str, artifact: Path, names: list[str], step: str, input_names: list[str]) -> Runner:
+    """A self-contained torch artifact, loaded as a user loads it: inputs passed positionally in the
+    manifest's order, outputs matched to the manifest's by position (or name, for a dict)."""
+    import torch
+
+    from kiln.sources import pick_outputs
+
+    try:
+        module = torch.jit.load(str(artifact)) if fmt == "torchscript" else torch.export.load(str(artifact)).module()
+    except Exception as err:  # torch raises RuntimeError and friends for a bad archive
+        raise StepError(step, f"torch cannot load {artifact.name}: {one_line(err)[:300]}") from None
+
+    def run(feed: dict) -> dict:
+        with torch.inference_mode():
+            result = pick_outputs(module(*(torch.from_numpy(feed[name]) for name in input_names)), names)
+        return {name: value.numpy() for name, value in zip(names, result)}
+
+    return run
 
 
 def _onnx(artifact: Path, names: list[str], step: str) -> Runner:

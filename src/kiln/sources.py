@@ -154,12 +154,12 @@ def load_torch_model(source: dict[str, Any], files: list[Path], input_names: lis
                 result = self.model(**dict(zip(input_names, args)))
             else:
                 result = self.model(*args)
-            return _pick_outputs(result, output_names)
+            return pick_outputs(result, output_names)
 
     return Named(inner).eval()
 
 
-def _pick_outputs(result: Any, names: list[str]) -> tuple:
+def pick_outputs(result: Any, names: list[str]) -> tuple:
     if hasattr(result, "keys"):
         missing = [n for n in names if n not in result.keys()]
         if missing:

@@ -163,7 +163,28 @@ class SafetensorsTarget(Strict):
     thresholds: Thresholds = Field(Thresholds(), description="overrides [validation.thresholds] for this target")
 
 
-Target = Annotated[Union[OnnxTarget, SafetensorsTarget], Field(discriminator="format")]
+class TorchscriptTarget(Strict):
+    """The source model as TorchScript (.pt), reloaded with torch.jit.load for validation."""
+
+    format: Literal["torchscript"]
+    precision: Literal["fp32"] = "fp32"
+    hardware: Literal["cpu"] = "cpu"
+    mode: Literal["trace", "script"] = Field("trace", description="trace: record one run (any model); script: compile the Python (input-dependent control flow)")
+    thresholds: Thresholds = Field(Thresholds(), description="overrides [validation.thresholds] for this target")
+
+
+class TorchExportTarget(Strict):
+    """The source model as a torch.export ExportedProgram (.pt2), reloaded with torch.export.load."""
+
+    format: Literal["torch_export"]
+    precision: Literal["fp32"] = "fp32"
+    hardware: Literal["cpu"] = "cpu"
+    thresholds: Thresholds = Field(Thresholds(), description="overrides [validation.thresholds] for this target")
+
+
+Target = Annotated[Union[OnnxTarget, SafetensorsTarget, TorchscriptTarget, TorchExportTarget], Field(discriminator="format")]
+# Formats made from the PyTorch model itself: an ONNX source cannot give them.
+TORCH_FORMATS = ("safetensors", "torchscript", "torch_export")
 
 
 class Validation(Strict):
@@ -210,8 +231,8 @@ class Spec(Strict):
         for name, target in self.targets.items():
             if target.format == "onnx":
                 self._check_onnx_options(name, target)
-            if target.format == "safetensors" and self.source.kind == "onnx":
-                raise _CrossError(f"targets.{name}.format", "safetensors", "a format an ONNX source can give ('onnx'); weights as SafeTensors need a torch or huggingface source")
+            if target.format in TORCH_FORMATS and self.source.kind == "onnx":
+                raise _CrossError(f"targets.{name}.format", target.format, f"a format an ONNX source can give ('onnx'); {target.format} needs a torch or huggingface source")
         inputs = [t.name for t in self.inputs]
         if self.validation.padding_mask is not None and self.validation.padding_mask not in inputs:
             raise _CrossError("validation.padding_mask", self.validation.padding_mask, f"one of the inputs: {inputs}")
