@@ -39,7 +39,7 @@ class Validate(Rule):
 
     @classmethod
     def tools_for(cls, params: dict[str, Any]) -> tuple[str, ...]:
-        runtime = {"onnx": ("onnxruntime",), "safetensors": ("torch", "transformers")}.get(params["format"], ("torch",))
+        runtime = {"onnx": ("onnxruntime",), "safetensors": ("torch", "transformers"), "openvino": ("openvino",)}.get(params["format"], ("torch",))
         return (*runtime, "numpy")
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ValidateParams, ctx: RunContext) -> dict[str, Any]:
@@ -66,6 +66,8 @@ class Validate(Rule):
         if failed:
             raise StepError(ctx.step, "validation failed, artifact not published: " + "; ".join(failed), facts=report | {"passed": False})
         shutil.copyfile(inputs["model"][0], outputs["artifact"])
+        if "weights" in outputs:  # OpenVINO IR: model.bin beside model.xml
+            shutil.copyfile(inputs["model"][1], outputs["weights"])
         outputs["validation"].write_text(json.dumps(report | {"passed": True}, indent=2, sort_keys=True) + "\n")
         latency = {"latency": onnx_latency(inputs["model"][0], first_feed)} if params.format == "onnx" and first_feed else {}
         return report | {"passed": True} | latency

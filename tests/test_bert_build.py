@@ -12,11 +12,11 @@ from pathlib import Path
 
 from conftest import Workspace
 
-# The five ONNX targets share export and simplify; every target shares the reference outputs.
-SHARED_EXPORT, SHARED_SIMPLIFY = (f"bert/onnx_fp32+4more/{r}" for r in ("export_onnx", "simplify_onnx"))
+# The five ONNX and two OpenVINO targets share export and simplify; every target shares the reference outputs.
+SHARED_EXPORT, SHARED_SIMPLIFY = (f"bert/onnx_fp32+6more/{r}" for r in ("export_onnx", "simplify_onnx"))
 EXPORT, SIMPLIFY, VALIDATE = (f"bert/onnx_fp32/{r}" for r in ("export_onnx", "simplify_onnx", "validate"))
-REFERENCE = "bert/onnx_fp32+8more/reference_outputs"
-TARGETS = ["onnx_fp16", "onnx_fp32", "onnx_int4", "onnx_int8", "onnx_int8_static", "safetensors_bf16", "safetensors_fp16", "torch_export", "torchscript"]
+REFERENCE = "bert/onnx_fp32+10more/reference_outputs"
+TARGETS = ["onnx_fp16", "onnx_fp32", "onnx_int4", "onnx_int8", "onnx_int8_static", "openvino_fp16", "openvino_fp32", "safetensors_bf16", "safetensors_fp16", "torch_export", "torchscript"]
 STATIC = [f"bert/onnx_int8_static/{r}" for r in ("calibrate", "quantize_static", "validate")]
 
 
@@ -85,7 +85,7 @@ def test_changing_one_targets_opset_reruns_only_that_targets_steps(bert_copy: Wo
     (bert_copy.manifest()).write_text(bert_copy.manifest().read_text() + '\n[targets.onnx_raw]\nformat = "onnx"\nopset = 17\noptions = { simplify = false }\n')
     bert_copy.doit("build")
     assert bert_copy.ran() == ["bert/onnx_raw/validate"]  # its export is the one onnx_fp32 already built
-    assert "bert/onnx_fp32+5more/export_onnx" in bert_copy.statuses()
+    assert "bert/onnx_fp32+7more/export_onnx" in bert_copy.statuses()
     raw_artifact = sha256(bert_copy.root / "build/bert/onnx_raw/model.onnx")
 
     bert_copy.edit("opset = 17", "opset = 18")  # the first occurrence: onnx_fp32's
@@ -214,3 +214,11 @@ def test_torchscript_and_torch_export_equal_the_source_exactly(built_bert: Works
     for target in ("torchscript", "torch_export"):
         metrics = artifacts[target]["metrics"]["last_hidden_state"]
         assert artifacts[target]["passed"] and metrics["max_abs_diff"] <= 1e-5, target
+
+
+def test_openvino_ir_matches_the_source_at_fp32_and_halves_at_fp16(built_bert: Workspace):
+    artifacts = {a["target"]: a for a in built_bert.report()["artifacts"]}
+    fp32, fp16 = artifacts["openvino_fp32"], artifacts["openvino_fp16"]
+    assert fp32["passed"] and fp32["metrics"]["last_hidden_state"]["max_abs_diff"] <= 1e-4
+    assert fp16["passed"] and fp16["metrics"]["last_hidden_state"]["min_cosine"] >= 0.999
+    assert fp16["bytes"] < 0.55 * fp32["bytes"]

@@ -28,7 +28,7 @@ def test_one_target_expands_to_its_rule_chain():
     p = make_plan()
     mine = [s for s in p.steps if "onnx_fp32" in s.targets]  # (export and simplify shared with onnx_fp16)
     assert [s.rule for s in mine] == ["reference_outputs", "export_onnx", "simplify_onnx", "validate"]
-    assert mine[1].name == "bert/onnx_fp32+4more/export_onnx"  # shared by all five onnx targets
+    assert mine[1].name == "bert/onnx_fp32+6more/export_onnx"  # shared by the five onnx and two openvino targets
     reference, export, simplify, validate_step = mine
     assert simplify.deps == [export.id] and set(validate_step.deps) == {simplify.id, reference.id}
     assert validate_step.outputs["artifact"] == ROOT / "build/bert/onnx_fp32/model.onnx"
@@ -54,10 +54,10 @@ def test_planning_is_deterministic():
 def test_identical_steps_of_two_targets_are_one_step():
     p = make_plan(lambda d: d["targets"].__setitem__("raw", {"format": "onnx", "opset": 17, "options": {"simplify": False}}))
     exports = [s for s in p.steps if s.rule == "export_onnx"]
-    assert len(exports) == 1 and exports[0].targets == ["onnx_fp32", "onnx_fp16", "onnx_int8", "onnx_int8_static", "onnx_int4", "raw"]
-    assert exports[0].name == "bert/onnx_fp32+5more/export_onnx"
+    assert len(exports) == 1 and exports[0].targets == ["onnx_fp32", "onnx_fp16", "onnx_int8", "onnx_int8_static", "onnx_int4", "openvino_fp32", "openvino_fp16", "raw"]
+    assert exports[0].name == "bert/onnx_fp32+7more/export_onnx"
     assert len([s for s in p.steps if s.rule == "reference_outputs"]) == 1
-    assert len([s for s in p.steps if s.rule == "validate"]) == len(p.artifacts()) == 10  # one per target
+    assert len([s for s in p.steps if s.rule == "validate"]) == len(p.artifacts()) == 12  # one per target
 
 
 def test_thresholds_only_reach_the_validate_step():
@@ -122,3 +122,16 @@ def test_torch_programs_export_from_the_source_and_validate_with_positional_inpu
         assert [t["name"] for t in chain[2].params["inputs"]] == ["input_ids", "attention_mask", "token_type_ids"]
         assert "source" not in chain[2].params and "source" not in chain[2].inputs  # the artifact alone is run
     assert [s for s in p.steps if s.rule == "export_torchscript"][0].params["mode"] == "trace"
+
+
+def test_openvino_converts_the_shared_onnx_and_publishes_both_files():
+    p = make_plan()
+    chain = [s for s in p.steps if "openvino_fp16" in s.targets]
+    assert [s.rule for s in chain] == ["reference_outputs", "export_onnx", "simplify_onnx", "convert_openvino", "validate"]
+    convert, validate_step = chain[3], chain[4]
+    assert convert.params == {"compress_to_fp16": True}
+    assert convert.inputs["model"] == (chain[2].outputs["model"],)
+    assert validate_step.inputs["model"] == (convert.outputs["model"], convert.outputs["weights"])
+    assert validate_step.outputs["artifact"] == ROOT / "build/bert/openvino_fp16/model.xml"
+    assert validate_step.outputs["weights"] == ROOT / "build/bert/openvino_fp16/model.bin"
+    assert [s.params for s in p.steps if s.rule == "convert_openvino"] == [{"compress_to_fp16": False}, {"compress_to_fp16": True}]

@@ -83,6 +83,8 @@ BAD = [
     (_set("targets.safetensors_fp16.precision", "int8"), "targets.safetensors_fp16.precision", "'int8' is not allowed; expected 'fp32', 'fp16' or 'bf16'"),
     (_set("targets.safetensors_fp16.opset", 17), "targets.safetensors_fp16.opset", "unknown key; allowed keys here: format, hardware, precision, thresholds"),
     (_set("source", {"kind": "onnx", "path": "m.onnx"}), "targets.torchscript.format", "'torchscript' is not allowed; expected a format an ONNX source can give ('onnx'); torchscript needs a torch or huggingface source"),
+    (_set("targets.openvino_fp16.precision", "int8"), "targets.openvino_fp16.precision", "'int8' is not allowed; expected 'fp32' or 'fp16'"),
+    (_set("targets.openvino_fp32.options", {"keep_io_types": True}), "targets.openvino_fp32.options.keep_io_types", "unknown key; allowed keys here: constant_folding, simplify"),
     (_set("targets.torchscript.mode", "compile"), "targets.torchscript.mode", "'compile' is not allowed; expected 'trace' or 'script'"),
     (_set("targets.torch_export.precision", "fp16"), "targets.torch_export.precision", "'fp16' is not allowed; expected 'fp32'"),
     (_set("targets.torch_export.mode", "trace"), "targets.torch_export.mode", "unknown key; allowed keys here: format, hardware, precision, thresholds"),
@@ -103,7 +105,7 @@ def test_bad_manifest_names_file_key_value_and_what_is_allowed(mutate, key, text
 
 def test_the_default_manifest_is_valid():
     spec = validate(RawManifest(REPO / "manifests/bert.toml", GOOD))
-    assert spec.model.name == "bert" and list(spec.targets) == ["onnx_fp32", "onnx_fp16", "onnx_int8", "onnx_int8_static", "onnx_int4", "torchscript", "torch_export", "safetensors_fp16", "safetensors_bf16"]
+    assert spec.model.name == "bert" and list(spec.targets) == ["onnx_fp32", "onnx_fp16", "onnx_int8", "onnx_int8_static", "onnx_int4", "torchscript", "torch_export", "openvino_fp32", "openvino_fp16", "safetensors_fp16", "safetensors_bf16"]
     assert spec.inputs[0].dynamic_axes == {0: "batch", 1: "sequence"}
 
 

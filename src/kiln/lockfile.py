@@ -29,7 +29,11 @@ def lock_data(plan: Plan) -> dict[str, Any] | None:
         steps.append({"step": step.name, "rule": step.rule, "key": record["key"], "targets": step.targets})
         if step.rule == "validate":
             out = record["outputs"]["artifact"]
-            artifacts.append({"target": step.targets[0], "path": out["path"], "sha256": out["sha256"], "bytes": out["bytes"]})
+            artifact = {"target": step.targets[0], "path": out["path"], "sha256": out["sha256"], "bytes": out["bytes"]}
+            if "weights" in record["outputs"]:  # a two-file format: both files are the artifact
+                weights = record["outputs"]["weights"]
+                artifact["weights"] = {"path": weights["path"], "sha256": weights["sha256"], "bytes": weights["bytes"]}
+            artifacts.append(artifact)
     return {
         "lock_version": LOCK_VERSION,
         "model": plan.model,

@@ -86,11 +86,14 @@ class _Planner:
             self._safetensors_chain(name, target)
         elif target.format in ("torchscript", "torch_export"):
             self._torch_program_chain(name, target)
+        elif target.format == "openvino":
+            self._openvino_chain(name, target)
         else:  # pragma: no cover - the spec admits only formats with a chain here
             raise AssertionError(f"no rule chain for format {target.format!r}")
 
-    def _onnx_chain(self, name: str, target) -> None:
-        reference = self._reference(name)
+    def _fp32_onnx(self, name: str, target) -> tuple[Path, Step | None]:
+        """The fp32 ONNX a target starts from (export, then onnxsim), shared by every target that
+        asks for the same opset and options; an ONNX source is itself."""
         if self.spec.source.kind == "onnx":
             model, model_step = self.resolved.source_files[0], None
         else:
@@ -102,6 +105,18 @@ class _Planner:
         if target.options.simplify:
             model_step = self._add(name, "simplify_onnx", {}, {"model": (model,)}, {"model": "model.onnx"}, [model_step])
             model = model_step.outputs["model"]
+        return model, model_step
+
+    def _openvino_chain(self, name: str, target) -> None:
+        reference = self._reference(name)
+        model, model_step = self._fp32_onnx(name, target)
+        ir = self._add(name, "convert_openvino", {"compress_to_fp16": target.precision == "fp16"}, {"model": (model,)},
+                       {"model": "model.xml", "weights": "model.bin"}, [model_step])
+        self._validate(name, target, ir.outputs["model"], ir, reference, weights=ir.outputs["weights"])
+
+    def _onnx_chain(self, name: str, target) -> None:
+        reference = self._reference(name)
+        model, model_step = self._fp32_onnx(name, target)
         if target.precision == "fp16":
             fp16 = {"keep_io_types": target.options.keep_io_types, "keep_fp32_ops": sorted(target.options.keep_fp32_ops)}
             model_step = self._add(name, "convert_fp16", fp16, {"model": (model,)}, {"model": "model.onnx"}, [model_step])
@@ -172,7 +187,7 @@ class _Planner:
         inputs = {"source": self.resolved.source_files, "data": (self.resolved.data_file,)}
         return self._add(name, "reference_outputs", params, inputs, {"outputs": "reference.safetensors"})
 
-    def _validate(self, name: str, target, model: Path, model_step: Step | None, reference: Step) -> None:
+    def _validate(self, name: str, target, model: Path, model_step: Step | None, reference: Step, weights: Path | None = None) -> None:
         validation = self.spec.validation
         params = {
             "target": name,  # each target publishes (and validates) its own artifact
@@ -183,13 +198,15 @@ class _Planner:
         }
         if validation.padding_mask:
             params["padding_mask"] = validation.padding_mask
-        inputs = {"model": (model,), "reference": (reference.outputs["outputs"],)}
+        inputs = {"model": (model,) if weights is None else (model, weights), "reference": (reference.outputs["outputs"],)}
         if target.format == "safetensors":  # weights only: the source architecture is part of the check
             params |= {"source": self.source_params, "inputs": self.inputs}
             inputs["source"] = self.resolved.source_files
         elif target.format != "onnx":  # a torch program takes the inputs positionally, in the manifest's order
             params["inputs"] = self.inputs
         published = {"artifact": self.build_dir / name / f"model{model.suffix}", "validation": self.build_dir / name / "validation.json"}
+        if weights is not None:  # a two-file format (OpenVINO IR): the weights are published beside it
+            published["weights"] = self.build_dir / name / f"model{weights.suffix}"
         deps = [s for s in (model_step, reference) if s is not None]
         self._add(name, "validate", params, inputs, published, deps)
 

@@ -49,7 +49,9 @@ def build_report(plan: Plan, statuses: dict[str, str], seconds: float) -> dict[s
             artifact = {"target": step.targets[0], "status": entry["status"], "metrics": info.get("metrics"), "thresholds": info.get("thresholds"), "passed": info.get("passed")}
             if info.get("latency"):
                 artifact["latency"] = info["latency"]  # measured when the artifact was last validated
-            artifact |= next(({"path": o["path"], "bytes": o["bytes"]} for o in entry.get("outputs", []) if not o["path"].endswith("validation.json")), {})
+            files = [o for o in entry.get("outputs", []) if not o["path"].endswith("validation.json")]
+            if files:  # the artifact's path; bytes of all its files (OpenVINO: .xml + .bin)
+                artifact |= {"path": files[0]["path"], "bytes": sum(o["bytes"] for o in files)}
             artifacts.append(artifact)
     return {
         "model": plan.model,

@@ -33,8 +33,22 @@ class Resolved:
 
 
 def resolve(spec: Spec, raw: RawManifest, root: Path) -> Resolved:
+    _check_extras(spec, raw)
     calibration = _data_file(spec, raw, root, "calibration") if spec.calibration else None
     return Resolved(_source_files(spec, raw, root), _data_file(spec, raw, root, "validation"), calibration)
+
+
+def _check_extras(spec: Spec, raw: RawManifest) -> None:
+    """A target whose converter is an optional extra fails here, before any step runs."""
+    import importlib.util
+
+    from kiln.spec import FORMAT_EXTRAS
+
+    for name, target in spec.targets.items():
+        if target.format in FORMAT_EXTRAS:
+            module, extra = FORMAT_EXTRAS[target.format]
+            if importlib.util.find_spec(module) is None:
+                raise ManifestError(raw.path, f"targets.{name}.format", f"{target.format!r} needs the {module!r} package, which is not installed; install it with: pip install 'kiln[{extra}]'")
 
 
 def _source_files(spec: Spec, raw: RawManifest, root: Path) -> tuple[Path, ...]:

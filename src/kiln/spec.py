@@ -182,7 +182,26 @@ class TorchExportTarget(Strict):
     thresholds: Thresholds = Field(Thresholds(), description="overrides [validation.thresholds] for this target")
 
 
-Target = Annotated[Union[OnnxTarget, SafetensorsTarget, TorchscriptTarget, TorchExportTarget], Field(discriminator="format")]
+class OpenvinoOptions(Strict):
+    simplify: bool = Field(True, description="run onnxsim on the ONNX export it converts (shared with ONNX targets)")
+    constant_folding: bool = Field(True, description="torch.onnx.export do_constant_folding")
+
+
+class OpenvinoTarget(Strict):
+    """OpenVINO IR (model.xml + model.bin) converted from the ONNX export by the openvino package,
+    validated with OpenVINO's CPU runtime. fp16: weights compressed to fp16 (computed in fp32 on CPU)."""
+
+    format: Literal["openvino"]
+    precision: Literal["fp32", "fp16"] = "fp32"
+    hardware: Literal["cpu"] = "cpu"
+    opset: int = Field(17, ge=MIN_OPSET, le=MAX_OPSET, description="opset of the ONNX export it converts")
+    options: OpenvinoOptions = OpenvinoOptions()
+    thresholds: Thresholds = Field(Thresholds(), description="overrides [validation.thresholds] for this target")
+
+
+Target = Annotated[Union[OnnxTarget, SafetensorsTarget, TorchscriptTarget, TorchExportTarget, OpenvinoTarget], Field(discriminator="format")]
+# Formats whose converter is an optional extra: (python module, pip extra).
+FORMAT_EXTRAS = {"openvino": ("openvino", "openvino")}
 # Formats made from the PyTorch model itself: an ONNX source cannot give them.
 TORCH_FORMATS = ("safetensors", "torchscript", "torch_export")
 
