@@ -34,15 +34,11 @@ class ExportOnnx(Rule):
         import onnx
         import torch
 
-        from kiln.data import export_example
-        from kiln.sources import load_torch_model
+        from kiln.sources import model_and_example
 
-        torch.manual_seed(0)
         input_names = [t["name"] for t in params.inputs]
         output_names = [t["name"] for t in params.outputs]
-        model = load_torch_model(params.source, inputs["source"], input_names, output_names, ctx.root)
-        example = export_example(params.inputs, params.source, inputs["source"])
-        args = tuple(torch.from_numpy(example[name]) for name in input_names)
+        model, args = model_and_example(params.source, inputs["source"], params.inputs, params.outputs, ctx.root)
         dynamic_axes = {t["name"]: _axes(t) for t in params.inputs + params.outputs if _axes(t)}
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes

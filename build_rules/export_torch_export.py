@@ -2,8 +2,9 @@
 manifest's named dimensions dynamic (torch.export.Dim.DYNAMIC: export infers their ranges and any
 equalities from the model) and torch.export.save's format.
 
-Exported with the same example inputs as the ONNX export; saved through an in-memory buffer so the
-bytes do not depend on the (temporary) file name. Byte-identical across runs and processes.
+Exported with the same example inputs as the ONNX export, in a fresh child (kiln.child: what torch
+writes depends on the process's history), saved through a buffer so the bytes do not depend on the
+(temporary) file name. Byte-identical across runs, processes and workspaces.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kiln.errors import StepError, one_line
 from kiln.rules import Params, Rule, RunContext, register
 
 
@@ -29,25 +29,30 @@ class ExportTorchExport(Rule):
     Params = ExportTorchExportParams
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ExportTorchExportParams, ctx: RunContext) -> dict[str, Any]:
-        import io
+        from kiln.child import run_in_child
 
-        import torch
+        job = {"params": params.model_dump(), "files": [str(p) for p in inputs["source"]], "root": str(ctx.root), "out": str(outputs["model"])}
+        run_in_child(ctx.step, "kiln.build_rules.export_torch_export:child_main", job, "torch.export failed")
+        return {"bytes": outputs["model"].stat().st_size}
 
-        from kiln.data import export_example
-        from kiln.sources import load_torch_model
 
-        torch.manual_seed(0)
-        input_names = [t["name"] for t in params.inputs]
-        model = load_torch_model(params.source, inputs["source"], input_names, [t["name"] for t in params.outputs], ctx.root)
-        example = export_example(params.inputs, params.source, inputs["source"])
-        args = tuple(torch.from_numpy(example[name]) for name in input_names)
-        dynamic = tuple({axis: torch.export.Dim.DYNAMIC for axis, dim in enumerate(t.get("shape") or []) if isinstance(dim, str)} or None
-                        for t in params.inputs)
-        try:
-            program = torch.export.export(model, args, dynamic_shapes=(dynamic,), strict=False)  # forward(*args): one tuple
-        except Exception as err:  # torch.export raises UserError, GuardOnDataDependentSymNode, ...
-            raise StepError(ctx.step, f"torch.export failed: {one_line(err)[:400]}") from None
-        buffer = io.BytesIO()
-        torch.export.save(program, buffer)
-        outputs["model"].write_bytes(buffer.getvalue())
-        return {"nodes": len(program.graph.nodes), "bytes": len(buffer.getvalue())}
+def child_main() -> None:
+    import io
+
+    import torch
+
+    from kiln.child import fail, read_job
+    from kiln.sources import model_and_example
+
+    job = read_job()
+    params = ExportTorchExportParams(**job["params"])
+    model, args = model_and_example(params.source, [Path(f) for f in job["files"]], params.inputs, params.outputs, Path(job["root"]))
+    dynamic = tuple({axis: torch.export.Dim.DYNAMIC for axis, dim in enumerate(t.get("shape") or []) if isinstance(dim, str)} or None
+                    for t in params.inputs)
+    try:
+        program = torch.export.export(model, args, dynamic_shapes=(dynamic,), strict=False)  # forward(*args): one tuple
+    except Exception as err:  # torch.export raises UserError, GuardOnDataDependentSymNode, ...
+        fail(err)
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    Path(job["out"]).write_bytes(buffer.getvalue())

@@ -173,6 +173,20 @@ def load_torch_model(source: dict[str, Any], files: list[Path], input_names: lis
     return Named(inner).eval()
 
 
+def model_and_example(source: dict[str, Any], files: list[Path], inputs: list[dict], outputs: list[dict], root: Path):
+    """(model, example args) for an exporter: the seeded source in eval mode (see load_torch_model)
+    and its example inputs (kiln.data.export_example) as tensors in the manifest's order."""
+    import torch
+
+    from kiln.data import export_example
+
+    torch.manual_seed(0)
+    names = [t["name"] for t in inputs]
+    model = load_torch_model(source, files, names, [t["name"] for t in outputs], root)
+    example = export_example(inputs, source, files)
+    return model, tuple(torch.from_numpy(example[name]) for name in names)
+
+
 def pick_outputs(result: Any, names: list[str]) -> tuple:
     if hasattr(result, "keys"):
         missing = [n for n in names if n not in result.keys()]
