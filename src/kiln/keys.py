@@ -13,6 +13,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -82,14 +83,29 @@ class DigestCache:
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
             self.db_path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, inode INTEGER, size INTEGER,"
-                " mtime_ns INTEGER, ctime_ns INTEGER, sha256 TEXT)"
-            )
-            self._conn = conn
+            self._conn = self._open()
         return self._conn
+
+    def _open(self, patience_s: float = 60.0) -> sqlite3.Connection:
+        """Connect and set up. Switching a new database to WAL needs a moment of exclusive access and
+        answers "database is locked" at once (the busy timeout does not cover it) when another thread
+        or process is doing the same: retry with backoff instead of failing the build."""
+        deadline, wait = time.monotonic() + patience_s, 0.01
+        while True:
+            conn = sqlite3.connect(self.db_path, timeout=patience_s, isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, inode INTEGER, size INTEGER,"
+                    " mtime_ns INTEGER, ctime_ns INTEGER, sha256 TEXT)"
+                )
+                return conn
+            except sqlite3.OperationalError as err:
+                conn.close()
+                if "locked" not in str(err) or time.monotonic() > deadline:
+                    raise
+                time.sleep(wait)
+                wait = min(wait * 2, 0.5)
 
     def digest(self, path: Path) -> str:
         path = Path(path).resolve()
