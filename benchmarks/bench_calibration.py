@@ -75,16 +75,15 @@ def calibrated_tensors(model_path: Path) -> list[str]:
 def kiln_worker(args) -> dict:
     import onnx
 
+    from kiln.build_rules.quantize_static import QuantizeStaticParams, activation_ranges
     from kiln.onnx_runtime import session
     from kiln.quant.calibration import Calibration
+    from kiln.quant.graph import with_outputs
 
     batches, names = feeds(args.samples, args.batch_size), calibrated_tensors(args.model)
     start_rss = rss_mb()
     t0 = time.perf_counter()
-    model = onnx.load(str(args.model))
-    model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names if n not in {o.name for o in model.graph.output})
-    sess = session(model.SerializeToString(), optimize=False, threads=2)
-    del model
+    sess = session(with_outputs(onnx.load(str(args.model)), names), optimize=False, threads=2)
     calibration = Calibration(args.bins)
     model_runs = 0.0
     for feed in batches:
@@ -97,16 +96,9 @@ def kiln_worker(args) -> dict:
     collect = time.perf_counter() - t0
     result = {"collect_s": collect, "model_runs_s": model_runs, "methods": {}}
     for method in METHODS:
-        t1 = time.perf_counter()
-        thresholds = {}
-        for name in names:
-            obs = calibration[name]
-            if method == "minmax":
-                thresholds[name] = [obs.min, obs.max]
-            else:
-                t = obs.percentile(args.percentile) if method == "percentile" else obs.entropy(128)
-                thresholds[name] = [max(obs.min, -t), min(obs.max, t)]
-        result["methods"][method] = {"seconds": collect + time.perf_counter() - t1, "thresholds": thresholds}
+        t1 = time.perf_counter()  # the ranges exactly as the quantize_static step derives them
+        ranges = activation_ranges(calibration, names, QuantizeStaticParams(method=method, percentile=args.percentile))
+        result["methods"][method] = {"seconds": collect + time.perf_counter() - t1, "thresholds": {n: list(r) for n, r in ranges.items()}}
     result["bin_width"] = {name: calibration[name].bin_width for name in names}
     result["peak_rss_mb"], result["start_rss_mb"] = peak_mb(), start_rss
     return result

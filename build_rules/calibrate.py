@@ -42,13 +42,13 @@ class Calibrate(Rule):
         from kiln.data import batches
         from kiln.onnx_runtime import session
         from kiln.quant.calibration import Calibration
-        from kiln.quant.graph import weight_layers
+        from kiln.quant.graph import weight_layers, with_outputs
 
         model = onnx.load(str(inputs["model"][0]))
         observed = sorted({layer.activation for layer in weight_layers(model, params.op_types)})
         if not observed:
             raise StepError(ctx.step, f"the model has no {'/'.join(params.op_types)} node with a weight initializer: nothing to calibrate or quantize")
-        sess = session(_expose(model, observed), optimize=False, threads=THREADS)
+        sess = session(with_outputs(model, observed), optimize=False, threads=THREADS)
         calibration = Calibration(params.bins)
         samples = 0
         for feed in batches(inputs["data"][0], inputs.get("source"), params.inputs, params.batch_size, params.max_length, params.max_samples):
@@ -61,11 +61,3 @@ class Calibrate(Rule):
         outputs["calibration"].write_text(calibration.to_json() + "\n")
         return {"tensors": len(observed), "samples": samples, "bins": params.bins}
 
-
-def _expose(model, names: list[str]) -> bytes:
-    """The model with the observed tensors added as graph outputs, serialized for onnxruntime."""
-    import onnx
-
-    present = {o.name for o in model.graph.output}
-    model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names if n not in present)
-    return model.SerializeToString()

@@ -29,10 +29,9 @@ class ExportTorchExport(Rule):
     Params = ExportTorchExportParams
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ExportTorchExportParams, ctx: RunContext) -> dict[str, Any]:
-        from kiln.child import run_in_child
+        from kiln.child import run_in_child, source_job
 
-        job = {"params": params.model_dump(), "files": [str(p) for p in inputs["source"]], "root": str(ctx.root), "out": str(outputs["model"])}
-        run_in_child(ctx.step, "kiln.build_rules.export_torch_export:child_main", job, "torch.export failed")
+        run_in_child(ctx.step, "kiln.build_rules.export_torch_export:child_main", source_job(params, inputs, outputs["model"], ctx.root), "torch.export failed")
         return {"bytes": outputs["model"].stat().st_size}
 
 
@@ -41,12 +40,9 @@ def child_main() -> None:
 
     import torch
 
-    from kiln.child import fail, read_job
-    from kiln.sources import model_and_example
+    from kiln.child import fail, read_source_job
 
-    job = read_job()
-    params = ExportTorchExportParams(**job["params"])
-    model, args = model_and_example(params.source, [Path(f) for f in job["files"]], params.inputs, params.outputs, Path(job["root"]))
+    params, model, args, out = read_source_job(ExportTorchExportParams)
     dynamic = tuple({axis: torch.export.Dim.DYNAMIC for axis, dim in enumerate(t.get("shape") or []) if isinstance(dim, str)} or None
                     for t in params.inputs)
     try:
@@ -55,4 +51,4 @@ def child_main() -> None:
         fail(err)
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
-    Path(job["out"]).write_bytes(buffer.getvalue())
+    out.write_bytes(buffer.getvalue())

@@ -32,9 +32,9 @@ class ExportTorchscript(Rule):
     Params = ExportTorchscriptParams
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ExportTorchscriptParams, ctx: RunContext) -> dict[str, Any]:
-        from kiln.child import run_in_child
+        from kiln.child import run_in_child, source_job
 
-        job = {"params": params.model_dump(), "files": [str(p) for p in inputs["source"]], "root": str(ctx.root), "out": str(outputs["model"])}
+        job = source_job(params, inputs, outputs["model"], ctx.root)
         hint = "; mode = \"trace\" records one run instead" if params.mode == "script" else ""
         run_in_child(ctx.step, "kiln.build_rules.export_torchscript:child_main", job, f"torch.jit.{params.mode} failed", hint)
         return {"mode": params.mode, "bytes": outputs["model"].stat().st_size}
@@ -46,12 +46,9 @@ def child_main() -> None:
 
     import torch
 
-    from kiln.child import fail, read_job
-    from kiln.sources import model_and_example
+    from kiln.child import fail, read_source_job
 
-    job = read_job()
-    params = ExportTorchscriptParams(**job["params"])
-    model, args = model_and_example(params.source, [Path(f) for f in job["files"]], params.inputs, params.outputs, Path(job["root"]))
+    params, model, args, out = read_source_job(ExportTorchscriptParams)
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
@@ -61,4 +58,4 @@ def child_main() -> None:
         fail(err)
     buffer = io.BytesIO()
     torch.jit.save(module, buffer)
-    Path(job["out"]).write_bytes(buffer.getvalue())
+    out.write_bytes(buffer.getvalue())

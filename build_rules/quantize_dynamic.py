@@ -31,12 +31,10 @@ class QuantizeDynamic(Rule):
         import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        from kiln.quant.graph import check_node_names
+        from kiln.quant.graph import layers_to_quantize
 
         logging.getLogger("onnxruntime").setLevel(logging.WARNING)
-        problem = check_node_names(onnx.load(str(inputs["model"][0]), load_external_data=False), params.exclude_nodes)
-        if problem:
-            raise StepError(ctx.step, problem)
+        layers_to_quantize(onnx.load(str(inputs["model"][0]), load_external_data=False), params.exclude_nodes, ctx.step)  # checks the names
         try:
             quantize_dynamic(
                 str(inputs["model"][0]), str(outputs["model"]), op_types_to_quantize=params.op_types,

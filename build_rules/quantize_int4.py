@@ -35,14 +35,10 @@ class QuantizeInt4(Rule):
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: QuantizeInt4Params, ctx: RunContext) -> dict[str, Any]:
         import onnx
 
-        from kiln.quant.graph import check_node_names, name_unnamed_nodes, weight_layers
+        from kiln.quant.graph import layers_to_quantize
 
         model = onnx.load(str(inputs["model"][0]))
-        name_unnamed_nodes(model)
-        problem = check_node_names(model, params.exclude_nodes)
-        if problem:
-            raise StepError(ctx.step, problem)
-        layers = [layer for layer in weight_layers(model) if layer.node.name not in params.exclude_nodes]
+        layers = layers_to_quantize(model, params.exclude_nodes, ctx.step)
         if not layers:
             raise StepError(ctx.step, "the model has no MatMul/Gemm with a 2-D float weight initializer: nothing to quantize to int4")
         packed = _pack_weights(model, layers, params)

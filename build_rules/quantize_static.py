@@ -40,20 +40,17 @@ class QuantizeStatic(Rule):
         from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
 
         from kiln.quant.calibration import Calibration
-        from kiln.quant.graph import check_node_names, name_unnamed_nodes, weight_layers
+        from kiln.quant.graph import layers_to_quantize
 
         logging.getLogger("onnxruntime").setLevel(logging.WARNING)
         model = load_model_with_shape_infer(inputs["model"][0])  # the quantizer reads activation dtypes from value_info
-        name_unnamed_nodes(model)
-        problem = check_node_names(model, params.exclude_nodes)
-        if problem:
-            raise StepError(ctx.step, problem)
+        layers = layers_to_quantize(model, params.exclude_nodes, ctx.step, params.op_types)
         calibration = Calibration.from_json(inputs["calibration"][0].read_text())
-        layers = [layer for layer in weight_layers(model, params.op_types) if layer.node.name not in params.exclude_nodes]
-        missing = sorted({layer.activation for layer in layers} - set(calibration.observers))
+        activations = sorted({layer.activation for layer in layers})
+        missing = [name for name in activations if name not in calibration.observers]
         if missing:
             raise StepError(ctx.step, f"the calibration has no range for {missing[0]!r} ({len(missing)} tensors): it was made for another model")
-        ranges = activation_ranges(calibration, sorted({layer.activation for layer in layers}), params)
+        ranges = activation_ranges(calibration, activations, params)
         quantized = _quantize(model, ranges, [layer.node.name for layer in layers], params, ctx)
         onnx.save(quantized, str(outputs["model"]))
         return {"quantized_layers": len(layers), "excluded": len(params.exclude_nodes), "method": params.method,
@@ -61,16 +58,14 @@ class QuantizeStatic(Rule):
 
 
 def activation_ranges(calibration, names: list[str], params: QuantizeStaticParams) -> dict[str, tuple[float, float]]:
-    """(low, high) per tensor. minmax: the data's extremes. percentile / entropy give a symmetric
-    threshold T on |x|; the range is the data's [min, max] clipped to [-T, T], so a one-signed tensor
-    (after GELU, Softmax) keeps its zero-point at the edge rather than wasting half the levels."""
+    """(low, high) per tensor: the data's [min, max] clipped to [-T, T], T the method's symmetric
+    threshold on |x| (minmax: max |x|, so the data's extremes themselves). A one-signed tensor (after
+    GELU, Softmax) thus keeps its zero-point at the edge rather than wasting half the levels."""
+    options = {"p": params.percentile} if params.method == "percentile" else {}
     ranges = {}
     for name in names:
         obs = calibration[name]
-        if params.method == "minmax":
-            ranges[name] = (obs.min, obs.max)
-            continue
-        t = obs.percentile(params.percentile) if params.method == "percentile" else obs.entropy()
+        t = obs.threshold(params.method, **options)
         ranges[name] = (max(obs.min, -t), min(obs.max, t))
     return ranges
 

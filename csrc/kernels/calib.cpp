@@ -106,43 +106,39 @@ bool smoothing(std::size_t zeros, std::size_t n, double* shift) noexcept {
 }  // namespace
 
 double entropy_kl(const std::uint64_t* bins, std::size_t i, std::size_t m, double tail, double* scratch) noexcept {
-    double* level = scratch;      // [m] sum of the bins of each level
-    double* norm = scratch + m;   // [m] nonzero bins of each level
+    double* level = scratch;           // [m] sum of the bins of each level
+    double* norm = scratch + m;        // [m] nonzero bins of P in each level
+    double* p = scratch + 2 * m;       // [i] P, then smoothed P
+    double* q = scratch + 2 * m + i;   // [i] Q, then smoothed Q
     const std::size_t merged = i / m;
-    auto group = [&](std::size_t j) { return std::min(j / merged, m - 1); };
-    auto p_at = [&](std::size_t j) { return static_cast<double>(bins[j]) + (j + 1 == i ? tail : 0.0); };
     for (std::size_t g = 0; g < m; ++g) level[g] = norm[g] = 0.0;
     std::size_t p_zeros = 0;
     for (std::size_t j = 0; j < i; ++j) {
-        const std::size_t g = group(j);
+        const std::size_t g = std::min(j / merged, m - 1);
+        p[j] = static_cast<double>(bins[j]) + (j + 1 == i ? tail : 0.0);  // the outliers join the last bin
         level[g] += static_cast<double>(bins[j]);
-        if (p_at(j) != 0.0) norm[g] += 1.0; else ++p_zeros;
+        if (p[j] != 0.0) norm[g] += 1.0; else ++p_zeros;
     }
     std::size_t q_zeros = 0;
     for (std::size_t j = 0; j < i; ++j) {  // Q is zero where P is, and where a level's bins sum to 0
-        if (p_at(j) == 0.0 || level[group(j)] == 0.0) ++q_zeros;
+        const std::size_t g = std::min(j / merged, m - 1);
+        q[j] = p[j] != 0.0 ? level[g] / std::max(norm[g], 1.0) : 0.0;
+        if (q[j] == 0.0) ++q_zeros;
     }
     double p_shift, q_shift;
     if (!smoothing(p_zeros, i, &p_shift) || !smoothing(q_zeros, i, &q_shift)) return INFINITY;
     // normalize by the sums of the smoothed values themselves, as the twin does
     double ps = 0.0, qs = 0.0;
     for (std::size_t j = 0; j < i; ++j) {
-        const double p = p_at(j);
-        const std::size_t g = group(j);
-        const double q = p != 0.0 ? level[g] / std::max(norm[g], 1.0) : 0.0;
-        const double sp = p == 0.0 ? 1e-4 : p + p_shift;
-        const double sq = q == 0.0 ? 1e-4 : q + q_shift;
-        if (!(sp > 0.0) || !(sq > 0.0)) return INFINITY;
-        ps += sp;
-        qs += sq;
+        p[j] = p[j] == 0.0 ? 1e-4 : p[j] + p_shift;
+        q[j] = q[j] == 0.0 ? 1e-4 : q[j] + q_shift;
+        if (!(p[j] > 0.0) || !(q[j] > 0.0)) return INFINITY;
+        ps += p[j];
+        qs += q[j];
     }
     double kl = 0.0;
     for (std::size_t j = 0; j < i; ++j) {
-        const double p = p_at(j);
-        const std::size_t g = group(j);
-        const double q = p != 0.0 ? level[g] / std::max(norm[g], 1.0) : 0.0;
-        const double sp = (p == 0.0 ? 1e-4 : p + p_shift) / ps;
-        const double sq = (q == 0.0 ? 1e-4 : q + q_shift) / qs;
+        const double sp = p[j] / ps, sq = q[j] / qs;
         kl += sp * std::log(sp / sq);
     }
     return kl;

@@ -34,7 +34,7 @@ void abs_histogram_accumulate(const float* x, std::size_t n, float range, std::u
 // last bin; Q = bins[0, i) merged into m levels of i / m bins (the remainder joins the last level), each
 // level spread evenly over its bins where P is nonzero. Both smoothed (zeros get eps = 1e-4, taken evenly
 // off the nonzero bins) and normalized; float64 throughout, sums in index order. Returns +Inf when a
-// smoothed distribution is not positive. tail = sum of bins[i, n). scratch: 2 * m doubles.
+// smoothed distribution is not positive. tail = sum of bins[i, n). scratch: 2 * (m + i) doubles.
 // Twin: kiln.quant.reference.entropy_kl.
 double entropy_kl(const std::uint64_t* bins, std::size_t i, std::size_t m, double tail, double* scratch) noexcept;
 }  // namespace kiln

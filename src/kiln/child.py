@@ -36,3 +36,22 @@ def read_job() -> dict[str, Any]:
 def fail(err: BaseException) -> None:
     """In the child: exit 1 with the error on one line (the parent quotes it)."""
     sys.exit(f"{type(err).__name__}: {one_line(err)}")
+
+
+def source_job(params, inputs: dict, out, root) -> dict[str, Any]:
+    """The job of an exporter child that loads the source model: the rule's params, the source's
+    files, the workspace root and the output path."""
+    return {"params": params.model_dump(), "files": [str(p) for p in inputs["source"]], "root": str(root), "out": str(out)}
+
+
+def read_source_job(params_type):
+    """In an exporter child: (params, model, example args, output path), the model and its example
+    inputs as every exporter uses them (kiln.sources.model_and_example)."""
+    from pathlib import Path
+
+    from kiln.sources import model_and_example
+
+    job = read_job()
+    params = params_type(**job["params"])
+    model, args = model_and_example(params.source, [Path(f) for f in job["files"]], params.inputs, params.outputs, Path(job["root"]))
+    return params, model, args, Path(job["out"])

@@ -70,21 +70,14 @@ class DigestCache:
 
     def __init__(self, db_path: Path):
         self.db_path = Path(db_path)
-        self._local = threading.local()
-
-    @property
-    def _conn(self) -> sqlite3.Connection | None:
-        return getattr(self._local, "conn", None)
-
-    @_conn.setter
-    def _conn(self, conn: sqlite3.Connection | None) -> None:
-        self._local.conn = conn
+        self._local = threading.local()  # .conn: this thread's connection
 
     def _db(self) -> sqlite3.Connection:
-        if self._conn is None:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
             self.db_path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = self._open()
-        return self._conn
+            conn = self._local.conn = self._open()
+        return conn
 
     def _open(self, patience_s: float = 60.0) -> sqlite3.Connection:
         """Connect and set up. Switching a new database to WAL needs a moment of exclusive access and
@@ -124,6 +117,8 @@ class DigestCache:
         return value
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        """Close this thread's connection (others close with their threads)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None

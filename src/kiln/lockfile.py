@@ -28,11 +28,10 @@ def lock_data(plan: Plan) -> dict[str, Any] | None:
         tools |= record["components"]["tools"]
         steps.append({"step": step.name, "rule": step.rule, "key": record["key"], "targets": step.targets})
         if step.rule == "validate":
-            out = record["outputs"]["artifact"]
-            artifact = {"target": step.targets[0], "path": out["path"], "sha256": out["sha256"], "bytes": out["bytes"]}
-            if "weights" in record["outputs"]:  # a two-file format: both files are the artifact
-                weights = record["outputs"]["weights"]
-                artifact["weights"] = {"path": weights["path"], "sha256": weights["sha256"], "bytes": weights["bytes"]}
+            files = {role: {k: out[k] for k in ("path", "sha256", "bytes")} for role, out in record["outputs"].items()}
+            artifact = {"target": step.targets[0], **files["artifact"]}
+            if "weights" in files:  # a two-file format: both files are the artifact
+                artifact["weights"] = files["weights"]
             artifacts.append(artifact)
     return {
         "lock_version": LOCK_VERSION,

@@ -117,21 +117,18 @@ class _Planner:
     def _onnx_chain(self, name: str, target) -> None:
         reference = self._reference(name)
         model, model_step = self._fp32_onnx(name, target)
-        if target.precision == "fp16":
-            fp16 = {"keep_io_types": target.options.keep_io_types, "keep_fp32_ops": sorted(target.options.keep_fp32_ops)}
-            model_step = self._add(name, "convert_fp16", fp16, {"model": (model,)}, {"model": "model.onnx"}, [model_step])
-            model = model_step.outputs["model"]
-        elif target.precision == "int8" and target.options.quantization == "static":
+        options = target.options
+        if target.precision == "int8" and options.quantization == "static":
             model_step = self._quantize_static(name, target, model, model_step)
-            model = model_step.outputs["model"]
-        elif target.precision == "int8":
-            params = {"per_channel": True, "op_types": ["MatMul"]} | self._excluded(target)
-            model_step = self._add(name, "quantize_dynamic", params, {"model": (model,)}, {"model": "model.onnx"}, [model_step])
-            model = model_step.outputs["model"]
-        elif target.precision == "int4":
-            options = target.options
-            params = {"block_size": options.block_size, "symmetric": options.symmetric, "accuracy_level": options.accuracy_level} | self._excluded(target)
-            model_step = self._add(name, "quantize_int4", params, {"model": (model,)}, {"model": "model.onnx"}, [model_step])
+        elif target.precision != "fp32":  # one conversion step from the fp32 model
+            rule, params = {
+                "fp16": ("convert_fp16", {"keep_io_types": options.keep_io_types, "keep_fp32_ops": sorted(options.keep_fp32_ops)}),
+                "int8": ("quantize_dynamic", {"per_channel": True, "op_types": ["MatMul"]} | self._excluded(target)),
+                "int4": ("quantize_int4", {"block_size": options.block_size, "symmetric": options.symmetric,
+                                           "accuracy_level": options.accuracy_level} | self._excluded(target)),
+            }[target.precision]
+            model_step = self._add(name, rule, params, {"model": (model,)}, {"model": "model.onnx"}, [model_step])
+        if model_step is not None:
             model = model_step.outputs["model"]
         self._validate(name, target, model, model_step, reference)
 

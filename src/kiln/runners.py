@@ -34,10 +34,7 @@ def _openvino(artifact: Path, names: list[str], step: str) -> Runner:
         compiled = ov.Core().compile_model(str(artifact), "CPU", {"INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32"})
     except Exception as err:  # openvino raises RuntimeError for a bad IR
         raise StepError(step, f"OpenVINO cannot load {artifact.name}: {one_line(err)[:300]}") from None
-    known = {name for output in compiled.outputs for name in output.get_names()}
-    missing = [n for n in names if n not in known]
-    if missing:
-        raise StepError(step, f"output {missing[0]!r} is not in the OpenVINO model; it has {sorted(known)}")
+    _require_outputs({name for output in compiled.outputs for name in output.get_names()}, names, "OpenVINO", step)
     request = compiled.create_infer_request()
 
     def run(feed: dict) -> dict:
@@ -52,12 +49,19 @@ def _torch_program(fmt: str, artifact: Path, names: list[str], step: str, input_
     manifest's order, outputs matched to the manifest's by position (or name, for a dict)."""
     import torch
 
-    from kiln.sources import pick_outputs
-
     try:
         module = torch.jit.load(str(artifact)) if fmt == "torchscript" else torch.export.load(str(artifact)).module()
     except Exception as err:  # torch raises RuntimeError and friends for a bad archive
         raise StepError(step, f"torch cannot load {artifact.name}: {one_line(err)[:300]}") from None
+    return _torch_runner(module, input_names, names)
+
+
+def _torch_runner(module, input_names: list[str], names: list[str]) -> Runner:
+    """Call a torch module with the feed's tensors positionally (manifest order), no autograd; its
+    outputs matched to `names` by position (or by name, for a dict)."""
+    import torch
+
+    from kiln.sources import pick_outputs
 
     def run(feed: dict) -> dict:
         with torch.inference_mode():
@@ -74,10 +78,7 @@ def _onnx(artifact: Path, names: list[str], step: str) -> Runner:
         sess = session(artifact)
     except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
         raise StepError(step, f"onnxruntime cannot load {artifact.name}: {one_line(err)}") from None
-    known = {o.name for o in sess.get_outputs()}
-    missing = [n for n in names if n not in known]
-    if missing:
-        raise StepError(step, f"output {missing[0]!r} is not in the ONNX model; it has {sorted(known)}")
+    _require_outputs({o.name for o in sess.get_outputs()}, names, "ONNX", step)
     return lambda feed: dict(zip(names, sess.run(names, feed)))
 
 
@@ -101,13 +102,7 @@ def _torch_with_weights(artifact: Path, names: list[str], step: str, source, sou
         model.model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise StepError(step, f"weights of {artifact.name} do not fit the source architecture: {one_line(err)[:400]}") from None
-
-    def run(feed: dict) -> dict:
-        with torch.inference_mode():
-            result = model(*(torch.from_numpy(feed[t["name"]]) for t in inputs))
-        return {name: value.numpy() for name, value in zip(names, result)}
-
-    return run
+    return _torch_runner(model, [t["name"] for t in inputs], names)
 
 
 def onnx_latency(artifact: Path, feed: dict, runs: int = 30, threads: int = 2, sequence: int = 128) -> dict[str, Any]:
@@ -135,3 +130,9 @@ def onnx_latency(artifact: Path, feed: dict, runs: int = 30, threads: int = 2, s
         times.append(time.perf_counter() - start)
     return {"median_ms": round(1000 * float(np.median(times)), 3), "p10_ms": round(1000 * float(np.percentile(times, 10)), 3),
             "runs": runs, "threads": threads, "shape": {k: list(v.shape) for k, v in shaped.items()}}
+
+
+def _require_outputs(known: set[str], names: list[str], kind: str, step: str) -> None:
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise StepError(step, f"output {missing[0]!r} is not in the {kind} model; it has {sorted(known)}")

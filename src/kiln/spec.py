@@ -115,9 +115,14 @@ PRECISION_DEFAULTS: dict[str, Thresholds] = {
 }
 
 
-class OnnxOptions(Strict):
-    simplify: bool = Field(True, description="run onnxsim after export")
+class ExportOptions(Strict):
+    """How the fp32 ONNX is made (shared by every target that converts it: onnx, openvino)."""
+
+    simplify: bool = Field(True, description="run onnxsim after the ONNX export")
     constant_folding: bool = Field(True, description="torch.onnx.export do_constant_folding")
+
+
+class OnnxOptions(ExportOptions):
     keep_io_types: bool = Field(True, description="fp16: keep the model's float inputs and outputs fp32")
     keep_fp32_ops: list[Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")]] = Field([], description="fp16: op types to keep in fp32, e.g. [\"Softmax\"]")
     quantization: Literal["dynamic", "static"] = Field("dynamic", description="int8: 'dynamic' quantizes activations at run time; 'static' uses ranges calibrated on [calibration].data (QDQ)")
@@ -145,58 +150,50 @@ OPTION_PRECISIONS: dict[str, tuple[str, ...]] = {
 STATIC_ONLY_OPTIONS = ("calibration", "percentile", "activation_type")
 
 
-class OnnxTarget(Strict):
-    format: Literal["onnx"]
-    precision: Literal["fp32", "fp16", "int8", "int4"] = "fp32"
+class TargetBase(Strict):
+    """What every target has besides its format and precision."""
+
     hardware: Literal["cpu"] = "cpu"
-    opset: int = Field(17, ge=MIN_OPSET, le=MAX_OPSET)
-    options: OnnxOptions = OnnxOptions()
     thresholds: Thresholds = Field(Thresholds(), description="overrides [validation.thresholds] for this target")
 
 
-class SafetensorsTarget(Strict):
+class OnnxTarget(TargetBase):
+    format: Literal["onnx"]
+    precision: Literal["fp32", "fp16", "int8", "int4"] = "fp32"
+    opset: int = Field(17, ge=MIN_OPSET, le=MAX_OPSET)
+    options: OnnxOptions = OnnxOptions()
+
+
+class SafetensorsTarget(TargetBase):
     """The source model's weights (its state_dict) as SafeTensors, floats cast to `precision`."""
 
     format: Literal["safetensors"]
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
-    hardware: Literal["cpu"] = "cpu"
-    thresholds: Thresholds = Field(Thresholds(), description="overrides [validation.thresholds] for this target")
 
 
-class TorchscriptTarget(Strict):
+class TorchscriptTarget(TargetBase):
     """The source model as TorchScript (.pt), reloaded with torch.jit.load for validation."""
 
     format: Literal["torchscript"]
     precision: Literal["fp32"] = "fp32"
-    hardware: Literal["cpu"] = "cpu"
     mode: Literal["trace", "script"] = Field("trace", description="trace: record one run (any model); script: compile the Python (input-dependent control flow)")
-    thresholds: Thresholds = Field(Thresholds(), description="overrides [validation.thresholds] for this target")
 
 
-class TorchExportTarget(Strict):
+class TorchExportTarget(TargetBase):
     """The source model as a torch.export ExportedProgram (.pt2), reloaded with torch.export.load."""
 
     format: Literal["torch_export"]
     precision: Literal["fp32"] = "fp32"
-    hardware: Literal["cpu"] = "cpu"
-    thresholds: Thresholds = Field(Thresholds(), description="overrides [validation.thresholds] for this target")
 
 
-class OpenvinoOptions(Strict):
-    simplify: bool = Field(True, description="run onnxsim on the ONNX export it converts (shared with ONNX targets)")
-    constant_folding: bool = Field(True, description="torch.onnx.export do_constant_folding")
-
-
-class OpenvinoTarget(Strict):
+class OpenvinoTarget(TargetBase):
     """OpenVINO IR (model.xml + model.bin) converted from the ONNX export by the openvino package,
     validated with OpenVINO's CPU runtime. fp16: weights compressed to fp16 (computed in fp32 on CPU)."""
 
     format: Literal["openvino"]
     precision: Literal["fp32", "fp16"] = "fp32"
-    hardware: Literal["cpu"] = "cpu"
     opset: int = Field(17, ge=MIN_OPSET, le=MAX_OPSET, description="opset of the ONNX export it converts")
-    options: OpenvinoOptions = OpenvinoOptions()
-    thresholds: Thresholds = Field(Thresholds(), description="overrides [validation.thresholds] for this target")
+    options: ExportOptions = ExportOptions()
 
 
 Target = Annotated[Union[OnnxTarget, SafetensorsTarget, TorchscriptTarget, TorchExportTarget, OpenvinoTarget], Field(discriminator="format")]

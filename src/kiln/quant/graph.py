@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import onnx
 
+from kiln.errors import StepError
+
 FLOAT = onnx.TensorProto.FLOAT
 
 
@@ -55,21 +57,26 @@ def weight_layers(model: onnx.ModelProto, op_types=("MatMul", "Gemm")) -> list[W
     return layers
 
 
-def check_node_names(model: onnx.ModelProto, names: list[str]) -> str | None:
-    """None if every name is a node of the graph; else a message naming the first unknown one."""
-    known = [n.name for n in model.graph.node]
-    known_set = set(known)
-    for name in names:
-        if name not in known_set:
-            layers = [layer.node.name for layer in weight_layers(model)]
-            shown = ", ".join(layers[:8]) + (f" ... ({len(layers)} in all)" if len(layers) > 8 else "")
-            return f"options.exclude_nodes: {name!r} is not a node of the model; weight layers it can exclude: {shown}"
-    return None
-
-
-
-def name_unnamed_nodes(model: onnx.ModelProto) -> None:
-    """Name nameless nodes <op_type>_<index> (quantizers address nodes by name; "" would match them all)."""
+def layers_to_quantize(model: onnx.ModelProto, exclude: list[str], step: str, op_types=("MatMul", "Gemm")) -> list[WeightLayer]:
+    """The weight layers a quantizer rewrites: every one but the nodes named in exclude_nodes.
+    Nameless nodes are named <op_type>_<index> first (quantizers address nodes by name; "" would match
+    them all). An excluded name that is no node of the graph fails the step, listing what can be."""
     for i, node in enumerate(model.graph.node):
         if not node.name:
             node.name = f"{node.op_type}_{i}"
+    layers = weight_layers(model, op_types)
+    known = {node.name for node in model.graph.node}
+    unknown = [name for name in exclude if name not in known]
+    if unknown:
+        names = [layer.node.name for layer in weight_layers(model)]
+        shown = ", ".join(names[:8]) + (f" ... ({len(names)} in all)" if len(names) > 8 else "")
+        raise StepError(step, f"options.exclude_nodes: {unknown[0]!r} is not a node of the model; weight layers it can exclude: {shown}")
+    return [layer for layer in layers if layer.node.name not in exclude]
+
+
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
+    """The model (changed in place) with float tensors `names` added as graph outputs, serialized for
+    an onnxruntime session: how calibration reads activations without keeping a second model around."""
+    present = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(n, FLOAT, None) for n in names if n not in present)
+    return model.SerializeToString()
