@@ -29,6 +29,10 @@ class ReferenceOutputs(Rule):
     tools = ("torch", "transformers", "tokenizers", "onnxruntime", "numpy")
     Params = ReferenceOutputsParams
 
+    @classmethod
+    def tools_for(cls, params: dict[str, Any]) -> tuple[str, ...]:
+        return (*cls.tools, "scikit-learn") if params["source"]["kind"] == "sklearn" else cls.tools
+
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ReferenceOutputsParams, ctx: RunContext) -> dict[str, Any]:
         from kiln.safetensors import save_file
 
@@ -57,6 +61,9 @@ def _run_source(inputs: dict[str, list[Path]], params: ReferenceOutputsParams, c
         for feed in feeds:
             yield feed, dict(zip(output_names, sess.run(output_names, feed)))
         return
+    if params.source["kind"] == "sklearn":
+        yield from _run_sklearn(feeds, inputs, params, output_names, ctx)
+        return
     import torch
 
     from kiln.sources import load_torch_model
@@ -66,3 +73,40 @@ def _run_source(inputs: dict[str, list[Path]], params: ReferenceOutputsParams, c
         for feed in feeds:
             result = model(*(torch.from_numpy(feed[t["name"]]) for t in params.inputs))
             yield feed, {name: np.ascontiguousarray(value.numpy()) for name, value in zip(output_names, result)}
+
+
+def sklearn_results(estimator, features) -> tuple:
+    """What the estimator computes, in skl2onnx's output order: a classifier's labels then class
+    probabilities; a clusterer's labels then distances; a regressor's predictions; a transformer's
+    output."""
+    if hasattr(estimator, "predict_proba"):
+        return estimator.predict(features), estimator.predict_proba(features)
+    if hasattr(estimator, "predict") and hasattr(estimator, "transform"):
+        return estimator.predict(features), estimator.transform(features)
+    if hasattr(estimator, "predict"):
+        return (estimator.predict(features),)
+    return (estimator.transform(features),)
+
+
+def _run_sklearn(feeds, inputs: dict[str, list[Path]], params: ReferenceOutputsParams, output_names: list[str], ctx: RunContext):
+    """The estimator itself on each batch; results shaped like the manifest's outputs (a regressor's
+    [batch] predictions as [batch, 1] where the manifest says so, as skl2onnx outputs them)."""
+    import numpy as np
+
+    from kiln.errors import StepError
+    from kiln.sources import load_sklearn_model
+
+    estimator = load_sklearn_model(params.source, inputs["source"], ctx.root)
+    declared = {t["name"]: t for t in params.outputs}
+    for feed in feeds:
+        results = sklearn_results(estimator, feed[params.inputs[0]["name"]])
+        if len(results) != len(output_names):
+            raise StepError(ctx.step, f"{type(estimator).__name__} gives {len(results)} outputs but the manifest declares {len(output_names)}: {output_names}")
+        shaped = {}
+        for name, value in zip(output_names, results):
+            value = np.asarray(value)
+            shape = declared[name].get("shape")
+            if shape is not None and value.ndim == len(shape) - 1:
+                value = value.reshape(*value.shape, 1)
+            shaped[name] = np.ascontiguousarray(value.astype(declared[name]["dtype"]))
+        yield feed, shaped

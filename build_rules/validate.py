@@ -28,27 +28,34 @@ class ValidateParams(Params):
     # these unset so a source change reaches them only through their model input.
     source: dict[str, Any] | None = None
     inputs: list[dict[str, Any]] | None = None
+    allow_unvalidated: bool = False  # publish when no runtime for the format exists here (report: "not validated")
+    device: int | None = None  # tensorrt: the CUDA device the engine runs on
 
 
 @register
 class Validate(Rule):
     name = "validate"
-    version = 3
+    version = 3  # unchanged by companions / not-validated: what existing steps wrote is the same
     tools = ("onnxruntime", "torch", "transformers", "numpy", "safetensors")
     Params = ValidateParams
 
     @classmethod
     def tools_for(cls, params: dict[str, Any]) -> tuple[str, ...]:
-        runtime = {"onnx": ("onnxruntime",), "safetensors": ("torch", "transformers"), "openvino": ("openvino",)}.get(params["format"], ("torch",))
+        runtime = {"onnx": ("onnxruntime",), "safetensors": ("torch", "transformers"), "openvino": ("openvino",),
+                   "tensorrt": ("tensorrt",)}.get(params["format"], ("torch",))
         return (*runtime, "numpy")
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ValidateParams, ctx: RunContext) -> dict[str, Any]:
         from kiln.metrics import OutputMetrics, failures
-        from kiln.runners import onnx_latency, open_runner
+        from kiln.runners import RuntimeUnavailable, onnx_latency, open_runner
 
         per_output = {name: OutputMetrics() for name in params.outputs}
         samples = 0
-        run = open_runner(params.format, inputs["model"][0], params.outputs, ctx.step, params.source, inputs.get("source"), params.inputs, ctx.root)
+        try:
+            run = open_runner(params.format, inputs["model"][0], params.outputs, ctx.step, params.source, inputs.get("source"),
+                              params.inputs, ctx.root, device=params.device)
+        except RuntimeUnavailable as err:
+            return self._unvalidated(str(err), inputs, outputs, params, ctx)
         first_feed = None
         for feed, expected in _reference_batches(inputs["reference"][0]):
             first_feed = feed if first_feed is None else first_feed
@@ -65,12 +72,28 @@ class Validate(Rule):
         failed = failures(metrics, gates)
         if failed:
             raise StepError(ctx.step, "validation failed, artifact not published: " + "; ".join(failed), facts=report | {"passed": False})
-        shutil.copyfile(inputs["model"][0], outputs["artifact"])
-        if "weights" in outputs:  # OpenVINO IR: model.bin beside model.xml
-            shutil.copyfile(inputs["model"][1], outputs["weights"])
-        outputs["validation"].write_text(json.dumps(report | {"passed": True}, indent=2, sort_keys=True) + "\n")
+        _publish(inputs, outputs, report | {"passed": True})
         latency = {"latency": onnx_latency(inputs["model"][0], first_feed)} if params.format == "onnx" and first_feed else {}
         return report | {"passed": True} | latency
+
+    @staticmethod
+    def _unvalidated(reason: str, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ValidateParams, ctx: RunContext) -> dict[str, Any]:
+        """No runtime for this format here: publish only when the manifest accepts that."""
+        if not params.allow_unvalidated:
+            raise StepError(ctx.step, f"not validated: {reason}; artifact not published (set targets.{params.target}.allow_unvalidated = true to publish it unvalidated)",
+                            facts={"target": params.target, "validated": False, "not_validated": reason, "passed": False})
+        report = {"target": params.target, "validated": False, "not_validated": reason, "passed": None}
+        _publish(inputs, outputs, report)
+        return report
+
+
+def _publish(inputs: dict[str, list[Path]], outputs: dict[str, Path], report: dict) -> None:
+    """The artifact, its companions (OpenVINO's model.bin, TensorRT's timing cache: the model
+    input's other files, in the order of the other output roles) and validation.json."""
+    companions = [role for role in outputs if role not in ("artifact", "validation")]
+    for source, role in zip([inputs["model"][0], *inputs["model"][1:]], ["artifact", *companions]):
+        shutil.copyfile(source, outputs[role])
+    outputs["validation"].write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
 
 
 def _select(summary: dict, wanted: list[str]) -> dict:

@@ -65,16 +65,22 @@ def _env() -> dict[str, str]:
 
 
 def new_workspace(path: Path, manifests: dict[str, str] | None = None) -> Workspace:
-    """A workspace with the repo's dodo.py and data; manifests from the repo unless given."""
+    """A workspace with the repo's dodo.py, data and example models; manifests from the repo unless given."""
     (path / "manifests").mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "dodo.py", path / "dodo.py")
-    shutil.copytree(REPO / "manifests" / "data", path / "manifests" / "data", dirs_exist_ok=True)
+    for folder in ("data", "models"):
+        shutil.copytree(REPO / "manifests" / folder, path / "manifests" / folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
     if manifests is None:
         shutil.copy(REPO / "manifests" / "bert.toml", path / "manifests" / "bert.toml")
     else:
         for name, text in manifests.items():
             (path / "manifests" / f"{name}.toml").write_text(text)
     return Workspace(path)
+
+
+def example_workspace(path: Path, *names: str) -> Workspace:
+    """A workspace holding the repo's manifests/<name>.toml for each name."""
+    return new_workspace(path, {name: (REPO / "manifests" / f"{name}.toml").read_text() for name in names})
 
 
 @pytest.fixture

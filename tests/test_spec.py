@@ -55,7 +55,7 @@ BAD = [
     (_set("calibration.samples", 10), "calibration.samples", "unknown key; allowed keys here: batch_size, bins, data, max_length, max_samples"),
     (_set("targets.onnx_fp16.options.keep_fp32_ops", ["Soft max"]), "targets.onnx_fp16.options.keep_fp32_ops[0]", "'Soft max' is not allowed"),
     (_set("targets.onnx_fp32.hardware", "tpu"), "targets.onnx_fp32.hardware", "'tpu' is not allowed; expected 'cpu'"),
-    (_set("targets.onnx_fp32.optimise", True), "targets.onnx_fp32.optimise", "unknown key; allowed keys here: format, hardware, opset, options, precision, thresholds"),
+    (_set("targets.onnx_fp32.optimise", True), "targets.onnx_fp32.optimise", "unknown key; allowed keys here: allow_unvalidated, format, hardware, opset, options, precision, thresholds"),
     (_set("targets.onnx_fp32.options.simplfy", True), "targets.onnx_fp32.options.simplfy", "allowed keys here: accuracy_level, activation_type, block_size, calibration, constant_folding, exclude_nodes, keep_fp32_ops, keep_io_types, percentile, quantization, simplify, symmetric"),
     (_set("targets.onnx_fp32.options.simplify", "yes"), "targets.onnx_fp32.options.simplify", "'yes' is not allowed; expected a valid boolean"),
     (_set("targets.onnx_fp32.thresholds", {"min_cosine": 1.5}), "targets.onnx_fp32.thresholds.min_cosine", "1.5 is not allowed"),
@@ -81,13 +81,13 @@ BAD = [
     (_set("validation.outputs", ["logits"]), "validation.outputs", "'logits' is not allowed; expected one of the declared outputs"),
     (_set("validation.thresholds", {"max_abs_diff": -1.0}), "validation.thresholds.max_abs_diff", "-1.0 is not allowed; expected greater than or equal to 0"),
     (_set("targets.safetensors_fp16.precision", "int8"), "targets.safetensors_fp16.precision", "'int8' is not allowed; expected 'fp32', 'fp16' or 'bf16'"),
-    (_set("targets.safetensors_fp16.opset", 17), "targets.safetensors_fp16.opset", "unknown key; allowed keys here: format, hardware, precision, thresholds"),
-    (_set("source", {"kind": "onnx", "path": "m.onnx"}), "targets.torchscript.format", "'torchscript' is not allowed; expected a format an ONNX source can give ('onnx'); torchscript needs a torch or huggingface source"),
+    (_set("targets.safetensors_fp16.opset", 17), "targets.safetensors_fp16.opset", "unknown key; allowed keys here: allow_unvalidated, format, hardware, precision, thresholds"),
+    (_set("source", {"kind": "onnx", "path": "m.onnx"}), "targets.torchscript.format", "'torchscript' is not allowed; expected a format an onnx source can give ('onnx', 'openvino', 'tensorrt'); torchscript needs a torch or huggingface source"),
     (_set("targets.openvino_fp16.precision", "int8"), "targets.openvino_fp16.precision", "'int8' is not allowed; expected 'fp32' or 'fp16'"),
     (_set("targets.openvino_fp32.options", {"keep_io_types": True}), "targets.openvino_fp32.options.keep_io_types", "unknown key; allowed keys here: constant_folding, simplify"),
     (_set("targets.torchscript.mode", "compile"), "targets.torchscript.mode", "'compile' is not allowed; expected 'trace' or 'script'"),
     (_set("targets.torch_export.precision", "fp16"), "targets.torch_export.precision", "'fp16' is not allowed; expected 'fp32'"),
-    (_set("targets.torch_export.mode", "trace"), "targets.torch_export.mode", "unknown key; allowed keys here: format, hardware, precision, thresholds"),
+    (_set("targets.torch_export.mode", "trace"), "targets.torch_export.mode", "unknown key; allowed keys here: allow_unvalidated, format, hardware, precision, thresholds"),
 ]
 
 

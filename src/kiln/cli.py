@@ -62,7 +62,8 @@ def _plans(args, names):
 
 def _check(args) -> int:
     for plan in _plans(args, args.manifests):
-        print(f"{plan.manifest}: ok: model {plan.model}, {len(plan.steps)} steps, artifacts: " + ", ".join(str(p.relative_to(plan.root)) for _, p in plan.artifacts()))
+        skipped = "".join(f"; skipped {target}: {why}" for target, why in sorted(plan.skipped.items()))
+        print(f"{plan.manifest}: ok: model {plan.model}, {len(plan.steps)} steps, artifacts: " + ", ".join(str(p.relative_to(plan.root)) for _, p in plan.artifacts()) + skipped)
     return 0
 
 

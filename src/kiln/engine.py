@@ -33,7 +33,12 @@ TASK = "build"  # doit basename: tasks are build:<model>/<targets>/<rule>
 # ---- loading -------------------------------------------------------------------------------------
 
 def load_plans(root: Path, manifest_arg: str | None) -> list[Plan]:
-    """manifest=<path or bare name>[,<more>], or every manifest under manifests/ when None."""
+    """manifest=<path or bare name>[,<more>], or every manifest under manifests/ when None.
+
+    Building every manifest leaves out the targets this machine has no hardware for (a TensorRT
+    target without a usable NVIDIA GPU), as Bazel skips incompatible targets in a wildcard build:
+    a CPU-only CI can build the whole repository. Naming the manifest builds them, and fails with
+    what is missing."""
     if manifest_arg:
         paths = [find_manifest(name.strip(), root) for name in manifest_arg.split(",") if name.strip()]
     else:
@@ -48,8 +53,26 @@ def load_plans(root: Path, manifest_arg: str | None) -> list[Plan]:
         if spec.model.name in owners and owners[spec.model.name] != path:
             raise ManifestError(path, "model.name", f"{spec.model.name!r} is already used by {owners[spec.model.name]}; model names must be unique (they name build/<name>/)")
         owners[spec.model.name] = path
-        plans.append(plan(spec, resolve(spec, raw, root), path, root))
+        skipped = {} if manifest_arg else _unbuildable_here(spec)
+        if skipped:
+            spec = spec.model_copy(update={"targets": {k: v for k, v in spec.targets.items() if k not in skipped}})
+        built = plan(spec, resolve(spec, raw, root), path, root) if spec.targets else Plan(spec.model.name, path, root, [])
+        built.skipped = skipped
+        plans.append(built)
     return plans
+
+
+def _unbuildable_here(spec) -> dict[str, str]:
+    """target -> why this machine cannot build it, for targets that need hardware it lacks."""
+    from kiln.cuda import unavailable_reason
+
+    reasons = {}
+    for name, target in spec.targets.items():
+        if target.hardware == "cuda":
+            reason = unavailable_reason(target.device)
+            if reason:
+                reasons[name] = f"hardware = \"cuda\" needs an NVIDIA GPU with TensorRT: {reason}"
+    return reasons
 
 
 # ---- keys and reasons ---------------------------------------------------------------------------
@@ -66,13 +89,17 @@ def digest(root: Path, path: Path) -> str:
 def components(step: Step, root: Path) -> dict[str, Any]:
     """Everything the step's key is made of. Inputs by role and file name, never absolute path."""
     rule = get_rule(step.rule)
-    return {
+    found = {
         "rule": step.rule,
         "version": rule.version,
         "params": step.params,
         "inputs": {role: [[p.name, digest(root, p)] for p in files] for role, files in step.inputs.items()},
         "tools": tool_versions(rule.tools_for(step.params)),
     }
+    hardware = rule.hardware_for(step.params)
+    if hardware is not None:  # only hardware-specific rules have it, so other keys stay as they were
+        found["hardware"] = hardware
+    return found
 
 
 def why(step: Step, root: Path) -> str | None:
@@ -125,6 +152,9 @@ def describe_change(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     for tool in sorted(set(old.get("tools", {})) | set(new["tools"])):
         if old.get("tools", {}).get(tool) != new["tools"].get(tool):
             return f"tool {tool} changed: {old.get('tools', {}).get(tool)} -> {new['tools'].get(tool)}"
+    hardware = _first_difference(old.get("hardware"), new.get("hardware"), "hardware")
+    if hardware:
+        return f"hardware changed: {hardware}"
     return None
 
 
@@ -236,6 +266,9 @@ def doit_globals(root: Path | None = None, manifest_arg: str | None = None) -> d
         raise SystemExit(err.exit_code) from None
     state_dir(root).mkdir(parents=True, exist_ok=True)
     PLANS[:] = plans
+    for plan_ in plans:
+        for target, reason in sorted(plan_.skipped.items()):
+            print(f"kiln: skipped {plan_.model}/{target}: {reason} (name the manifest to build it anyway)", file=sys.stderr)
 
     def task_build():
         """Build manifests: doit build [manifest=manifests/bert.toml] (default: every manifest)."""

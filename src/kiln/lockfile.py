@@ -30,8 +30,8 @@ def lock_data(plan: Plan) -> dict[str, Any] | None:
         if step.rule == "validate":
             files = {role: {k: out[k] for k in ("path", "sha256", "bytes")} for role, out in record["outputs"].items()}
             artifact = {"target": step.targets[0], **files["artifact"]}
-            if "weights" in files:  # a two-file format: both files are the artifact
-                artifact["weights"] = files["weights"]
+            # files published beside it (OpenVINO's weights, TensorRT's timing cache) are locked too
+            artifact |= {role: entry for role, entry in files.items() if role not in ("artifact", "validation")}
             artifacts.append(artifact)
     return {
         "lock_version": LOCK_VERSION,

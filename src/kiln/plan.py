@@ -43,6 +43,7 @@ class Plan:
     manifest: Path
     root: Path
     steps: list[Step]  # in dependency order
+    skipped: dict[str, str] = field(default_factory=dict)  # target -> why it cannot be built on this machine
 
     def artifacts(self) -> list[tuple[str, Path]]:
         """(target, path) of every published artifact."""
@@ -88,6 +89,8 @@ class _Planner:
             self._torch_program_chain(name, target)
         elif target.format == "openvino":
             self._openvino_chain(name, target)
+        elif target.format == "tensorrt":
+            self._tensorrt_chain(name, target)
         else:  # pragma: no cover - the spec admits only formats with a chain here
             raise AssertionError(f"no rule chain for format {target.format!r}")
 
@@ -96,6 +99,11 @@ class _Planner:
         asks for the same opset and options; an ONNX source is itself."""
         if self.spec.source.kind == "onnx":
             model, model_step = self.resolved.source_files[0], None
+        elif self.spec.source.kind == "sklearn":  # skl2onnx's graph; onnxsim does not know ai.onnx.ml
+            step = self._add(name, "convert_sklearn", {
+                "source": self.source_params, "inputs": self.inputs, "outputs": self.outputs, "opset": target.opset,
+            }, {"source": self.resolved.source_files}, {"model": "model.onnx"})
+            return step.outputs["model"], step
         else:
             model_step = self._add(name, "export_onnx", {
                 "source": self.source_params, "inputs": self.inputs, "outputs": self.outputs,
@@ -112,14 +120,33 @@ class _Planner:
         model, model_step = self._fp32_onnx(name, target)
         ir = self._add(name, "convert_openvino", {"compress_to_fp16": target.precision == "fp16"}, {"model": (model,)},
                        {"model": "model.xml", "weights": "model.bin"}, [model_step])
-        self._validate(name, target, ir.outputs["model"], ir, reference, weights=ir.outputs["weights"])
+        self._validate(name, target, ir.outputs["model"], ir, reference, {"weights": ir.outputs["weights"]})
+
+    def _tensorrt_chain(self, name: str, target) -> None:
+        """The ONNX of the target's precision (fp32; fp16 converted; int8 QDQ with symmetric int8
+        activations, as TensorRT requires), shared with ONNX targets asking for the same, then the
+        engine build on the GPU, validated there."""
+        reference = self._reference(name)
+        model, model_step = self._fp32_onnx(name, target)
+        options = target.options
+        if target.precision == "fp16":
+            model_step = self._add(name, "convert_fp16", {"keep_io_types": True, "keep_fp32_ops": sorted(options.keep_fp32_ops)},
+                                   {"model": (model,)}, {"model": "model.onnx"}, [model_step])
+        elif target.precision == "int8":
+            model_step = self._quantize_static(name, target, model, model_step, activation_type="int8")
+        model = model_step.outputs["model"] if model_step is not None else model
+        params = {"device": target.device, "inputs": self.inputs, "profile": {k: list(v) for k, v in sorted(target.profile.items())},
+                  "workspace_mib": options.workspace_mib, "optimization_level": options.optimization_level, "tf32": options.tf32}
+        engine = self._add(name, "build_tensorrt", params, {"model": (model,)},
+                           {"engine": "model.engine", "timing_cache": "timing.cache"}, [model_step])
+        self._validate(name, target, engine.outputs["engine"], engine, reference, {"timing_cache": engine.outputs["timing_cache"]})
 
     def _onnx_chain(self, name: str, target) -> None:
         reference = self._reference(name)
         model, model_step = self._fp32_onnx(name, target)
         options = target.options
         if target.precision == "int8" and options.quantization == "static":
-            model_step = self._quantize_static(name, target, model, model_step)
+            model_step = self._quantize_static(name, target, model, model_step, options.activation_type)
         elif target.precision != "fp32":  # one conversion step from the fp32 model
             rule, params = {
                 "fp16": ("convert_fp16", {"keep_io_types": options.keep_io_types, "keep_fp32_ops": sorted(options.keep_fp32_ops)}),
@@ -137,7 +164,7 @@ class _Planner:
         """exclude_nodes enters params only when set, so targets without it keep their step ids."""
         return {"exclude_nodes": sorted(target.options.exclude_nodes)} if target.options.exclude_nodes else {}
 
-    def _quantize_static(self, name: str, target, model: Path, model_step: Step | None) -> Step:
+    def _quantize_static(self, name: str, target, model: Path, model_step: Step | None, activation_type: str) -> Step:
         """calibrate (one per model + data + calibration settings, shared by every static target)
         -> quantize_static (ranges from the calibration by this target's method)."""
         calibration = self.spec.calibration
@@ -147,7 +174,7 @@ class _Planner:
         }, {"model": (model,), "data": (self.resolved.calibration_file,)} | self._tokenizer(self.resolved.calibration_file),
             {"calibration": "calibration.json"}, [model_step])
         options = target.options
-        params = {"method": options.calibration, "activation_type": options.activation_type, "per_channel": True,
+        params = {"method": options.calibration, "activation_type": activation_type, "per_channel": True,
                   "op_types": ["MatMul", "Gemm"]} | self._excluded(target)
         if options.calibration == "percentile":
             params["percentile"] = options.percentile
@@ -184,7 +211,9 @@ class _Planner:
         inputs = {"source": self.resolved.source_files, "data": (self.resolved.data_file,)}
         return self._add(name, "reference_outputs", params, inputs, {"outputs": "reference.safetensors"})
 
-    def _validate(self, name: str, target, model: Path, model_step: Step | None, reference: Step, weights: Path | None = None) -> None:
+    def _validate(self, name: str, target, model: Path, model_step: Step | None, reference: Step, companions: dict[str, Path] | None = None) -> None:
+        """companions: files published beside the artifact (OpenVINO's weights, TensorRT's timing
+        cache), by role; they follow the model in the step's model input, in that order."""
         validation = self.spec.validation
         params = {
             "target": name,  # each target publishes (and validates) its own artifact
@@ -195,15 +224,19 @@ class _Planner:
         }
         if validation.padding_mask:
             params["padding_mask"] = validation.padding_mask
-        inputs = {"model": (model,) if weights is None else (model, weights), "reference": (reference.outputs["outputs"],)}
+        if target.allow_unvalidated:  # enters params only when set, so other targets keep their step ids
+            params["allow_unvalidated"] = True
+        if target.format == "tensorrt":
+            params["device"] = target.device
+        companions = companions or {}
+        inputs = {"model": (model, *companions.values()), "reference": (reference.outputs["outputs"],)}
         if target.format == "safetensors":  # weights only: the source architecture is part of the check
             params |= {"source": self.source_params, "inputs": self.inputs}
             inputs["source"] = self.resolved.source_files
-        elif target.format != "onnx":  # a torch program takes the inputs positionally, in the manifest's order
+        elif target.format in ("torchscript", "torch_export"):  # a torch program takes the inputs positionally, in the manifest's order
             params["inputs"] = self.inputs
         published = {"artifact": self.build_dir / name / f"model{model.suffix}", "validation": self.build_dir / name / "validation.json"}
-        if weights is not None:  # a two-file format (OpenVINO IR): the weights are published beside it
-            published["weights"] = self.build_dir / name / f"model{weights.suffix}"
+        published |= {role: self.build_dir / name / path.name for role, path in companions.items()}
         deps = [s for s in (model_step, reference) if s is not None]
         self._add(name, "validate", params, inputs, published, deps)
 

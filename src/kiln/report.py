@@ -49,6 +49,8 @@ def build_report(plan: Plan, statuses: dict[str, str], seconds: float) -> dict[s
             artifact = {"target": step.targets[0], "status": entry["status"], "metrics": info.get("metrics"), "thresholds": info.get("thresholds"), "passed": info.get("passed")}
             if info.get("latency"):
                 artifact["latency"] = info["latency"]  # measured when the artifact was last validated
+            if info.get("not_validated"):
+                artifact["validation"] = f"not validated: {info['not_validated']}"
             files = [o for o in entry.get("outputs", []) if not o["path"].endswith("validation.json")]
             if files:  # the artifact's path; bytes of all its files (OpenVINO: .xml + .bin)
                 artifact |= {"path": files[0]["path"], "bytes": sum(o["bytes"] for o in files)}
@@ -61,6 +63,8 @@ def build_report(plan: Plan, statuses: dict[str, str], seconds: float) -> dict[s
         "counts": {s: sum(e["status"] == s for e in steps) for s in (RAN, UP_TO_DATE, FAILED, NOT_RUN)},
         "steps": steps,
         "artifacts": artifacts,
+        # targets left out of this build because this machine cannot build them (hardware)
+        "skipped": [{"target": target, "why": why} for target, why in sorted(plan.skipped.items())],
     }
 
 
@@ -97,6 +101,9 @@ class KilnReporter(ConsoleReporter):
             if report["ok"]:
                 write_lock(plan)
             counts = report["counts"]
+            for artifact in report["artifacts"]:
+                if artifact.get("validation"):
+                    self.write(f"kiln: {plan.model}/{artifact['target']}: published {artifact['validation']}\n")
             self.write(f"kiln: {plan.model}: {counts[RAN]} ran, {counts[UP_TO_DATE]} up to date, {counts[FAILED]} failed"
                        f"{', ' + str(counts[NOT_RUN]) + ' not run' if counts[NOT_RUN] else ''} -> {report_path(plan).relative_to(plan.root)}\n")
 

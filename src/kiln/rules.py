@@ -40,6 +40,13 @@ class Rule:
         (validate: onnxruntime for ONNX, torch for weights) narrows them here."""
         return cls.tools
 
+    @classmethod
+    def hardware_for(cls, params: dict[str, Any]) -> dict[str, Any] | None:
+        """Facts about the machine that this step's output is specific to (a TensorRT engine: the
+        GPU model, compute capability, TensorRT version), or None for portable outputs. They enter
+        the step key, so moving to another GPU rebuilds with the reason "hardware changed"."""
+        return None
+
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: Any, ctx: RunContext) -> dict[str, Any]:
         """Read inputs, write every output path (kiln renames them into place afterwards).
         Return facts for the report (metrics, sizes). Raise StepError for a user-fixable failure."""

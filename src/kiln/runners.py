@@ -11,10 +11,18 @@ from kiln.errors import StepError, one_line
 Runner = Callable[[dict], dict]
 
 
+class RuntimeUnavailable(Exception):
+    """The format's runtime does not exist on this machine (str(): why); validate then publishes the
+    artifact only if the manifest accepts an unvalidated one."""
+
+
 def open_runner(fmt: str, artifact: Path, outputs: list[str], step: str, source: dict[str, Any] | None = None,
-                source_files: list[Path] | None = None, inputs: list[dict] | None = None, root: Path | None = None) -> Runner:
+                source_files: list[Path] | None = None, inputs: list[dict] | None = None, root: Path | None = None,
+                device: int | None = None) -> Runner:
     if fmt == "onnx":
         return _onnx(artifact, outputs, step)
+    if fmt == "tensorrt":
+        return _tensorrt(artifact, outputs, step, device or 0)
     if fmt == "safetensors":
         return _torch_with_weights(artifact, outputs, step, source, source_files, inputs, root)
     if fmt == "openvino":
@@ -30,8 +38,11 @@ def _openvino(artifact: Path, names: list[str], step: str) -> Runner:
     which would gate the runtime's shortcut rather than the artifact (max abs diff 0.03 on bert)."""
     import openvino as ov
 
+    core = ov.Core()
+    if "CPU" not in core.available_devices:
+        raise RuntimeUnavailable(f"OpenVINO has no CPU device on this machine (it has {core.available_devices})")
     try:
-        compiled = ov.Core().compile_model(str(artifact), "CPU", {"INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32"})
+        compiled = core.compile_model(str(artifact), "CPU", {"INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32"})
     except Exception as err:  # openvino raises RuntimeError for a bad IR
         raise StepError(step, f"OpenVINO cannot load {artifact.name}: {one_line(err)[:300]}") from None
     _require_outputs({name for output in compiled.outputs for name in output.get_names()}, names, "OpenVINO", step)
@@ -67,6 +78,50 @@ def _torch_runner(module, input_names: list[str], names: list[str]) -> Runner:
         with torch.inference_mode():
             result = pick_outputs(module(*(torch.from_numpy(feed[name]) for name in input_names)), names)
         return {name: value.numpy() for name, value in zip(names, result)}
+
+    return run
+
+
+def _tensorrt(artifact: Path, names: list[str], step: str, device: int) -> Runner:
+    """TensorRT's runtime on the GPU the engine was built for: each batch's inputs are copied to the
+    device, the engine runs with the batch's shapes (within its optimization profile), outputs are
+    copied back."""
+    from kiln.cuda import CudaUnavailable, DeviceBuffers, unavailable_reason
+
+    reason = unavailable_reason(device)
+    if reason:
+        raise RuntimeUnavailable(f"TensorRT engines run on an NVIDIA GPU: {reason}")
+    import numpy as np
+    import tensorrt as trt
+
+    engine = trt.Runtime(trt.Logger(trt.Logger.ERROR)).deserialize_cuda_engine(artifact.read_bytes())
+    if engine is None:
+        raise StepError(step, f"TensorRT cannot load {artifact.name} (built for another GPU or TensorRT version?)")
+    context = engine.create_execution_context()
+    tensors = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    is_input = {name: engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT for name in tensors}
+    _require_outputs({n for n in tensors if not is_input[n]}, names, "TensorRT", step)
+    buffers = DeviceBuffers(device)
+
+    def run(feed: dict) -> dict:
+        try:
+            for name in (n for n in tensors if is_input[n]):
+                array = np.ascontiguousarray(feed[name], dtype=trt.nptype(engine.get_tensor_dtype(name)))
+                if not context.set_input_shape(name, array.shape):
+                    raise StepError(step, f"input {name!r} of shape {list(array.shape)} is outside the engine's optimization profile; widen the target's profile")
+                context.set_tensor_address(name, buffers.upload(name, array))
+            results = {}
+            for name in (n for n in tensors if not is_input[n]):
+                results[name] = np.empty(tuple(context.get_tensor_shape(name)), dtype=trt.nptype(engine.get_tensor_dtype(name)))
+                context.set_tensor_address(name, buffers.pointer(name, results[name].nbytes))
+            if not context.execute_async_v3(int(buffers.stream)):
+                raise StepError(step, "TensorRT failed to run the engine (see TensorRT's log above)")
+            buffers.synchronize()
+            for name, array in results.items():
+                buffers.download(name, array)
+        except CudaUnavailable as err:
+            raise StepError(step, f"CUDA error while running the engine: {err}") from None
+        return {name: results[name] for name in names}
 
     return run
 

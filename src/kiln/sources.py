@@ -39,22 +39,36 @@ def resolve(spec: Spec, raw: RawManifest, root: Path) -> Resolved:
 
 
 def _check_extras(spec: Spec, raw: RawManifest) -> None:
-    """A target whose converter is an optional extra fails here, before any step runs."""
-    import importlib.util
+    """A source or target whose converter is an optional extra fails here, before any step runs."""
+    from kiln.spec import FORMAT_EXTRAS, SOURCE_EXTRAS
 
-    from kiln.spec import FORMAT_EXTRAS
-
+    if spec.source.kind in SOURCE_EXTRAS:
+        modules, extra = SOURCE_EXTRAS[spec.source.kind]
+        _require_modules(modules, extra, f"source kind {spec.source.kind!r}", raw, "source.kind")
     for name, target in spec.targets.items():
         if target.format in FORMAT_EXTRAS:
             module, extra = FORMAT_EXTRAS[target.format]
-            if importlib.util.find_spec(module) is None:
-                raise ManifestError(raw.path, f"targets.{name}.format", f"{target.format!r} needs the {module!r} package, which is not installed; install it with: pip install 'kiln[{extra}]'")
+            _require_modules((module,), extra, repr(target.format), raw, f"targets.{name}.format")
+
+
+def _require_modules(modules: tuple[str, ...], extra: str, what: str, raw: RawManifest, key: str) -> None:
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            raise ManifestError(raw.path, key, f"{what} needs the {module!r} package, which is not installed; install it with: pip install 'kiln[{extra}]'")
 
 
 def _source_files(spec: Spec, raw: RawManifest, root: Path) -> tuple[Path, ...]:
     source = spec.source
     if source.kind == "huggingface":
         return _model_folder_files(resolve_path(source.path, raw, "source.path", root), source.allow_pickle, raw)
+    if source.kind == "sklearn":
+        if source.factory:
+            return (_factory_file(source.factory, raw, root),)
+        path = resolve_path(source.path, raw, "source.path", root)
+        _require_file(path, raw, "source.path")
+        if not source.allow_pickle:
+            raise ManifestError(raw.path, "source.allow_pickle", f"{path.name!r} is a pickled estimator, which can run code when loaded; refused unless the manifest sets source.allow_pickle = true (or give source.factory = \"module:function\")")
+        return (path,)
     if source.kind == "torch":
         files = [_factory_file(source.factory, raw, root)]
         if source.weights:
@@ -119,28 +133,40 @@ def _model_folder_files(folder: Path, allow_pickle: bool, raw: RawManifest) -> t
 
 def _factory_file(factory: str, raw: RawManifest, root: Path) -> Path:
     module = factory.split(":")[0]
-    with _on_sys_path(root):
+    with _on_sys_path(raw.folder, root):
         try:
             found = importlib.util.find_spec(module)
         except (ImportError, ValueError):
             found = None
     if found is None or not found.origin or not Path(found.origin).is_file():
-        raise ManifestError(raw.path, "source.factory", f"{factory!r}: module {module!r} not found (looked on sys.path and in {root})")
+        raise ManifestError(raw.path, "source.factory", f"{factory!r}: module {module!r} not found (looked beside the manifest in {raw.folder}, in {root} and on sys.path)")
     return Path(found.origin)
 
 
+def import_root(factory: str, module_file: Path) -> Path:
+    """The sys.path folder that resolve() found a factory's module under (beside the manifest or the
+    workspace root), so a rule imports that same file: its bytes are in the step key."""
+    module = factory.split(":")[0]
+    folder = module_file.parent
+    for _ in range(module.count(".") + (module_file.name == "__init__.py")):
+        folder = folder.parent
+    return folder
+
+
 class _on_sys_path:
-    def __init__(self, folder: Path):
-        self.folder = str(folder)
+    """Put folders first on sys.path for a moment (in order), so a factory module is found there."""
+
+    def __init__(self, *folders: Path):
+        self.folders = [str(f) for f in folders]
 
     def __enter__(self):
-        self.added = self.folder not in sys.path
-        if self.added:
-            sys.path.insert(0, self.folder)
+        self.added = [f for f in dict.fromkeys(self.folders) if f not in sys.path]
+        sys.path[:0] = self.added
 
     def __exit__(self, *exc):
-        if self.added and self.folder in sys.path:
-            sys.path.remove(self.folder)
+        for folder in self.added:
+            if folder in sys.path:
+                sys.path.remove(folder)
 
 
 # ---- loading at run time (inside rules) --------------------------------------------------------
@@ -220,10 +246,7 @@ def _load_huggingface(source: dict[str, Any], folder: Path):
 def _load_factory(source: dict[str, Any], files: list[Path], root: Path):
     import torch
 
-    module_name, function_name = source["factory"].split(":")
-    with _on_sys_path(root):
-        module = importlib.import_module(module_name)
-    model = getattr(module, function_name)()
+    model = call_factory(source["factory"], files[0], root)
     if not isinstance(model, torch.nn.Module):
         raise StepError("source", f"{source['factory']} returned {type(model).__name__}, not a torch.nn.Module")
     if source.get("weights"):
@@ -235,6 +258,27 @@ def _load_factory(source: dict[str, Any], files: list[Path], root: Path):
         else:
             state = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
+    return model
+
+
+def call_factory(factory: str, module_file: Path, root: Path) -> Any:
+    """Import `module:function` from where resolve() found it and call it."""
+    module_name, function_name = factory.split(":")
+    with _on_sys_path(import_root(factory, module_file), root):
+        module = importlib.import_module(module_name)
+    return getattr(module, function_name)()
+
+
+def load_sklearn_model(source: dict[str, Any], files: list[Path], root: Path):
+    """The fitted estimator: made by its factory, or unpickled from the file the manifest allowed."""
+    if source.get("factory"):
+        model = call_factory(source["factory"], files[0], root)
+    else:
+        import joblib  # a scikit-learn dependency; reads both joblib and plain pickle files
+
+        model = joblib.load(files[0])
+    if not hasattr(model, "predict") and not hasattr(model, "transform"):
+        raise StepError("source", f"{source.get('factory') or files[0].name} gave {type(model).__name__}, not a scikit-learn estimator (no predict or transform)")
     return model
 
 

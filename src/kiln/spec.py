@@ -67,7 +67,24 @@ class OnnxSource(Strict):
     path: str = Field(min_length=1)
 
 
-Source = Annotated[Union[HuggingFaceSource, TorchSource, OnnxSource], Field(discriminator="kind")]
+class SklearnSource(Strict):
+    """A scikit-learn estimator: a `module:function` factory returning a fitted estimator (found
+    beside the manifest or from the workspace root), or a joblib/pickle file (only with allow_pickle,
+    since unpickling runs code). Converted to ONNX with skl2onnx (pip install 'kiln[sklearn]')."""
+
+    kind: Literal["sklearn"]
+    factory: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", description="module:function returning a fitted estimator")
+    path: str | None = Field(None, min_length=1, description="a .joblib/.pkl file with a fitted estimator (needs allow_pickle = true)")
+    allow_pickle: bool = Field(False, description="allow loading a pickled estimator (pickle can run code)")
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> "SklearnSource":
+        if (self.factory is None) == (self.path is None):
+            raise _CrossError("factory", self.factory if self.factory is not None else "<missing>", "exactly one of source.factory (module:function) or source.path (a joblib/pickle file)")
+        return self
+
+
+Source = Annotated[Union[HuggingFaceSource, TorchSource, OnnxSource, SklearnSource], Field(discriminator="kind")]
 
 
 class TensorSpec(Strict):
@@ -155,6 +172,7 @@ class TargetBase(Strict):
 
     hardware: Literal["cpu"] = "cpu"
     thresholds: Thresholds = Field(Thresholds(), description="overrides [validation.thresholds] for this target")
+    allow_unvalidated: bool = Field(False, description="publish the artifact when no runtime for its format exists on this machine (the report then says 'not validated: <reason>'); a failed comparison still fails")
 
 
 class OnnxTarget(TargetBase):
@@ -196,9 +214,43 @@ class OpenvinoTarget(TargetBase):
     options: ExportOptions = ExportOptions()
 
 
-Target = Annotated[Union[OnnxTarget, SafetensorsTarget, TorchscriptTarget, TorchExportTarget, OpenvinoTarget], Field(discriminator="format")]
+class TensorrtOptions(ExportOptions):
+    """How the engine is built. Precision comes from the ONNX graph it is built from (TensorRT 10's
+    strongly typed networks, the only kind in TensorRT 11): fp32 and fp16 from kiln's fp32 / fp16
+    ONNX, int8 from a QDQ ONNX with int8 symmetric activations calibrated on [calibration].data."""
+
+    keep_fp32_ops: list[Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")]] = Field([], description="fp16: op types kept in fp32 in the fp16 ONNX")
+    calibration: Literal["minmax", "percentile", "entropy"] = Field("percentile", description="int8: how calibrated histograms become activation ranges")
+    percentile: float = Field(99.999, gt=0.0, le=100.0, description="int8, calibration = 'percentile': the share of |x| kept inside the range")
+    exclude_nodes: list[Annotated[str, Field(min_length=1)]] = Field([], description="int8: graph node names left unquantized")
+    workspace_mib: int = Field(1024, ge=16, le=1 << 20, description="builder workspace memory pool limit, MiB")
+    optimization_level: Literal[0, 1, 2, 3, 4, 5] = Field(3, description="builder optimization level (higher: longer builds, maybe faster engines)")
+    tf32: bool = Field(False, description="fp32: allow TF32 matmuls (10-bit mantissa; faster on Ampere+, fails the fp32 gates on most models)")
+
+
+TRT_OPTION_PRECISIONS = {"keep_fp32_ops": ("fp16",), "calibration": ("int8",), "percentile": ("int8",), "exclude_nodes": ("int8",), "tf32": ("fp32",)}
+
+
+class TensorrtTarget(TargetBase):
+    """A TensorRT engine (.engine) built from the matching ONNX artifact with the tensorrt package on
+    an NVIDIA GPU, validated with TensorRT's runtime on that GPU. Engines are specific to the GPU
+    model and TensorRT version, which enter the step key (pip install 'kiln[tensorrt]')."""
+
+    format: Literal["tensorrt"]
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    hardware: Literal["cuda"] = Field("cuda", description="an NVIDIA GPU")
+    device: int = Field(0, ge=0, le=63, description="CUDA device ordinal to build and validate on")
+    opset: int = Field(17, ge=MIN_OPSET, le=MAX_OPSET, description="opset of the ONNX export it builds from")
+    profile: dict[Annotated[str, Field(pattern=r"^[A-Za-z_]\w*$")], Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=3, max_length=3)]] = Field(
+        {}, description="optimization profile: [min, opt, max] for every dynamic axis named in [[inputs]], e.g. { batch = [1, 8, 32], sequence = [1, 128, 128] }")
+    options: TensorrtOptions = TensorrtOptions()
+
+
+Target = Annotated[Union[OnnxTarget, SafetensorsTarget, TorchscriptTarget, TorchExportTarget, OpenvinoTarget, TensorrtTarget], Field(discriminator="format")]
 # Formats whose converter is an optional extra: (python module, pip extra).
-FORMAT_EXTRAS = {"openvino": ("openvino", "openvino")}
+FORMAT_EXTRAS = {"openvino": ("openvino", "openvino"), "tensorrt": ("tensorrt", "tensorrt")}
+# Sources whose loader is an optional extra.
+SOURCE_EXTRAS = {"sklearn": (("sklearn", "skl2onnx"), "sklearn")}
 # Formats made from the PyTorch model itself: an ONNX source cannot give them.
 TORCH_FORMATS = ("safetensors", "torchscript", "torch_export")
 
@@ -247,8 +299,15 @@ class Spec(Strict):
         for name, target in self.targets.items():
             if target.format == "onnx":
                 self._check_onnx_options(name, target)
-            if target.format in TORCH_FORMATS and self.source.kind == "onnx":
-                raise _CrossError(f"targets.{name}.format", target.format, f"a format an ONNX source can give ('onnx'); {target.format} needs a torch or huggingface source")
+            if target.format == "tensorrt":
+                self._check_tensorrt(name, target)
+            if target.format in TORCH_FORMATS and self.source.kind in ("onnx", "sklearn"):
+                raise _CrossError(f"targets.{name}.format", target.format, f"a format an {self.source.kind} source can give ('onnx', 'openvino', 'tensorrt'); {target.format} needs a torch or huggingface source")
+            if self.source.kind == "sklearn" and (target.format != "onnx" or target.precision != "fp32"):
+                key, value = ("format", target.format) if target.format != "onnx" else ("precision", target.precision)
+                raise _CrossError(f"targets.{name}.{key}", value, "format = \"onnx\" with precision = \"fp32\" for a sklearn source (skl2onnx's ai.onnx.ml operators have no fp16/int8 form and no OpenVINO or TensorRT kernels)")
+        if self.source.kind == "sklearn" and len(self.inputs) != 1:
+            raise _CrossError("inputs", [t.name for t in self.inputs], "one input for a sklearn source (the 2-D feature matrix the estimator's predict takes)")
         inputs = [t.name for t in self.inputs]
         if self.validation.padding_mask is not None and self.validation.padding_mask not in inputs:
             raise _CrossError("validation.padding_mask", self.validation.padding_mask, f"one of the inputs: {inputs}")
@@ -272,6 +331,24 @@ class Spec(Strict):
                 raise _CrossError(f"targets.{name}.options.{option}", getattr(options, option), f"no {option} with quantization = \"{options.quantization}\" (it applies to quantization = \"static\" only)")
         if target.precision == "int8" and options.quantization == "static" and self.calibration is None:
             raise _CrossError(f"targets.{name}.options.quantization", "static", "a [calibration] table naming the calibration data (or quantization = \"dynamic\")")
+
+    def _check_tensorrt(self, name: str, target: TensorrtTarget) -> None:
+        options = target.options
+        for option in sorted(options.model_fields_set):
+            allowed = TRT_OPTION_PRECISIONS.get(option)
+            if allowed and target.precision not in allowed:
+                raise _CrossError(f"targets.{name}.options.{option}", getattr(options, option), f"no {option} for precision = \"{target.precision}\" (it applies to precision = \"{allowed[0]}\" only)")
+        axes = sorted({axis for tensor in self.inputs for axis in tensor.dynamic_axes.values()})
+        for axis in axes:
+            if axis not in target.profile:
+                raise _CrossError(f"targets.{name}.profile", target.profile, f"a [min, opt, max] entry for every dynamic input axis {axes}; {axis!r} is missing")
+        for axis, (low, opt, high) in target.profile.items():
+            if axis not in axes:
+                raise _CrossError(f"targets.{name}.profile.{axis}", [low, opt, high], f"an axis named in the [[inputs]] shapes: {axes}")
+            if not low <= opt <= high:
+                raise _CrossError(f"targets.{name}.profile.{axis}", [low, opt, high], "min <= opt <= max")
+        if target.precision == "int8" and self.calibration is None:
+            raise _CrossError(f"targets.{name}.precision", "int8", "a [calibration] table naming the calibration data (TensorRT int8 is built from a calibrated QDQ ONNX)")
 
     def thresholds_keys(self) -> set[str]:
         keys = {k for k, v in self.validation.thresholds.model_dump().items() if v is not None}

@@ -1,0 +1,85 @@
+"""convert_sklearn: a fitted scikit-learn estimator -> ONNX (ai.onnx + ai.onnx.ml), with skl2onnx.
+
+The graph's input is the manifest's one input (its dtype and shape, named axes dynamic); its
+outputs are renamed to the manifest's outputs by position (skl2onnx's order: a classifier gives
+label then probabilities, a regressor or transformer one tensor). Classifiers output plain tensors
+(no ZipMap), which any runtime can compare. skl2onnx names the graph with a random UUID; kiln names
+it after the model and drops duplicate opset imports, so the bytes are reproducible.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kiln.errors import StepError, one_line
+from kiln.rules import Params, Rule, RunContext, register
+
+
+class ConvertSklearnParams(Params):
+    source: dict[str, Any]
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    opset: int
+
+
+@register
+class ConvertSklearn(Rule):
+    name = "convert_sklearn"
+    version = 1
+    tools = ("scikit-learn", "skl2onnx", "onnx")
+    Params = ConvertSklearnParams
+
+    def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ConvertSklearnParams, ctx: RunContext) -> dict[str, Any]:
+        import onnx
+        from skl2onnx import convert_sklearn
+
+        from kiln.sources import load_sklearn_model
+
+        estimator = load_sklearn_model(params.source, inputs["source"], ctx.root)
+        options = {"zipmap": False} if hasattr(estimator, "predict_proba") else None
+        try:
+            model = convert_sklearn(estimator, name="kiln", initial_types=[_initial_type(params.inputs[0])],
+                                    options=options, target_opset=params.opset)
+        except Exception as err:  # skl2onnx raises RuntimeError / MissingShapeCalculator / NotImplementedError
+            raise StepError(ctx.step, f"skl2onnx cannot convert {type(estimator).__name__}: {one_line(err)[:300]}") from None
+        _rename_outputs(model, [t["name"] for t in params.outputs], ctx)
+        _canonicalize(model)
+        onnx.checker.check_model(model)
+        onnx.save(model, str(outputs["model"]))
+        return {"estimator": type(estimator).__name__, "nodes": len(model.graph.node), "opset": params.opset}
+
+
+def _initial_type(spec: dict[str, Any]):
+    from skl2onnx.common import data_types
+
+    types = {"float32": data_types.FloatTensorType, "float64": data_types.DoubleTensorType, "int64": data_types.Int64TensorType,
+             "int32": data_types.Int32TensorType, "bool": data_types.BooleanTensorType}
+    if spec["dtype"] not in types:
+        raise StepError("inputs", f"input {spec['name']!r}: dtype {spec['dtype']} is not one skl2onnx takes; use one of {sorted(types)}")
+    dims = [d if isinstance(d, int) else None for d in spec.get("shape") or [None, None]]
+    return spec["name"], types[spec["dtype"]](dims)
+
+
+def _rename_outputs(model, names: list[str], ctx: RunContext) -> None:
+    produced = [o.name for o in model.graph.output]
+    if len(produced) != len(names):
+        raise StepError(ctx.step, f"the converted estimator has {len(produced)} outputs {produced} but the manifest declares {len(names)}: {names}")
+    renames = dict(zip(produced, names))
+    for node in model.graph.node:
+        node.output[:] = [renames.get(n, n) for n in node.output]
+        node.input[:] = [renames.get(n, n) for n in node.input]
+    for output in model.graph.output:
+        output.name = renames[output.name]
+
+
+def _canonicalize(model) -> None:
+    """One import per domain (skl2onnx may list the default domain twice), in a fixed order."""
+    versions: dict[str, int] = {}
+    for opset in model.opset_import:
+        versions[opset.domain] = max(versions.get(opset.domain, 0), opset.version)
+    del model.opset_import[:]
+    for domain in sorted(versions):
+        entry = model.opset_import.add()
+        entry.domain, entry.version = domain, versions[domain]
+    model.graph.name = "kiln"
