@@ -54,6 +54,7 @@ class Rule:
 
 
 _REGISTRY: dict[str, type[Rule]] = {}
+_ALL_LOADED = False
 
 
 def register(cls: type[Rule]) -> type[Rule]:
@@ -65,12 +66,15 @@ def register(cls: type[Rule]) -> type[Rule]:
 
 
 def all_rules() -> dict[str, type[Rule]]:
-    """Import every module of kiln.build_rules once; each registers its rule."""
-    if not _REGISTRY:
+    """Import every module of kiln.build_rules once; each registers its rule. (A module imported on
+    its own registers only itself, so the registry being non-empty does not mean all are loaded.)"""
+    global _ALL_LOADED
+    if not _ALL_LOADED:
         import kiln.build_rules as package
 
         for info in pkgutil.iter_modules(package.__path__):
             importlib.import_module(f"{package.__name__}.{info.name}")
+        _ALL_LOADED = True
     return _REGISTRY
 
 
