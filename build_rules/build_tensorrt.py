@@ -41,6 +41,7 @@ class BuildTensorrt(Rule):
     version = 1
     tools = ("onnx",)  # TensorRT's version is in the hardware facts, with the GPU it built for
     Params = BuildTensorrtParams
+    memory_base_mib = 2048  # the builder's host-side network and tactic search
 
     @classmethod
     def hardware_for(cls, params: dict[str, Any]) -> dict[str, Any]:

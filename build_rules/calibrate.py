@@ -35,6 +35,7 @@ class Calibrate(Rule):
     version = 1
     tools = ("onnx", "onnxruntime", "tokenizers", "transformers", "numpy")
     Params = CalibrateParams
+    memory_base_mib = 1536  # one batch of every observed activation, plus onnxruntime's arena
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: CalibrateParams, ctx: RunContext) -> dict[str, Any]:
         import onnx

@@ -27,6 +27,7 @@ class ExportOnnx(Rule):
     version = 1
     tools = ("torch", "transformers", "onnx")
     Params = ExportOnnxParams
+    memory_base_mib, memory_per_input = 1024, 4.0  # the model in torch, plus the exporter's / runner's copies
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ExportOnnxParams, ctx: RunContext) -> dict[str, Any]:
         import warnings

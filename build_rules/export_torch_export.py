@@ -27,6 +27,7 @@ class ExportTorchExport(Rule):
     version = 1
     tools = ("torch", "transformers")
     Params = ExportTorchExportParams
+    memory_base_mib, memory_per_input = 1024, 4.0  # the model in torch, plus the exporter's / runner's copies
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ExportTorchExportParams, ctx: RunContext) -> dict[str, Any]:
         from kiln.child import run_in_child, source_job

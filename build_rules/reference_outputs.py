@@ -28,6 +28,7 @@ class ReferenceOutputs(Rule):
     version = 1
     tools = ("torch", "transformers", "tokenizers", "onnxruntime", "numpy")
     Params = ReferenceOutputsParams
+    memory_base_mib, memory_per_input = 1024, 4.0  # the model in torch, plus the exporter's / runner's copies
 
     @classmethod
     def tools_for(cls, params: dict[str, Any]) -> tuple[str, ...]:

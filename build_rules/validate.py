@@ -16,6 +16,7 @@ from kiln.rules import Params, Rule, RunContext, register
 
 
 class ValidateParams(Params):
+    model: str | None = None  # the manifest's model: names whose build/<model>/<target>/ this publishes to
     target: str
     format: str
     precision: str

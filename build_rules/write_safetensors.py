@@ -23,6 +23,7 @@ class WriteSafetensors(Rule):
     version = 1
     tools = ("torch", "transformers")
     Params = WriteSafetensorsParams
+    memory_base_mib, memory_per_input = 1024, 4.0  # the model in torch, plus the exporter's / runner's copies
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: WriteSafetensorsParams, ctx: RunContext) -> dict[str, Any]:
         from kiln import safetensors

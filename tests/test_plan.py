@@ -32,7 +32,7 @@ def test_one_target_expands_to_its_rule_chain():
     reference, export, simplify, validate_step = mine
     assert simplify.deps == [export.id] and set(validate_step.deps) == {simplify.id, reference.id}
     assert validate_step.outputs["artifact"] == ROOT / "build/bert/onnx_fp32/model.onnx"
-    assert export.outputs["model"].parent.parent == ROOT / "build/bert/.steps"
+    assert export.outputs["model"].parent.parent == ROOT / "build/.steps"
     assert p.artifacts()[0] == ("onnx_fp32", ROOT / "build/bert/onnx_fp32/model.onnx")
 
 

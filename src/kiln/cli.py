@@ -40,6 +40,14 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("target", nargs="?", help="only steps this target needs")
     explain.set_defaults(func=_explain)
 
+    cache = sub.add_parser("cache", help="the local content-addressed cache of step outputs (.kiln/cache)")
+    cache_sub = cache.add_subparsers(required=True, metavar="action")
+    info = cache_sub.add_parser("info", help="entries, objects and bytes in the cache")
+    info.set_defaults(func=_cache_info)
+    gc = cache_sub.add_parser("gc", help="drop least recently used entries until the cache fits")
+    gc.add_argument("--max-size", required=True, help="e.g. 500M, 2G, or bytes")
+    gc.set_defaults(func=_cache_gc)
+
     build = sub.add_parser("build", help="build manifests (same as `doit build manifest=...`)")
     build.add_argument("manifests", nargs="*", help="paths or bare names in manifests/; default: all")
     build.add_argument("-n", "--jobs", type=int, default=1, help="parallel steps")
@@ -78,6 +86,38 @@ def _explain(args) -> int:
     for step in steps:
         reason = why(step, plan.root)
         print(f"{'run ' if reason else 'ok  '} {step.name}: {reason or 'up to date'}")
+    return 0
+
+
+def _open_cache(args):
+    from kiln.cache import Cache
+    from kiln.errors import ManifestError
+
+    cache = Cache.for_root(args.root.resolve())
+    if cache is None:
+        raise ManifestError("KILN_CACHE", "", "the cache is turned off (KILN_CACHE=off)")
+    return cache
+
+
+def _cache_info(args) -> int:
+    cache = _open_cache(args)
+    stats = cache.stats()
+    print(f"{cache.folder}: {stats['entries']} step entries, {stats['objects']} objects, {stats['bytes'] / (1 << 20):.1f} MiB")
+    return 0
+
+
+def _cache_gc(args) -> int:
+    from kiln.cache import parse_size
+    from kiln.errors import ManifestError
+
+    try:
+        limit = parse_size(args.max_size)
+    except ValueError as err:
+        raise ManifestError("--max-size", "", str(err)) from None
+    cache = _open_cache(args)
+    done = cache.gc(limit)
+    print(f"{cache.folder}: removed {done['entries_removed']} entries and {done['objects_removed']} objects "
+          f"({done['bytes_freed'] / (1 << 20):.1f} MiB); {done['bytes_kept'] / (1 << 20):.1f} MiB kept")
     return 0
 
 

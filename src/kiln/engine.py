@@ -21,8 +21,8 @@ from typing import Any
 from kiln.errors import KilnError, ManifestError, StepError
 from kiln.keys import DigestCache, step_key, tool_versions
 from kiln.manifest import all_manifests, find_manifest, read_manifest
-from kiln.plan import Plan, Step, plan
-from kiln.records import failure_path, last_path, read_json, record_path, relative, state_dir, write_json_atomic
+from kiln.plan import Plan, Step, plan, share_steps
+from kiln.records import failure_path, last_path, owners, read_json, record_path, relative, state_dir, write_json_atomic
 from kiln.rules import RunContext, get_rule
 from kiln.sources import resolve
 from kiln.spec import validate
@@ -59,6 +59,7 @@ def load_plans(root: Path, manifest_arg: str | None) -> list[Plan]:
         built = plan(spec, resolve(spec, raw, root), path, root) if spec.targets else Plan(spec.model.name, path, root, [])
         built.skipped = skipped
         plans.append(built)
+    share_steps(plans)
     return plans
 
 
@@ -131,8 +132,8 @@ def _reason(step: Step, root: Path, current: dict[str, Any]) -> str | None:
 def _change_since_last(step: Step, root: Path, current: dict[str, Any]) -> str | None:
     """A step never built with these params and inputs: say what differs from the last build of the
     same rule for the same target (a new opset, a new source file...)."""
-    for target in step.targets:
-        last = read_json(last_path(root, step, target))
+    for model, target in owners(step):
+        last = read_json(last_path(root, step, target, model))
         if last is not None:
             return describe_change(last, current)
     return None
@@ -187,20 +188,56 @@ _torch_lock = threading.Lock()
 
 
 def run_step(step: Step, root: Path):
-    """doit action: run the rule into temp files, rename them into place, then write the record."""
+    """doit action: restore the step's outputs from the cache when its key is there, else run the
+    rule into temp files and rename them into place; then write the record."""
     from doit.exceptions import TaskFailed
 
+    from kiln.cache import Cache
+
     started = time.monotonic()
+    current = components(step, root)
+    key = step_key(current)
+    reason = _reason(step, root, current) or "forced (doit -a or an explicit request)"
+    cache = Cache.for_root(root)
+    entry = cache.restore(key, step.outputs) if cache is not None else None
+    if entry is not None:
+        info, reason = entry["info"], f"{reason}; restored from the cache"
+    else:
+        info = _execute(step, root, reason, started)
+        if isinstance(info, TaskFailed):
+            return info
+    outputs = {role: {"path": relative(p, root), "sha256": digest(root, p), "bytes": p.stat().st_size} for role, p in step.outputs.items()}
+    if cache is not None and entry is None:
+        cache.store(key, outputs, root, info)
+        for role, path in step.outputs.items():  # a hard link changes the file's ctime: keep its digest fresh
+            _digest_cache(root, os.getpid()).remember(path, outputs[role]["sha256"])
+    record = {
+        "step": step.name, "id": step.id, "key": key, "components": current, "outputs": outputs,
+        "reason": reason, "seconds": round(time.monotonic() - started, 3), "info": info, "restored": entry is not None,
+    }
+    write_json_atomic(record_path(root, step), record)
+    for model, target in owners(step):
+        write_json_atomic(last_path(root, step, target, model), current)
+    failure_path(root, step).unlink(missing_ok=True)
+    return {"key": key}
+
+
+def _execute(step: Step, root: Path, reason: str, started: float):
+    """Run the rule into temp files and rename them into place. Returns the rule's facts, or
+    doit's TaskFailed for a StepError (recorded in the failure file); no temp file survives."""
+    from doit.exceptions import TaskFailed
+
+    from kiln.resources import reserve
+
     rule = get_rule(step.rule)
     params = rule.Params.model_validate(step.params)
-    current = components(step, root)
-    reason = _reason(step, root, current) or "forced (doit -a or an explicit request)"
     temps = {role: path.with_name(f".{path.name}.{os.getpid()}.tmp") for role, path in step.outputs.items()}
     created = [p.parent for p in temps.values() if not p.parent.exists()]
     for folder in created:
         folder.mkdir(parents=True, exist_ok=True)
     try:
-        with _torch_lock if "torch" in rule.tools_for(step.params) else contextlib.nullcontext():
+        with reserve(root, step, rule.memory_mib(step.params, _input_bytes(step))), \
+                _torch_lock if "torch" in rule.tools_for(step.params) else contextlib.nullcontext():
             info = rule().run({r: list(f) for r, f in step.inputs.items()}, temps, params, RunContext(root, step.name)) or {}
     except BaseException as err:  # no temp output may stay behind, whatever went wrong
         for path in temps.values():
@@ -217,16 +254,11 @@ def run_step(step: Step, root: Path):
         raise RuntimeError(f"rule {step.rule} did not write its output {missing[0]!r}")
     for role, temp in temps.items():
         os.replace(temp, step.outputs[role])
-    outputs = {role: {"path": relative(p, root), "sha256": digest(root, p), "bytes": p.stat().st_size} for role, p in step.outputs.items()}
-    record = {
-        "step": step.name, "id": step.id, "key": step_key(current), "components": current, "outputs": outputs,
-        "reason": reason, "seconds": round(time.monotonic() - started, 3), "info": info,
-    }
-    write_json_atomic(record_path(root, step), record)
-    for target in step.targets:
-        write_json_atomic(last_path(root, step, target), current)
-    failure_path(root, step).unlink(missing_ok=True)
-    return {"key": record["key"]}
+    return info
+
+
+def _input_bytes(step: Step) -> int:
+    return sum(p.stat().st_size for files in step.inputs.values() for p in files if p.exists())
 
 
 def is_up_to_date(step: Step, root: Path) -> bool:
@@ -235,11 +267,13 @@ def is_up_to_date(step: Step, root: Path) -> bool:
 
 # ---- doit glue ----------------------------------------------------------------------------------
 
-def to_task(step: Step, plan_: Plan) -> dict[str, Any]:
-    names = {s.id: s.name for s in plan_.steps}
+def to_task(step: Step, plan_: Plan, names: dict[str, str] | None = None) -> dict[str, Any]:
+    """names: step id -> task name of the plan's steps (computed once per plan by the caller)."""
+    names = names or {s.id: s.name for s in plan_.steps}
+    shared = f" (and {len(step.shared_with)} targets of other manifests)" if step.shared_with else ""
     return {
         "name": step.name,
-        "doc": f"{step.rule} for {', '.join(step.targets)} of {relative(plan_.manifest, plan_.root)}",
+        "doc": f"{step.rule} for {', '.join(step.targets)} of {plan_.manifest.name}{shared}",
         "actions": [(run_step, [step, plan_.root])],
         "uptodate": [(is_up_to_date, [step, plan_.root])],
         "task_dep": [f"{TASK}:{names[d]}" for d in step.deps],
@@ -272,9 +306,13 @@ def doit_globals(root: Path | None = None, manifest_arg: str | None = None) -> d
 
     def task_build():
         """Build manifests: doit build [manifest=manifests/bert.toml] (default: every manifest)."""
+        yielded: set[str] = set()
         for plan_ in plans:
+            names = {s.id: s.name for s in plan_.steps}
             for step in plan_.steps:
-                yield to_task(step, plan_)
+                if step.id not in yielded:  # a step shared by several manifests is one task
+                    yielded.add(step.id)
+                    yield to_task(step, plan_, names)
 
     config = {
         "dep_file": str(state_dir(root) / "doit.db"),

@@ -101,20 +101,27 @@ class DigestCache:
                 wait = min(wait * 2, 0.5)
 
     def digest(self, path: Path) -> str:
-        path = Path(path).resolve()
+        path = os.path.abspath(path)  # plan paths are absolute already: no resolve() syscalls per file
         st = os.stat(path)
         stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         row = self._db().execute(
-            "SELECT inode, size, mtime_ns, ctime_ns, sha256 FROM digests WHERE path = ?", (str(path),)
+            "SELECT inode, size, mtime_ns, ctime_ns, sha256 FROM digests WHERE path = ?", (path,)
         ).fetchone()
         if row is not None and tuple(row[:4]) == stamp:
             return row[4]
         value = sha256_file(path)
         if os.stat(path).st_mtime_ns == st.st_mtime_ns:  # not written while we read it
             self._db().execute(
-                "INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?)", (str(path), *stamp, value)
+                "INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?)", (path, *stamp, value)
             )
         return value
+
+    def remember(self, path: Path, sha256: str) -> None:
+        """Record a digest known without reading the file (it was just computed or verified)."""
+        path = os.path.abspath(path)
+        st = os.stat(path)
+        self._db().execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?)",
+                           (path, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, sha256))
 
     def close(self) -> None:
         """Close this thread's connection (others close with their threads)."""

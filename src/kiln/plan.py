@@ -1,9 +1,10 @@
 """Stage 3: spec -> steps. Pure: reads no file, imports no doit, runs no rule.
 
 Each target expands into a chain of steps (the rule chain for its format and precision). Steps with
-the same rule, params and inputs are one step, whichever targets need them: it runs once and its
-outputs are shared. Intermediate outputs live in build/<model>/.steps/<rule>-<id>/; a target's
-published artifact lives in build/<model>/<target>/ and appears only after validation passed.
+the same rule, params and inputs are one step, whichever targets need them, in this manifest or
+another (share_steps): it runs once and its outputs are shared. Intermediate outputs live in
+build/.steps/<rule>-<id>/; a target's published artifact lives in build/<model>/<target>/ and
+appears only after validation passed.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Step:
     model: str
     targets: list[str] = field(default_factory=list)
     deps: list[str] = field(default_factory=list)  # ids of the steps that produce our inputs
+    shared_with: list[tuple[str, str]] = field(default_factory=list)  # (model, target) of other manifests' targets that need it too
 
     @property
     def name(self) -> str:
@@ -58,6 +60,20 @@ def identity(rule: str, params: dict, inputs: dict[str, tuple[Path, ...]], root:
         return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
 
     return sha256_text(canonical_json([rule, params, {k: [where(p) for p in v] for k, v in inputs.items()}]))
+
+
+def share_steps(plans: list[Plan]) -> None:
+    """Steps with the same id in several manifests become one Step object (the first manifest's),
+    which every plan lists: doit gets one task for it, it runs once, and each manifest's report and
+    lockfile name the same record. Ids come from rule, params and workspace-relative input paths,
+    so equal ids mean the same work on the same files."""
+    seen: dict[str, Step] = {}
+    for plan_ in plans:
+        for i, step in enumerate(plan_.steps):
+            first = seen.setdefault(step.id, step)
+            if first is not step:
+                first.shared_with.extend((plan_.model, t) for t in step.targets)
+                plan_.steps[i] = first
 
 
 def plan(spec: Spec, resolved: Resolved, manifest: Path, root: Path) -> Plan:
@@ -216,7 +232,7 @@ class _Planner:
         cache), by role; they follow the model in the step's model input, in that order."""
         validation = self.spec.validation
         params = {
-            "target": name,  # each target publishes (and validates) its own artifact
+            "model": self.spec.model.name, "target": name,  # each target publishes (and validates) its own artifact
             "format": target.format, "precision": target.precision, "hardware": target.hardware,
             "metrics": list(validation.metrics),
             "outputs": validation.outputs or [o.name for o in self.spec.outputs],
@@ -246,7 +262,7 @@ class _Planner:
         if existing is not None:
             existing.targets.append(target)
             return existing
-        folder = self.build_dir / ".steps" / step_id
+        folder = self.root / "build" / ".steps" / step_id  # not per model: another manifest may share it
         step = Step(
             id=step_id, rule=rule, params=params, inputs=inputs,
             outputs={role: (p if isinstance(p, Path) else folder / p) for role, p in outputs.items()},

@@ -97,7 +97,7 @@ class KilnReporter(ConsoleReporter):
             if not any(s.name in self.statuses for s in plan.steps):
                 continue  # this run did not touch this manifest (e.g. doit build:<other>)
             report = build_report(plan, self.statuses, seconds)
-            write_json_atomic(report_path(plan), report)
+            write_json_atomic(report_path(plan), report, durable=False)  # informative; the lockfile is the durable record
             if report["ok"]:
                 write_lock(plan)
             counts = report["counts"]

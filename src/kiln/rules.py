@@ -34,6 +34,16 @@ class Rule:
     tools: ClassVar[tuple[str, ...]]
     Params: ClassVar[type[Params]]
 
+    # Peak memory estimate: base + per_input x the bytes of the step's inputs. Torch rules load a
+    # model (weights, activations, the exporter's copies) and override it; see kiln.resources.
+    memory_base_mib: ClassVar[int] = 256
+    memory_per_input: ClassVar[float] = 3.0
+
+    @classmethod
+    def memory_mib(cls, params: dict[str, Any], input_bytes: int) -> int:
+        """MiB this step reserves from the build's memory budget while it runs."""
+        return int(cls.memory_base_mib + cls.memory_per_input * input_bytes / (1 << 20))
+
     @classmethod
     def tools_for(cls, params: dict[str, Any]) -> tuple[str, ...]:
         """The tools whose versions enter this step's key; a rule whose tools depend on its params
