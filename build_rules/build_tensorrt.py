@@ -18,7 +18,6 @@ nothing; kiln never writes a stand-in engine.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +53,7 @@ class BuildTensorrt(Rule):
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: BuildTensorrtParams, ctx: RunContext) -> dict[str, Any]:
         from kiln.cuda import CudaUnavailable, cudart, check, device_facts
+        from kiln.records import write_bytes_atomic
 
         try:
             facts = device_facts(params.device)
@@ -86,7 +86,7 @@ class BuildTensorrt(Rule):
         outputs["engine"].write_bytes(memoryview(engine))
         timing = bytes(memoryview(config.get_timing_cache().serialize()))
         outputs["timing_cache"].write_bytes(timing)
-        _write_atomic(shared, timing)
+        write_bytes_atomic(shared, timing)
         return {"engine_bytes": outputs["engine"].stat().st_size, "timing_cache_bytes": len(timing), **facts}
 
 
@@ -117,13 +117,6 @@ def _shared_cache_path(root: Path, facts: dict[str, Any]) -> Path:
     from kiln.records import state_dir
 
     return state_dir(root) / "tensorrt" / f"{sha256_text(canonical_json(facts))[:16]}.timing.cache"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 class _Logger:

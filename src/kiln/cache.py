@@ -19,12 +19,12 @@ import hashlib
 import json
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kiln.keys import CHUNK
+from kiln.records import write_bytes_atomic
 
 
 def cache_dir(root: Path) -> Path | None:
@@ -56,7 +56,7 @@ class Cache:
             self._store_object(root / out["path"], out["sha256"])
         entry = {"key": key, "outputs": {role: {"name": Path(o["path"]).name, "sha256": o["sha256"], "bytes": o["bytes"]} for role, o in outputs.items()},
                  "info": info}
-        _write_atomic(self.entry_path(key), (json.dumps(entry, sort_keys=True, indent=1) + "\n").encode())
+        write_bytes_atomic(self.entry_path(key), (json.dumps(entry, sort_keys=True, indent=1) + "\n").encode())
 
     def _store_object(self, path: Path, sha256: str) -> None:
         target = self.object_path(sha256)
@@ -151,13 +151,6 @@ def _copy_hashing(source: Path, dest: Path) -> str:
             digest.update(chunk)
             out.write(chunk)
     return digest.hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def parse_size(text: str) -> int:

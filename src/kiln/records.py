@@ -89,6 +89,14 @@ def write_json_atomic(path: Path, data: Any, durable: bool = True) -> bool:
     return True
 
 
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write bytes via a temp file beside the destination and rename: readers see old or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def dumps_by_line(data: dict[str, Any]) -> str:
     """JSON with one top-level key, or one item of a top-level list, per line: readable and diffable
     like indented JSON, but made by json's C encoder (indent= switches to the pure-Python one, which
