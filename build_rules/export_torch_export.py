@@ -24,7 +24,7 @@ class ExportTorchExportParams(Params):
 @register
 class ExportTorchExport(Rule):
     name = "export_torch_export"
-    version = 1
+    version = 2  # 2: stack traces name machine-independent source paths
     tools = ("torch", "transformers")
     Params = ExportTorchExportParams
     memory_base_mib, memory_per_input = 1024, 4.0  # the model in torch, plus the exporter's / runner's copies

@@ -27,7 +27,7 @@ class ExportTorchscriptParams(Params):
 @register
 class ExportTorchscript(Rule):
     name = "export_torchscript"
-    version = 1
+    version = 2  # 2: traced files name machine-independent source paths
     tools = ("torch", "transformers")
     Params = ExportTorchscriptParams
     memory_base_mib, memory_per_input = 1024, 4.0  # the model in torch, plus the exporter's / runner's copies
@@ -49,7 +49,8 @@ def child_main() -> None:
 
     from kiln.child import fail, read_source_job
 
-    params, model, args, out = read_source_job(ExportTorchscriptParams)
+    # scripting reads the source back through the code's file names: only traced programs get portable ones
+    params, model, args, out = read_source_job(ExportTorchscriptParams, portable_paths=lambda p: p.mode == "trace")
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes

@@ -40,11 +40,24 @@ class ReferenceOutputs(Rule):
         tensors: dict = {}
         samples = 0
         for index, (feed, result) in enumerate(_run_source(inputs, params, ctx)):
+            _require_finite(result, index, inputs["data"][0], ctx)
             samples += len(next(iter(feed.values())))
             tensors.update({f"{index:05d}/in/{name}": value for name, value in feed.items()})
             tensors.update({f"{index:05d}/out/{name}": value for name, value in result.items()})
         save_file(tensors, str(outputs["outputs"]))
         return {"samples": samples, "batches": index + 1}
+
+
+def _require_finite(result: dict, batch: int, data: Path, ctx: RunContext) -> None:
+    """A reference with NaN or Inf would make every comparison meaningless: fail here, naming it."""
+    import numpy as np
+
+    from kiln.errors import StepError
+
+    for name, value in result.items():
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            bad = int(value.size - np.isfinite(value).sum())
+            raise StepError(ctx.step, f"the source model's output {name!r} has {bad} NaN/Inf values on batch {batch} of {data.name}: there is nothing valid to compare artifacts with")
 
 
 def _run_source(inputs: dict[str, list[Path]], params: ReferenceOutputsParams, ctx: RunContext):

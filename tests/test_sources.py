@@ -186,3 +186,17 @@ format = "onnx"
 [validation]
 data = "data/t.txt"
 '''
+
+
+def test_paths_outside_the_workspace_are_refused_unless_allowed(tmp_path: Path):
+    outside = tmp_path / "elsewhere.npz"
+    np.savez(outside, features=np.zeros((4, 6), np.float32))
+    ws = tiny_workspace(tmp_path / "ws", 'kind = "torch"\nfactory = "tinynet:build"')
+    ws.edit('data = "data/tiny.npz"', 'data = "../../elsewhere.npz"', name="tiny")
+    proc = ws.doit("build", check=False)
+    assert proc.returncode == 2 and not (ws.root / "build").exists()
+    assert "tiny.toml: validation.data: '../../elsewhere.npz' resolves to" in proc.stderr and "outside the workspace" in proc.stderr
+    assert "model.allow_outside_workspace = true" in proc.stderr
+    ws.edit('name = "tiny"', 'name = "tiny"\nallow_outside_workspace = true', name="tiny")
+    raw = read_manifest(ws.manifest("tiny"))
+    assert resolve(validate(raw), raw, ws.root).data_file == outside

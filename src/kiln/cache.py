@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.keys import CHUNK
-from kiln.records import write_bytes_atomic
+from kiln.records import sweep_stale_temps, write_bytes_atomic
 
 
 def cache_dir(root: Path) -> Path | None:
@@ -63,6 +63,7 @@ class Cache:
         if target.exists():
             return
         target.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale_temps(target.parent)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
             os.link(path, tmp)  # same filesystem: no second copy of the bytes
@@ -93,6 +94,7 @@ class Cache:
             for role, out in entry["outputs"].items():
                 dest = destinations[role]
                 dest.parent.mkdir(parents=True, exist_ok=True)
+                sweep_stale_temps(dest.parent)
                 temps[role] = dest.with_name(f".{dest.name}.{os.getpid()}.restore.tmp")
                 if _copy_hashing(self.object_path(out["sha256"]), temps[role]) != out["sha256"]:
                     self.object_path(out["sha256"]).unlink(missing_ok=True)

@@ -44,9 +44,10 @@ def source_job(params, inputs: dict, out, root) -> dict[str, Any]:
     return {"params": params.model_dump(), "files": [str(p) for p in inputs["source"]], "root": str(root), "out": str(out)}
 
 
-def read_source_job(params_type):
+def read_source_job(params_type, portable_paths=lambda params: True):
     """In an exporter child: (params, model, example args, output path), the model and its example
-    inputs as every exporter uses them (kiln.sources.model_and_example)."""
+    inputs as every exporter uses them (kiln.sources.model_and_example). Unless portable_paths(params)
+    says no, the loaded code's file names are made machine-independent (portable_code_paths)."""
     from pathlib import Path
 
     from kiln.sources import model_and_example
@@ -54,4 +55,58 @@ def read_source_job(params_type):
     job = read_job()
     params = params_type(**job["params"])
     model, args = model_and_example(params.source, [Path(f) for f in job["files"]], params.inputs, params.outputs, Path(job["root"]))
+    if portable_paths(params):
+        portable_code_paths(job["root"], model)
     return params, model, args, Path(job["out"])
+
+
+def portable_code_paths(root, model=None) -> None:
+    """In an exporter child, before tracing: rename the file every loaded function says it comes
+    from (co_filename) to a name that does not depend on where the workspace or the virtualenv is:
+    workspace-relative, or site-packages/... and python/... for installed and standard-library
+    code. Traced TorchScript keeps each op's Python stack (file names) in its debug records and
+    torch.export keeps stack traces in node metadata, so without this the same model exported from
+    two checkouts gives two different files. Not for torch.jit.script, which reads the source back
+    through these file names."""
+    import site
+    import sys
+    import sysconfig
+    import types
+    from pathlib import Path
+
+    prefixes = sorted({(str(Path(root).resolve()) + "/", "")} | {(p.rstrip("/") + "/", "site-packages/") for p in site.getsitepackages()}
+                      | {(sysconfig.get_paths()["stdlib"].rstrip("/") + "/", "python/")}, key=lambda pair: -len(pair[0]))
+
+    def portable(name: str) -> str:
+        for prefix, replacement in prefixes:
+            if name.startswith(prefix):
+                return replacement + name[len(prefix):]
+        return name
+
+    def rename(code: types.CodeType) -> types.CodeType:
+        consts = tuple(rename(c) if isinstance(c, types.CodeType) else c for c in code.co_consts)
+        return code.replace(co_filename=portable(code.co_filename), co_consts=consts)
+
+    def fix(function) -> None:
+        if isinstance(function, types.FunctionType) and function.__code__.co_filename != portable(function.__code__.co_filename):
+            function.__code__ = rename(function.__code__)
+
+    seen: set[int] = set()
+
+    def fix_class(cls: type) -> None:
+        if id(cls) in seen:
+            return
+        seen.add(id(cls))
+        for value in vars(cls).values():
+            fix(getattr(value, "__func__", value))
+            if isinstance(value, property):
+                for accessor in (value.fget, value.fset, value.fdel):
+                    fix(accessor)
+
+    for module in list(sys.modules.values()):
+        for value in list(getattr(module, "__dict__", {}).values()):
+            fix_class(value) if isinstance(value, type) else fix(value)
+    if model is not None:  # classes defined inside a factory function are in no module's namespace
+        for layer in model.modules():
+            for cls in type(layer).__mro__:
+                fix_class(cls)

@@ -40,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("target", nargs="?", help="only steps this target needs")
     explain.set_defaults(func=_explain)
 
+    verify = sub.add_parser("verify", help="re-hash the artifacts against their lockfiles and provenance; exit 1 on any drift")
+    verify.add_argument("manifests", nargs="*", help="paths or bare names in manifests/; default: all")
+    verify.set_defaults(func=_verify)
+
     cache = sub.add_parser("cache", help="the local content-addressed cache of step outputs (.kiln/cache)")
     cache_sub = cache.add_subparsers(required=True, metavar="action")
     info = cache_sub.add_parser("info", help="entries, objects and bytes in the cache")
@@ -87,6 +91,20 @@ def _explain(args) -> int:
         reason = why(step, plan.root)
         print(f"{'run ' if reason else 'ok  '} {step.name}: {reason or 'up to date'}")
     return 0
+
+
+def _verify(args) -> int:
+    from kiln.lockfile import lock_path, verify
+
+    drifted = 0
+    for plan in _plans(args, args.manifests):
+        problems = verify(plan)
+        drifted += bool(problems)
+        for line in problems:
+            print(f"kiln: drift: {line}", file=sys.stderr)
+        if not problems:
+            print(f"{lock_path(plan).relative_to(plan.root)}: ok: {len(plan.artifacts())} artifacts match")
+    return 1 if drifted else 0
 
 
 def _open_cache(args):

@@ -6,12 +6,13 @@ manifest's dtype. Errors name the data file and the tensor.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from kiln.errors import StepError
+from kiln.errors import StepError, one_line
 
 
 def batches(data_file: Path, source_files: list[Path] | None, inputs: list[dict], batch_size: int, max_length: int, max_samples: int | None) -> Iterator[dict[str, np.ndarray]]:
@@ -59,16 +60,16 @@ def array_batches(path: Path, inputs: list[dict], batch_size: int, max_samples: 
 def load_arrays(path: Path, inputs: list[dict]) -> dict[str, np.ndarray]:
     try:
         loaded = np.load(path, allow_pickle=False)
+        # an .npz reads each array when asked: a pickled one or a damaged member fails here
+        found = {name: loaded[name] for name in loaded.files} if not isinstance(loaded, np.ndarray) else None
     except ValueError as err:
-        raise StepError(str(path), f"cannot read arrays ({err}); object arrays (pickle) are refused") from None
-    except (OSError, EOFError) as err:
-        raise StepError(str(path), f"cannot read arrays: {err}") from None
-    if isinstance(loaded, np.ndarray):
+        raise StepError(str(path), f"cannot read arrays ({one_line(err)}); object arrays (pickle) are refused") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as err:
+        raise StepError(str(path), f"cannot read arrays: {one_line(err)}") from None
+    if found is None:
         if len(inputs) != 1:
             raise StepError(str(path), f"a .npy holds one array but the model has {len(inputs)} inputs; use .npz with arrays named {[i['name'] for i in inputs]}")
         found = {inputs[0]["name"]: loaded}
-    else:
-        found = {name: loaded[name] for name in loaded.files}
     arrays = {}
     for spec in inputs:
         if spec["name"] not in found:

@@ -33,10 +33,13 @@ def lock_data(plan: Plan) -> dict[str, Any] | None:
             # files published beside it (OpenVINO's weights, TensorRT's timing cache) are locked too
             artifact |= {role: entry for role, entry in files.items() if role not in ("artifact", "validation")}
             artifacts.append(artifact)
+    from kiln.keys import sha256_file
+
     return {
         "lock_version": LOCK_VERSION,
         "model": plan.model,
         "manifest": relative(plan.manifest, plan.root),
+        "manifest_sha256": sha256_file(plan.manifest),
         "artifacts": sorted(artifacts, key=lambda a: a["target"]),
         "steps": steps,
         "tools": dict(sorted(tools.items())),
@@ -46,3 +49,45 @@ def lock_data(plan: Plan) -> dict[str, Any] | None:
 def write_lock(plan: Plan) -> bool:
     data = lock_data(plan)
     return data is not None and write_json_atomic(lock_path(plan), data)
+
+
+def write_provenance(plan: Plan) -> None:
+    """provenance.intoto.json next to every published artifact (kiln.provenance)."""
+    from kiln.provenance import statements
+
+    lock = read_json(lock_path(plan))
+    if lock is None:
+        return
+    for path, statement in statements(plan, lock["manifest_sha256"]).items():
+        write_json_atomic(path, statement)
+
+
+def verify(plan: Plan) -> list[str]:
+    """Re-hash every file the lockfile lists (reading the bytes, not trusting any cache) and the
+    provenance statements' subjects. Returns the problems, one line each; [] when all match."""
+    from kiln.keys import sha256_file
+    from kiln.provenance import FILE
+
+    lock = read_json(lock_path(plan))
+    if lock is None:
+        return [f"{relative(lock_path(plan), plan.root)}: no lockfile (not built yet, or the last build failed)"]
+    problems = []
+    for artifact in lock["artifacts"]:
+        files = [artifact] + [v for v in artifact.values() if isinstance(v, dict) and "sha256" in v]
+        for entry in files:
+            path = plan.root / entry["path"]
+            if not path.is_file():
+                problems.append(f"{entry['path']}: missing (locked sha256 {entry['sha256'][:12]})")
+            elif (found := sha256_file(path)) != entry["sha256"]:
+                problems.append(f"{entry['path']}: sha256 {found[:12]} differs from the locked {entry['sha256'][:12]}")
+        statement = read_json(plan.root / Path(artifact["path"]).parent / FILE)
+        subjects = {s["name"]: s["digest"]["sha256"] for s in (statement or {}).get("subject", [])}
+        if subjects.get(artifact["path"]) != artifact["sha256"]:
+            problems.append(f"{Path(artifact['path']).parent / FILE}: missing or its subject does not match the lockfile")
+    return problems
+
+
+def provenance_complete(plan: Plan) -> bool:
+    from kiln.provenance import FILE
+
+    return all((path.parent / FILE).is_file() for _, path in plan.artifacts())

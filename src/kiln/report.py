@@ -10,7 +10,7 @@ from typing import Any
 
 from doit.reporter import ConsoleReporter
 
-from kiln.lockfile import write_lock
+from kiln.lockfile import provenance_complete, write_lock, write_provenance
 from kiln.plan import Plan
 from kiln.records import failure_path, read_json, record_path, write_json_atomic
 
@@ -76,6 +76,15 @@ class KilnReporter(ConsoleReporter):
         self.statuses: dict[str, str] = {}
         self.started = time.monotonic()
 
+    def initialize(self, tasks, selected_tasks):
+        """Before any task runs: take the workspace's build lock (kiln.resources.lock_workspace), so
+        two builds started at once run one after the other instead of racing on the same steps."""
+        super().initialize(tasks, selected_tasks)
+        from kiln.engine import PLANS
+        from kiln.resources import lock_workspace
+
+        self._workspace_lock = lock_workspace(PLANS[0].root) if PLANS else None
+
     def execute_task(self, task):
         super().execute_task(task)
         self.statuses[_step_name(task)] = RAN
@@ -89,6 +98,14 @@ class KilnReporter(ConsoleReporter):
         self.statuses[_step_name(task)] = FAILED
 
     def complete_run(self):
+        try:
+            self._complete_run()
+        finally:
+            lock = getattr(self, "_workspace_lock", None)
+            if lock is not None:
+                lock.close()  # releases the flock
+
+    def _complete_run(self):
         super().complete_run()
         from kiln.engine import PLANS
 
@@ -98,14 +115,18 @@ class KilnReporter(ConsoleReporter):
                 continue  # this run did not touch this manifest (e.g. doit build:<other>)
             report = build_report(plan, self.statuses, seconds)
             write_json_atomic(report_path(plan), report, durable=False)  # informative; the lockfile is the durable record
-            if report["ok"]:
-                write_lock(plan)
+            if report["ok"] and (write_lock(plan) or counts_ran(report) or not provenance_complete(plan)):
+                write_provenance(plan)  # only when something changed: a no-op build of a monorepo stays cheap
             counts = report["counts"]
             for artifact in report["artifacts"]:
                 if artifact.get("validation"):
                     self.write(f"kiln: {plan.model}/{artifact['target']}: published {artifact['validation']}\n")
             self.write(f"kiln: {plan.model}: {counts[RAN]} ran, {counts[UP_TO_DATE]} up to date, {counts[FAILED]} failed"
                        f"{', ' + str(counts[NOT_RUN]) + ' not run' if counts[NOT_RUN] else ''} -> {report_path(plan).relative_to(plan.root)}\n")
+
+
+def counts_ran(report: dict[str, Any]) -> bool:
+    return report["counts"][RAN] > 0
 
 
 def _step_name(task) -> str:

@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from kiln.records import state_dir
+from kiln.records import pid_alive, state_dir
 
 _tokens = itertools.count()
 
@@ -71,18 +71,29 @@ def _locked(folder: Path):
             ledger = json.loads(path.read_text())
         except (OSError, ValueError):
             ledger = {}
-        ledger = {t: e for t, e in ledger.items() if _alive(e["pid"])}
+        ledger = {t: e for t, e in ledger.items() if pid_alive(e["pid"])}
         yield ledger
         tmp = path.with_name(f".memory.json.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(ledger, sort_keys=True))
         os.replace(tmp, path)
 
 
-def _alive(pid: int) -> bool:
+def lock_workspace(root: Path):
+    """One build at a time per workspace: an exclusive flock on build/.kiln/build.lock, held until
+    the returned file is closed (or the process dies: the kernel drops the lock, so a killed build
+    never blocks the next). A second `doit build` says whom it waits for, then waits."""
+    folder = state_dir(root)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = open(folder / "build.lock", "a+")
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        print(f"kiln: waiting for another build of this workspace to finish ({holder})", file=sys.stderr, flush=True)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()}")
+    lock.flush()
+    return lock

@@ -103,7 +103,11 @@ def resolve_path(text: str, raw: RawManifest, key: str, root: Path) -> Path:
             raise ManifestError(raw.path, key, f"{text!r}: Python package {package!r} is not installed (pip install {package.replace('_', '-')})")
         return Path(list(found.submodule_search_locations)[0]) / subdir
     path = Path(text)
-    return path if path.is_absolute() else (raw.folder / path).resolve()
+    path = path if path.is_absolute() else (raw.folder / path)
+    resolved = path.resolve()  # symlinks and .. resolved: what would really be read
+    if not resolved.is_relative_to(root.resolve()) and not raw.data.get("model", {}).get("allow_outside_workspace", False):
+        raise ManifestError(raw.path, key, f"{text!r} resolves to {str(resolved)!r}, outside the workspace {str(root)!r}; refused unless the manifest sets model.allow_outside_workspace = true")
+    return resolved
 
 
 def _require_file(path: Path, raw: RawManifest, key: str) -> None:

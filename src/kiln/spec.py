@@ -37,6 +37,7 @@ class ModelInfo(Strict):
 
     name: str = Field(pattern=NAME, description="letters, digits, _ . - ; names build/<name>/")
     description: str = ""
+    allow_outside_workspace: bool = Field(False, description="let the manifest's file paths (source, data) point outside the workspace; pkg: paths are always allowed")
 
 
 class HuggingFaceSource(Strict):

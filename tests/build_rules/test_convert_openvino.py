@@ -37,7 +37,7 @@ def test_ir_is_published_whole_validated_and_locked(tmp_path: Path):
     assert report["ok"]
     for target, diff in (("ov32", 1e-5), ("ov16", 1e-2)):
         folder = ws.root / "build/tiny" / target
-        assert sorted(p.name for p in folder.iterdir()) == ["model.bin", "model.xml", "validation.json"]
+        assert sorted(p.name for p in folder.iterdir()) == ["model.bin", "model.xml", "provenance.intoto.json", "validation.json"]
         (artifact,) = [a for a in report["artifacts"] if a["target"] == target]
         assert artifact["metrics"]["scores"]["max_abs_diff"] <= diff and artifact["bytes"] == (folder / "model.xml").stat().st_size + (folder / "model.bin").stat().st_size
     assert (ws.root / "build/tiny/ov16/model.bin").stat().st_size < 0.6 * (ws.root / "build/tiny/ov32/model.bin").stat().st_size

@@ -1,0 +1,115 @@
+"""Builds that are killed (SIGKILL to the whole process group, as a crash or a cancelled CI job) or
+that race each other: the artifacts that end up published are always a clean build's bytes, a
+rebuild finishes the work, and nothing partial or stale is left under build/."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import _env
+from test_sources import tiny_workspace
+
+
+def torch_workspace(root: Path, targets: str):
+    """The tiny torch factory of test_sources with these targets."""
+    ws = tiny_workspace(root, 'kind = "torch"\nfactory = "tinynet:build"')
+    text = ws.manifest("tiny").read_text()
+    ws.manifest("tiny").write_text(text[: text.index("[targets.onnx_a]")] + targets + text[text.index("[validation]"):])
+    return ws
+
+TARGETS = '''
+[targets.onnx_a]
+format = "onnx"
+
+[targets.raw]
+format = "onnx"
+options = { simplify = false }
+
+[targets.fp16]
+format = "onnx"
+precision = "fp16"
+
+[targets.int8]
+format = "onnx"
+precision = "int8"
+
+[targets.traced]
+format = "torchscript"
+
+[targets.weights]
+format = "safetensors"
+precision = "fp16"
+'''
+TRIALS = 20
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def published(root: Path) -> dict[str, str]:
+    """Every visible file under build/tiny/<target>/ -> its sha256."""
+    return {str(p.relative_to(root)): sha256(p) for p in sorted((root / "build/tiny").glob("*/*")) if not p.name.startswith(".")}
+
+
+def leftovers(root: Path) -> list[str]:
+    return [str(p.relative_to(root)) for p in (root / "build").rglob("*.tmp")]
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    ws = torch_workspace(tmp_path_factory.mktemp("clean") / "ws", TARGETS)
+    ws.doit("build")
+    return published(ws.root)
+
+
+def _start(root: Path, cache: bool) -> subprocess.Popen:
+    env = _env() | ({} if cache else {"KILN_CACHE": "off"})
+    return subprocess.Popen([sys.executable, "-m", "doit", "build"], cwd=root, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def test_killed_builds_never_publish_a_partial_artifact_and_a_rebuild_finishes(tmp_path: Path, clean):
+    ws = torch_workspace(tmp_path / "ws", TARGETS)
+    rng = random.Random(7)
+    killed_during = 0
+    for trial in range(TRIALS):
+        if trial % 4 == 0 and (ws.root / "build").exists():
+            shutil.rmtree(ws.root / "build")  # from scratch again, so kills land in every kind of step
+        proc = _start(ws.root, cache=trial % 2 == 0)  # half the trials restore from the cache instead of running rules
+        time.sleep(rng.uniform(0.05, 4.0))
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed_during += 1
+        proc.wait()
+        for name, digest in published(ws.root).items():  # whatever is visible is complete and right
+            assert clean.get(name) == digest, f"trial {trial}: {name} is not the clean build's"
+    assert killed_during >= TRIALS // 2  # most trials really were killed mid-build
+    ws.doit("build")
+    assert published(ws.root) == clean
+    assert leftovers(ws.root) == []
+    assert [line for line in ws.doit("build").stdout.splitlines() if line.startswith(".  ")] == []
+    assert ws.kiln("verify", "tiny").returncode == 0
+
+
+def test_two_builds_started_at_once_take_turns(tmp_path: Path, clean):
+    ws = torch_workspace(tmp_path / "ws", TARGETS)
+    procs = [subprocess.Popen([sys.executable, "-m", "doit", "build"], cwd=ws.root, env=_env() | {"KILN_CACHE": "off"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=600) + (p.returncode,) for p in procs]
+    assert [rc for _, _, rc in results] == [0, 0], results
+    assert any("kiln: waiting for another build of this workspace to finish (pid " in err for _, err, _ in results)
+    ran = [sum(line.startswith(".  ") for line in out.splitlines()) for out, _, _ in results]
+    assert sorted(ran)[0] == 0 and sorted(ran)[1] > 0  # the second found everything built by the first
+    assert published(ws.root) == clean
+    assert [line for line in ws.doit("build").stdout.splitlines() if line.startswith(".  ")] == []  # databases intact
