@@ -186,7 +186,7 @@ def main() -> None:
     md5["edit one"] = doit(root, "dodo_md5.py")
     md5["no-op again"] = doit(root, "dodo_md5.py")
     print(f"(MD5 side's first run, every task through kiln's cache: {md5_first[0]:.1f} s, {md5_first[1]} tasks)")
-    print(f"\n| scenario | kiln s (tasks run) | doit MD5 s (tasks run) | MD5 / kiln |\n| --- | --- | --- | --- |")
+    print("\n| scenario | kiln s (tasks run) | doit MD5 s (tasks run) | MD5 / kiln |\n| --- | --- | --- | --- |")
     for name in kiln:
         (k, kn), (m, mn) = kiln[name], md5[name]
         print(f"| {name} | {k:.2f} ({kn}) | {m:.2f} ({mn}) | {m / k:.1f}x |")

@@ -4,7 +4,6 @@ source of ONNX-to-X targets (fp16, int8, OpenVINO)."""
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 

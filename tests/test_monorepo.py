@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from conftest import Workspace, new_workspace
 from test_sources import TINY_MANIFEST, TINYNET
@@ -61,7 +60,6 @@ def test_the_cache_restores_an_earlier_configuration_without_running_rules(tmp_p
 
     shutil.rmtree(ws.root / "build")  # a clean checkout of the earlier branch
     ws.edit("opset = 18", "opset = 17", name="a")
-    started = time.monotonic()
     ws.doit("build", "manifest=a")
     report = ws.report("a")
     ran = [s for s in report["steps"] if s["status"] == "ran"]

@@ -3,7 +3,6 @@ file, on a tiny model so the whole chain runs in seconds; plus the disk checks o
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 

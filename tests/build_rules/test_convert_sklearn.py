@@ -5,7 +5,6 @@ pickled estimator needs allow_pickle; a regressor and a mismatched output list b
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
