@@ -104,6 +104,8 @@ def test_a_whole_repository_build_skips_gpu_targets_and_a_named_one_fails(tmp_pa
     proc = ws.doit("build")  # every manifest: the GPU targets are left out, the rest builds
     assert "kiln: skipped bert_trt/trt_fp16: hardware = \"cuda\" needs an NVIDIA GPU with TensorRT: " in proc.stderr
     assert ws.report("sklearn_iris")["ok"] and not (ws.root / "build/bert_trt").exists()
+    verified = ws.kiln("verify")  # nothing of bert_tensorrt was built here, and that is not drift
+    assert verified.returncode == 0 and "bert_tensorrt.toml: skipped: 3 targets cannot be built on this machine" in verified.stdout
     named = ws.doit("build", "manifest=bert_tensorrt", check=False)
     assert named.returncode != 0 and not (ws.root / "build/bert_trt/trt_fp32").exists()
     if "tensorrt" in NO_GPU:  # the package is missing: refused before any step runs, with the command
