@@ -129,7 +129,7 @@ class _Logger:
                 self.last_error = ""
 
             def log(self, severity, msg):
-                if severity <= trt.ILogger.Severity.ERROR:
+                if int(severity) <= int(trt.ILogger.Severity.ERROR):  # INTERNAL_ERROR (0) and ERROR (1)
                     self.last_error = " ".join(str(msg).split())
 
         return Logger()
