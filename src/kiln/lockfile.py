@@ -33,13 +33,13 @@ def lock_data(plan: Plan) -> dict[str, Any] | None:
             # files published beside it (OpenVINO's weights, TensorRT's timing cache) are locked too
             artifact |= {role: entry for role, entry in files.items() if role not in ("artifact", "validation")}
             artifacts.append(artifact)
-    from kiln.keys import sha256_file
+    from kiln.engine import digest  # the stat-keyed cache: a no-op build does not re-read every manifest
 
     return {
         "lock_version": LOCK_VERSION,
         "model": plan.model,
         "manifest": relative(plan.manifest, plan.root),
-        "manifest_sha256": sha256_file(plan.manifest),
+        "manifest_sha256": digest(plan.root, plan.manifest),
         "artifacts": sorted(artifacts, key=lambda a: a["target"]),
         "steps": steps,
         "tools": dict(sorted(tools.items())),

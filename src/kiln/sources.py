@@ -60,11 +60,11 @@ def _require_modules(modules: tuple[str, ...], extra: str, what: str, raw: RawMa
 def _source_files(spec: Spec, raw: RawManifest, root: Path) -> tuple[Path, ...]:
     source = spec.source
     if source.kind == "huggingface":
-        return _model_folder_files(resolve_path(source.path, raw, "source.path", root), source.allow_pickle, raw)
+        return _model_folder_files(resolve_path(source.path, raw, "source.path", root, spec), source.allow_pickle, raw)
     if source.kind == "sklearn":
         if source.factory:
             return (_factory_file(source.factory, raw, root),)
-        path = resolve_path(source.path, raw, "source.path", root)
+        path = resolve_path(source.path, raw, "source.path", root, spec)
         _require_file(path, raw, "source.path")
         if not source.allow_pickle:
             raise ManifestError(raw.path, "source.allow_pickle", f"{path.name!r} is a pickled estimator, which can run code when loaded; refused unless the manifest sets source.allow_pickle = true (or give source.factory = \"module:function\")")
@@ -72,12 +72,12 @@ def _source_files(spec: Spec, raw: RawManifest, root: Path) -> tuple[Path, ...]:
     if source.kind == "torch":
         files = [_factory_file(source.factory, raw, root)]
         if source.weights:
-            weights = resolve_path(source.weights, raw, "source.weights", root)
+            weights = resolve_path(source.weights, raw, "source.weights", root, spec)
             _require_file(weights, raw, "source.weights")
             _check_pickle(weights, source.allow_pickle, raw, "source.weights")
             files.append(weights)
         return tuple(files)
-    path = resolve_path(source.path, raw, "source.path", root)
+    path = resolve_path(source.path, raw, "source.path", root, spec)
     _require_file(path, raw, "source.path")
     return (path,)
 
@@ -85,7 +85,7 @@ def _source_files(spec: Spec, raw: RawManifest, root: Path) -> tuple[Path, ...]:
 def _data_file(spec: Spec, raw: RawManifest, root: Path, table: str) -> Path:
     """[validation].data or [calibration].data: an existing .txt (tokenized) or .npz/.npy file."""
     text, key = getattr(spec, table).data, f"{table}.data"
-    data = resolve_path(text, raw, key, root)
+    data = resolve_path(text, raw, key, root, spec)
     _require_file(data, raw, key)
     if data.suffix not in (".txt", ".npz", ".npy"):
         raise ManifestError(raw.path, key, f"{text!r} is not allowed; expected a .txt, .npz or .npy file")
@@ -94,7 +94,7 @@ def _data_file(spec: Spec, raw: RawManifest, root: Path, table: str) -> Path:
     return data
 
 
-def resolve_path(text: str, raw: RawManifest, key: str, root: Path) -> Path:
+def resolve_path(text: str, raw: RawManifest, key: str, root: Path, spec: Spec) -> Path:
     """A manifest path: relative to the manifest's folder, absolute, or pkg:<package>/<subdir>."""
     if text.startswith("pkg:"):
         package, _, subdir = text[4:].partition("/")
@@ -105,7 +105,7 @@ def resolve_path(text: str, raw: RawManifest, key: str, root: Path) -> Path:
     path = Path(text)
     path = path if path.is_absolute() else (raw.folder / path)
     resolved = path.resolve()  # symlinks and .. resolved: what would really be read
-    if not resolved.is_relative_to(root.resolve()) and not raw.data.get("model", {}).get("allow_outside_workspace", False):
+    if not resolved.is_relative_to(root.resolve()) and not spec.model.allow_outside_workspace:
         raise ManifestError(raw.path, key, f"{text!r} resolves to {str(resolved)!r}, outside the workspace {str(root)!r}; refused unless the manifest sets model.allow_outside_workspace = true")
     return resolved
 
