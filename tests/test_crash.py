@@ -42,6 +42,9 @@ precision = "fp16"
 [targets.int8]
 format = "onnx"
 precision = "int8"
+# The 6-16-3 MLP's 3 outputs make a row's cosine fragile under int8 activations (0.68 at worst with
+# onnxruntime 1.31-1.32); this test is about crashes, not accuracy.
+thresholds = { min_cosine = 0.5 }
 
 [targets.traced]
 format = "torchscript"
@@ -50,7 +53,8 @@ format = "torchscript"
 format = "safetensors"
 precision = "fp16"
 '''
-TRIALS = 20
+KILLS = 20  # trials that really were killed mid-build
+MAX_STARTS = 100  # builds that finish before their kill are not trials; this bounds the retries
 
 
 def sha256(path: Path) -> str:
@@ -79,22 +83,40 @@ def _start(root: Path, cache: bool) -> subprocess.Popen:
                             stderr=subprocess.DEVNULL, start_new_session=True)
 
 
+def _timed_build(root: Path, cache: bool) -> float:
+    began = time.monotonic()
+    proc = _start(root, cache)
+    assert proc.wait(timeout=600) == 0
+    return time.monotonic() - began
+
+
 def test_killed_builds_never_publish_a_partial_artifact_and_a_rebuild_finishes(tmp_path: Path, clean):
     ws = torch_workspace(tmp_path / "ws", TARGETS)
+    # How long a whole build takes here, running the rules or restoring from the cache: the kill moments are
+    # drawn within those, so kills land mid-build on a slow machine and on a fast one alike.
+    whole = {False: _timed_build(ws.root, cache=True)}  # cache on but empty: runs every rule, fills the cache
+    shutil.rmtree(ws.root / "build")
+    whole[True] = _timed_build(ws.root, cache=True)
+    shutil.rmtree(ws.root / "build")
     rng = random.Random(7)
-    killed_during = 0
-    for trial in range(TRIALS):
-        if trial % 4 == 0 and (ws.root / "build").exists():
+    kills = starts = 0
+    while kills < KILLS and starts < MAX_STARTS:
+        starts += 1
+        if kills % 4 == 0 and (ws.root / "build").exists():
             shutil.rmtree(ws.root / "build")  # from scratch again, so kills land in every kind of step
-        proc = _start(ws.root, cache=trial % 2 == 0)  # half the trials restore from the cache instead of running rules
-        time.sleep(rng.uniform(0.05, 4.0))
-        if proc.poll() is None:
+        cache = kills % 2 == 0  # half the trials restore from the cache instead of running rules
+        proc = _start(ws.root, cache)
+        time.sleep(rng.uniform(0.05, 0.9 * whole[cache]))
+        finished = proc.poll() is not None
+        if not finished:
             os.killpg(proc.pid, signal.SIGKILL)
-            killed_during += 1
+            kills += 1
         proc.wait()
         for name, digest in published(ws.root).items():  # whatever is visible is complete and right
-            assert clean.get(name) == digest, f"trial {trial}: {name} is not the clean build's"
-    assert killed_during >= TRIALS // 2  # most trials really were killed mid-build
+            assert clean.get(name) == digest, f"start {starts}: {name} is not the clean build's"
+        if finished:
+            shutil.rmtree(ws.root / "build")  # it finished first: the next start has work to be killed in
+    assert kills == KILLS, f"only {kills} of {starts} builds were still running at their kill moment"
     ws.doit("build")
     assert published(ws.root) == clean
     assert leftovers(ws.root) == []
