@@ -62,6 +62,8 @@ precision = "fp16"
 [targets.int8]
 format = "onnx"
 precision = "int8"
+# random weights and inputs: the worst row's cosine under int8 activations is ~0.89 on some seeds
+thresholds = {{ min_cosine = 0.8 }}
 
 [targets.int4]
 format = "onnx"

@@ -20,22 +20,65 @@ def test_tool_versions_include_kiln_and_report_missing_tools():
     assert versions["kiln"] and versions["numpy"][0].isdigit() and versions["no-such-dist-xyz"] == "not installed"
 
 
+def _count_hashes(monkeypatch) -> dict[str, int]:
+    calls = {"sha256": 0, "blake3": 0}
+    for name in calls:
+        real = getattr(keys, f"{name}_file")
+        monkeypatch.setattr(keys, f"{name}_file", lambda p, real=real, name=name: calls.__setitem__(name, calls[name] + 1) or real(p))
+    return calls
+
+
 def test_digest_cache_hashes_a_file_once_per_stat(tmp_path: Path, monkeypatch):
-    calls = []
-    real = keys.sha256_file
-    monkeypatch.setattr(keys, "sha256_file", lambda p: calls.append(p) or real(p))
+    calls = _count_hashes(monkeypatch)
     data = tmp_path / "w.bin"
     data.write_bytes(os.urandom(1 << 16))
     cache = DigestCache(tmp_path / "state" / "d.sqlite")
     first = cache.digest(data)
-    assert first == sha256_file(data) and cache.digest(data) == first and len(calls) == 1
+    assert first == sha256_file(data) and cache.digest(data) == first and calls == {"sha256": 1, "blake3": 1}
 
     os.utime(data, ns=(time.time_ns(), time.time_ns() + 10**9))  # touch: same bytes, new stat
-    assert cache.digest(data) == first and len(calls) == 2
-    assert DigestCache(tmp_path / "state" / "d.sqlite").digest(data) == first and len(calls) == 2  # refreshed entry persists
+    assert cache.digest(data) == first and calls == {"sha256": 1, "blake3": 2}  # re-checked by BLAKE3 only
+    assert DigestCache(tmp_path / "state" / "d.sqlite").digest(data) == first and calls["blake3"] == 2  # refreshed entry persists
 
     data.write_bytes(b"other bytes")
     assert cache.digest(data) == sha256_file(data) != first
+
+
+def test_digest_cache_sees_new_bytes_of_the_same_size_and_stamp(tmp_path: Path):
+    data = tmp_path / "w.bin"
+    data.write_bytes(b"a" * 4096)
+    cache = DigestCache(tmp_path / "d.sqlite")
+    first = cache.digest(data)
+    st = data.stat()
+    data.write_bytes(b"b" * 4096)
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime: only ctime tells
+    assert cache.digest(data) == sha256_file(data) != first
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    assert cache.digest(empty) == sha256_file(empty)
+
+
+def test_remember_keeps_the_quick_check_of_the_same_bytes(tmp_path: Path, monkeypatch):
+    data = tmp_path / "w.bin"
+    data.write_bytes(os.urandom(1 << 16))
+    cache = DigestCache(tmp_path / "d.sqlite")
+    value = cache.digest(data)
+    os.link(data, tmp_path / "link")  # a hard link changes ctime, as the cache's store does
+    calls = _count_hashes(monkeypatch)
+    cache.remember(data, value)
+    assert cache.digest(data) == value and calls == {"sha256": 0, "blake3": 0}
+
+
+def test_a_process_forked_after_hashing_can_still_hash(tmp_path: Path):
+    """doit -n 2 forks its workers after the parent has checked (and hashed) files: BLAKE3's thread
+    pool does not survive a fork, and a worker that used it would hang."""
+    import multiprocessing
+
+    data = tmp_path / "w.bin"
+    data.write_bytes(os.urandom(64 << 20))  # large enough to be hashed on several threads
+    expected = keys.blake3_file(data)
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply_async(keys.blake3_file, (data,)).get(timeout=60) == expected
 
 
 @pytest.mark.parametrize("trial", range(5))

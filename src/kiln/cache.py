@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.keys import CHUNK
-from kiln.records import sweep_stale_temps, write_bytes_atomic
+from kiln.records import sweep_stale_temps, temp_path, write_bytes_atomic
 
 
 def cache_dir(root: Path) -> Path | None:
@@ -64,7 +64,7 @@ class Cache:
             return
         target.parent.mkdir(parents=True, exist_ok=True)
         sweep_stale_temps(target.parent)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp = temp_path(target)
         try:
             os.link(path, tmp)  # same filesystem: no second copy of the bytes
         except OSError:
@@ -95,7 +95,7 @@ class Cache:
                 dest = destinations[role]
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 sweep_stale_temps(dest.parent)
-                temps[role] = dest.with_name(f".{dest.name}.{os.getpid()}.restore.tmp")
+                temps[role] = temp_path(dest, "restore")
                 if _copy_hashing(self.object_path(out["sha256"]), temps[role]) != out["sha256"]:
                     self.object_path(out["sha256"]).unlink(missing_ok=True)
                     self.entry_path(key).unlink(missing_ok=True)

@@ -22,7 +22,7 @@ from kiln.errors import KilnError, ManifestError, StepError
 from kiln.keys import DigestCache, step_key, tool_versions
 from kiln.manifest import all_manifests, find_manifest, read_manifest
 from kiln.plan import Plan, Step, plan, share_steps
-from kiln.records import failure_path, last_path, owners, read_json, record_path, relative, state_dir, sweep_stale_temps, write_json_atomic
+from kiln.records import failure_path, last_path, owners, read_json, record_path, relative, state_dir, sweep_stale_temps, temp_path, write_json_atomic
 from kiln.rules import RunContext, get_rule
 from kiln.sources import resolve
 from kiln.spec import validate
@@ -231,7 +231,7 @@ def _execute(step: Step, root: Path, reason: str, started: float):
 
     rule = get_rule(step.rule)
     params = rule.Params.model_validate(step.params)
-    temps = {role: path.with_name(f".{path.name}.{os.getpid()}.tmp") for role, path in step.outputs.items()}
+    temps = {role: temp_path(path) for role, path in step.outputs.items()}
     for folder in {p.parent for p in temps.values()}:
         sweep_stale_temps(folder)  # what a killed run of this step left behind
     created = [p.parent for p in temps.values() if not p.parent.exists()]

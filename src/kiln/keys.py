@@ -59,11 +59,38 @@ def step_key(components: dict[str, Any]) -> str:
     return sha256_text(canonical_json(components))
 
 
+_THREADED_PID: list[int] = []  # the process whose BLAKE3 thread pool exists, once one does
+
+
+def _blake3_threads() -> int:
+    """Every core, in the process that started BLAKE3's (rayon) thread pool. A process forked after
+    that (doit -n N workers) inherits the pool without its threads and would wait on it forever,
+    so it hashes on one thread."""
+    import blake3
+
+    if not _THREADED_PID:
+        _THREADED_PID.append(os.getpid())
+    return blake3.blake3.AUTO if _THREADED_PID[0] == os.getpid() else 1
+
+
+def blake3_file(path: Path) -> str:
+    """BLAKE3 of a file, memory-mapped and on every core: the quick "same bytes as before?" check."""
+    import blake3
+
+    if os.path.getsize(path) == 0:  # an empty file cannot be mapped
+        return blake3.blake3().hexdigest()
+    return blake3.blake3(max_threads=_blake3_threads()).update_mmap(path).hexdigest()
+
+
 class DigestCache:
     """sha256 of files, remembered by (path, inode, size, mtime_ns, ctime_ns).
 
-    A file whose stat is unchanged is not read again; a file that was only touched is hashed once
-    and its entry refreshed, so the next run is free again (unlike doit's MD5 checker, doit#431).
+    A file whose stat is unchanged is not read again. A file that was only touched is read once and
+    its entry refreshed, so the next run is free again (unlike doit's MD5 checker, doit#431). That
+    one read is a BLAKE3 check, not a sha256: each entry also keeps the file's BLAKE3, and a file of
+    the same size whose BLAKE3 still matches has the same bytes, so its sha256 carries over. BLAKE3
+    is a cryptographic hash too, and on every core it reads several times faster than sha256;
+    sha256 stays the digest in keys, lockfiles and provenance, and is only computed for new bytes.
     SQLite in WAL mode lets parallel doit workers share it: one connection per thread (doit -P
     thread) and per process (doit's default multiprocessing), as sqlite3 requires.
     """
@@ -89,8 +116,8 @@ class DigestCache:
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute(
-                    "CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, inode INTEGER, size INTEGER,"
-                    " mtime_ns INTEGER, ctime_ns INTEGER, sha256 TEXT)"
+                    "CREATE TABLE IF NOT EXISTS file_digests (path TEXT PRIMARY KEY, inode INTEGER, size INTEGER,"
+                    " mtime_ns INTEGER, ctime_ns INTEGER, sha256 TEXT, blake3 TEXT)"
                 )
                 return conn
             except sqlite3.OperationalError as err:
@@ -105,23 +132,30 @@ class DigestCache:
         st = os.stat(path)
         stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         row = self._db().execute(
-            "SELECT inode, size, mtime_ns, ctime_ns, sha256 FROM digests WHERE path = ?", (path,)
+            "SELECT inode, size, mtime_ns, ctime_ns, sha256, blake3 FROM file_digests WHERE path = ?", (path,)
         ).fetchone()
         if row is not None and tuple(row[:4]) == stamp:
             return row[4]
-        value = sha256_file(path)
+        quick = blake3_file(path)
+        if row is not None and row[1] == st.st_size and row[5] == quick:
+            value = row[4]  # touched, copied back or re-linked: the same bytes
+        else:
+            value = sha256_file(path)
         if os.stat(path).st_mtime_ns == st.st_mtime_ns:  # not written while we read it
-            self._db().execute(
-                "INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?)", (path, *stamp, value)
-            )
+            self._store(path, stamp, value, quick)
         return value
 
     def remember(self, path: Path, sha256: str) -> None:
-        """Record a digest known without reading the file (it was just computed or verified)."""
+        """Record a digest known without reading the file (it was just computed or verified). The
+        entry's BLAKE3 is kept if it describes the same bytes, else computed now."""
         path = os.path.abspath(path)
         st = os.stat(path)
-        self._db().execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?)",
-                           (path, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, sha256))
+        row = self._db().execute("SELECT sha256, blake3 FROM file_digests WHERE path = ?", (path,)).fetchone()
+        quick = row[1] if row is not None and row[0] == sha256 and row[1] else blake3_file(path)
+        self._store(path, (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns), sha256, quick)
+
+    def _store(self, path: str, stamp: tuple[int, int, int, int], sha256: str, quick: str) -> None:
+        self._db().execute("INSERT OR REPLACE INTO file_digests VALUES (?, ?, ?, ?, ?, ?, ?)", (path, *stamp, sha256, quick))
 
     def close(self) -> None:
         """Close this thread's connection (others close with their threads)."""

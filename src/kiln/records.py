@@ -10,12 +10,11 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
-import threading
 from pathlib import Path
 from typing import Any
 
 from kiln.plan import Step
+from kiln.temps import pid_alive, sweep_stale_temps, temp_path  # noqa: F401 (records' users import them from here)
 
 
 def state_dir(root: Path) -> Path:
@@ -80,7 +79,7 @@ def write_json_atomic(path: Path, data: Any, durable: bool = True) -> bool:
     text = json.dumps(data, indent=2, sort_keys=True) + "\n" if durable else dumps_by_line(data)
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_temps(path.parent)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp = temp_path(path)
     with open(tmp, "w") as f:
         f.write(text)
         if durable:
@@ -95,42 +94,11 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write bytes via a temp file beside the destination and rename: readers see old or new, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_temps(path.parent)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp = temp_path(path)
     tmp.write_bytes(data)
     os.replace(tmp, path)
 
 
-_TEMP = re.compile(r"^\..+\.(\d+)(?:\.\d+)?(?:\.restore)?\.tmp$")  # .<name>.<pid>[.<thread>][.restore].tmp
-_SWEPT: set[str] = set()
-
-
-def sweep_stale_temps(folder: Path) -> None:
-    """Delete temp files that a killed build left in `folder` (their writer's pid is gone), once per
-    folder per process. Temps are hidden and never read, but a crash must not leave litter."""
-    key = os.fspath(folder)
-    if key in _SWEPT:
-        return
-    _SWEPT.add(key)
-    try:
-        entries = list(os.scandir(key))
-    except OSError:
-        return
-    for entry in entries:
-        match = _TEMP.match(entry.name)
-        if match and not pid_alive(int(match.group(1))):
-            try:
-                os.unlink(entry.path)
-            except OSError:
-                pass
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 

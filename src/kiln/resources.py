@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from kiln.records import pid_alive, state_dir
+from kiln.records import pid_alive, state_dir, temp_path
 
 _tokens = itertools.count()
 
@@ -73,7 +73,7 @@ def _locked(folder: Path):
             ledger = {}
         ledger = {t: e for t, e in ledger.items() if pid_alive(e["pid"])}
         yield ledger
-        tmp = path.with_name(f".memory.json.{os.getpid()}.tmp")
+        tmp = temp_path(path)
         tmp.write_text(json.dumps(ledger, sort_keys=True))
         os.replace(tmp, path)
 

@@ -30,6 +30,7 @@ import ml_dtypes
 import numpy as np
 
 from kiln import _native
+from kiln.temps import temp_path
 
 MAX_HEADER = 100_000_000  # bytes, as the reference implementation
 READ_CHUNK = 64 << 20
@@ -280,7 +281,7 @@ def _pread_into(fd: int, out: np.ndarray, offset: int, threads: int = 1) -> None
 def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
     path = Path(path)
     header, ordered = _prepare(tensors, metadata)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb", buffering=0) as f:
             f.write(header)

@@ -1,0 +1,55 @@
+"""Temp files beside their destination, named so that a later build can tell whose they are.
+
+Every writer (records, cache, step outputs, the memory ledger, SafeTensors) writes
+`.<name>.kiln-<pid>-<thread>[.<tag>].tmp` and renames it into place. A build killed mid-write
+leaves such a file behind; the next writer in that folder deletes the ones whose pid is gone.
+The `kiln-` marker keeps the pid unambiguous whatever digits the file's own name holds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from pathlib import Path
+
+_TEMP = re.compile(r"^\..+\.kiln-(\d+)-\d+(?:\.[a-z]+)?\.tmp$")
+_SWEPT: set[str] = set()
+
+
+def temp_path(path: Path, tag: str = "") -> Path:
+    """Where to write `path` before renaming it into place: unique to this process and thread."""
+    return path.with_name(f".{path.name}.kiln-{os.getpid()}-{threading.get_ident()}{'.' + tag if tag else ''}.tmp")
+
+
+def sweep_stale_temps(folder: Path) -> None:
+    """Delete temp files that a killed build left in `folder` (their writer's pid is gone), once per
+    folder per process. Temps are hidden and never read, but a crash must not leave litter."""
+    key = os.fspath(folder)
+    if key in _SWEPT:
+        return
+    _SWEPT.add(key)
+    try:
+        entries = list(os.scandir(key))
+    except OSError:
+        return
+    for entry in entries:
+        match = _TEMP.match(entry.name)
+        if match and not pid_alive(int(match.group(1))):
+            try:
+                os.unlink(entry.path)
+            except OSError:
+                pass
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one we may not signal counts: it is alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OverflowError:  # not a pid this system can have: nobody's, but not ours to delete either
+        return True
+    return True

@@ -1,0 +1,39 @@
+"""Temp-file names and the sweep of what killed builds left behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from kiln.temps import sweep_stale_temps, temp_path
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_temp_names_hold_the_pid_and_thread_whatever_the_file_is_called(tmp_path: Path):
+    assert temp_path(tmp_path / "m001.json").name == f".m001.json.kiln-{os.getpid()}-{threading.get_ident()}.tmp"
+    assert temp_path(tmp_path / "model.onnx", "restore").name.endswith(".restore.tmp")
+
+
+def test_sweep_deletes_dead_writers_temps_and_keeps_live_ones(tmp_path: Path):
+    """A live writer in another process or thread (doit -n 2 workers sharing a folder) keeps its
+    temp; a dead one's goes. Names with digits, as a 64-bit thread id, must not be taken for a pid."""
+    live = temp_path(tmp_path / "m001.2.json")
+    live.write_text("being written")
+    other_thread = tmp_path / f".m001.json.kiln-{os.getpid()}-{2**63 - 5}.tmp"
+    other_thread.write_text("being written")
+    dead = tmp_path / f".model.onnx.kiln-{_dead_pid()}-140000000000000.tmp"
+    dead.write_text("left by a killed build")
+    dead_restore = tmp_path / f".model.onnx.kiln-{_dead_pid()}-1.restore.tmp"
+    dead_restore.write_text("left by a killed build")
+    not_ours = tmp_path / ".notes.123.tmp"
+    not_ours.write_text("someone else's")
+    sweep_stale_temps(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other_thread.name, not_ours.name])
