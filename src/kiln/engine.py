@@ -121,10 +121,11 @@ def _reason(step: Step, root: Path, current: dict[str, Any]) -> str | None:
     if changed:
         return changed
     for role, out in record["outputs"].items():
-        path = root / out["path"]
-        if not path.exists():
+        try:
+            found = digest(root, root / out["path"])
+        except FileNotFoundError:
             return f"output {out['path']} is missing"
-        if digest(root, path) != out["sha256"]:
+        if found != out["sha256"]:
             return f"output {out['path']} is not what this step wrote (changed on disk, or built by another configuration)"
     return None
 

@@ -131,10 +131,8 @@ class DigestCache:
         path = os.path.abspath(path)  # plan paths are absolute already: no resolve() syscalls per file
         st = os.stat(path)
         stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        row = self._db().execute(
-            "SELECT inode, size, mtime_ns, ctime_ns, sha256, blake3 FROM file_digests WHERE path = ?", (path,)
-        ).fetchone()
-        if row is not None and tuple(row[:4]) == stamp:
+        row = self._rows().get(path)
+        if row is not None and row[:4] == stamp:
             return row[4]
         quick = blake3_file(path)
         if row is not None and row[1] == st.st_size and row[5] == quick:
@@ -150,12 +148,22 @@ class DigestCache:
         entry's BLAKE3 is kept if it describes the same bytes, else computed now."""
         path = os.path.abspath(path)
         st = os.stat(path)
-        row = self._db().execute("SELECT sha256, blake3 FROM file_digests WHERE path = ?", (path,)).fetchone()
-        quick = row[1] if row is not None and row[0] == sha256 and row[1] else blake3_file(path)
+        row = self._rows().get(path)
+        quick = row[5] if row is not None and row[4] == sha256 and row[5] else blake3_file(path)
         self._store(path, (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns), sha256, quick)
 
     def _store(self, path: str, stamp: tuple[int, int, int, int], sha256: str, quick: str) -> None:
         self._db().execute("INSERT OR REPLACE INTO file_digests VALUES (?, ?, ?, ?, ?, ?, ?)", (path, *stamp, sha256, quick))
+        self._rows()[path] = (*stamp, sha256, quick)
+
+    def _rows(self) -> dict[str, tuple]:
+        """Every entry, read in one query the first time this thread asks (a no-op build looks up
+        thousands of files). A row another process writes later is not seen, which is safe: an entry
+        is only trusted when its stat matches the file's now, and a stale one costs a re-check."""
+        rows = getattr(self._local, "rows", None)
+        if rows is None:
+            rows = self._local.rows = {r[0]: tuple(r[1:]) for r in self._db().execute("SELECT * FROM file_digests")}
+        return rows
 
     def close(self) -> None:
         """Close this thread's connection (others close with their threads)."""
