@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kiln.rules import Params, Rule, RunContext, register
+from kiln.rules import TORCH_MODEL_MEMORY, Params, Rule, RunContext, register
 
 
 class ExportOnnxParams(Params):
@@ -27,7 +27,7 @@ class ExportOnnx(Rule):
     version = 1
     tools = ("torch", "transformers", "onnx")
     Params = ExportOnnxParams
-    memory_base_mib, memory_per_input = 1024, 4.0  # the model in torch, plus the exporter's / runner's copies
+    memory_base_mib, memory_per_input = TORCH_MODEL_MEMORY
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ExportOnnxParams, ctx: RunContext) -> dict[str, Any]:
         import warnings

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kiln.rules import Params, Rule, RunContext, register
+from kiln.rules import TORCH_MODEL_MEMORY, Params, Rule, RunContext, register
 
 
 class ExportTorchExportParams(Params):
@@ -27,7 +27,7 @@ class ExportTorchExport(Rule):
     version = 2  # 2: stack traces name machine-independent source paths
     tools = ("torch", "transformers")
     Params = ExportTorchExportParams
-    memory_base_mib, memory_per_input = 1024, 4.0  # the model in torch, plus the exporter's / runner's copies
+    memory_base_mib, memory_per_input = TORCH_MODEL_MEMORY
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ExportTorchExportParams, ctx: RunContext) -> dict[str, Any]:
         from kiln.child import run_in_child, source_job

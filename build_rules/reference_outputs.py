@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kiln.rules import Params, Rule, RunContext, register
+from kiln.rules import TORCH_MODEL_MEMORY, Params, Rule, RunContext, register
 
 
 class ReferenceOutputsParams(Params):
@@ -28,7 +28,7 @@ class ReferenceOutputs(Rule):
     version = 1
     tools = ("torch", "transformers", "tokenizers", "onnxruntime", "numpy")
     Params = ReferenceOutputsParams
-    memory_base_mib, memory_per_input = 1024, 4.0  # the model in torch, plus the exporter's / runner's copies
+    memory_base_mib, memory_per_input = TORCH_MODEL_MEMORY
 
     @classmethod
     def tools_for(cls, params: dict[str, Any]) -> tuple[str, ...]:

@@ -92,7 +92,7 @@ def _publish(inputs: dict[str, list[Path]], outputs: dict[str, Path], report: di
     """The artifact, its companions (OpenVINO's model.bin, TensorRT's timing cache: the model
     input's other files, in the order of the other output roles) and validation.json."""
     companions = [role for role in outputs if role not in ("artifact", "validation")]
-    for source, role in zip([inputs["model"][0], *inputs["model"][1:]], ["artifact", *companions]):
+    for source, role in zip(inputs["model"], ["artifact", *companions]):
         shutil.copyfile(source, outputs[role])
     outputs["validation"].write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kiln.rules import Params, Rule, RunContext, register
+from kiln.rules import TORCH_MODEL_MEMORY, Params, Rule, RunContext, register
 
 
 class WriteSafetensorsParams(Params):
@@ -23,7 +23,7 @@ class WriteSafetensors(Rule):
     version = 1
     tools = ("torch", "transformers")
     Params = WriteSafetensorsParams
-    memory_base_mib, memory_per_input = 1024, 4.0  # the model in torch, plus the exporter's / runner's copies
+    memory_base_mib, memory_per_input = TORCH_MODEL_MEMORY
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: WriteSafetensorsParams, ctx: RunContext) -> dict[str, Any]:
         from kiln import safetensors

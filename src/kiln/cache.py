@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from kiln.keys import CHUNK
-from kiln.records import sweep_stale_temps, temp_path, write_bytes_atomic
+from kiln.records import write_bytes_atomic
+from kiln.temps import sweep_stale_temps, temp_path
 
 
 def cache_dir(root: Path) -> Path | None:

@@ -60,7 +60,7 @@ def read_source_job(params_type, portable_paths=lambda params: True):
     return params, model, args, Path(job["out"])
 
 
-def portable_code_paths(root, model=None) -> None:
+def portable_code_paths(root, model) -> None:
     """In an exporter child, before tracing: rename the file every loaded function says it comes
     from (co_filename) to a name that does not depend on where the workspace or the virtualenv is:
     workspace-relative, or site-packages/... and python/... for installed and standard-library
@@ -106,7 +106,6 @@ def portable_code_paths(root, model=None) -> None:
     for module in list(sys.modules.values()):
         for value in list(getattr(module, "__dict__", {}).values()):
             fix_class(value) if isinstance(value, type) else fix(value)
-    if model is not None:  # classes defined inside a factory function are in no module's namespace
-        for layer in model.modules():
-            for cls in type(layer).__mro__:
-                fix_class(cls)
+    for layer in model.modules():  # classes defined inside a factory function are in no module's namespace
+        for cls in type(layer).__mro__:
+            fix_class(cls)

@@ -22,10 +22,11 @@ from kiln.errors import KilnError, ManifestError, StepError
 from kiln.keys import DigestCache, step_key, tool_versions
 from kiln.manifest import all_manifests, find_manifest, read_manifest
 from kiln.plan import Plan, Step, plan, share_steps
-from kiln.records import failure_path, last_path, owners, read_json, record_path, relative, state_dir, sweep_stale_temps, temp_path, write_json_atomic
+from kiln.records import failure_path, last_path, owners, read_json, record_path, relative, state_dir, write_json_atomic
 from kiln.rules import RunContext, get_rule
 from kiln.sources import resolve
 from kiln.spec import validate
+from kiln.temps import sweep_stale_temps, temp_path
 
 TASK = "build"  # doit basename: tasks are build:<model>/<targets>/<rule>
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.plan import Step
-from kiln.temps import pid_alive, sweep_stale_temps, temp_path  # noqa: F401 (records' users import them from here)
+from kiln.temps import sweep_stale_temps, temp_path
 
 
 def state_dir(root: Path) -> Path:
@@ -97,9 +97,6 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     tmp = temp_path(path)
     tmp.write_bytes(data)
     os.replace(tmp, path)
-
-
-    return True
 
 
 def dumps_by_line(data: dict[str, Any]) -> str:

@@ -20,7 +20,8 @@ import threading
 import time
 from pathlib import Path
 
-from kiln.records import pid_alive, state_dir, temp_path
+from kiln.records import state_dir
+from kiln.temps import pid_alive, temp_path
 
 _tokens = itertools.count()
 

@@ -28,6 +28,10 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# (base MiB, MiB per input MiB) of rules that hold a torch model: the model, plus the exporter's / runner's copies
+TORCH_MODEL_MEMORY = (1024, 4.0)
+
+
 class Rule:
     name: ClassVar[str]
     version: ClassVar[int]

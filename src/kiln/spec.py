@@ -323,22 +323,15 @@ class Spec(Strict):
 
     def _check_onnx_options(self, name: str, target: OnnxTarget) -> None:
         options = target.options
+        _check_option_precisions(name, target, OPTION_PRECISIONS)
         for option in sorted(options.model_fields_set):
-            allowed = OPTION_PRECISIONS.get(option)
-            if allowed and target.precision not in allowed:
-                wanted = " or ".join(f'"{p}"' for p in allowed)
-                raise _CrossError(f"targets.{name}.options.{option}", getattr(options, option), f"no {option} for precision = \"{target.precision}\" (it applies to precision = {wanted} only)")
             if option in STATIC_ONLY_OPTIONS and options.quantization != "static":
                 raise _CrossError(f"targets.{name}.options.{option}", getattr(options, option), f"no {option} with quantization = \"{options.quantization}\" (it applies to quantization = \"static\" only)")
         if target.precision == "int8" and options.quantization == "static" and self.calibration is None:
             raise _CrossError(f"targets.{name}.options.quantization", "static", "a [calibration] table naming the calibration data (or quantization = \"dynamic\")")
 
     def _check_tensorrt(self, name: str, target: TensorrtTarget) -> None:
-        options = target.options
-        for option in sorted(options.model_fields_set):
-            allowed = TRT_OPTION_PRECISIONS.get(option)
-            if allowed and target.precision not in allowed:
-                raise _CrossError(f"targets.{name}.options.{option}", getattr(options, option), f"no {option} for precision = \"{target.precision}\" (it applies to precision = \"{allowed[0]}\" only)")
+        _check_option_precisions(name, target, TRT_OPTION_PRECISIONS)
         axes = sorted({axis for tensor in self.inputs for axis in tensor.dynamic_axes.values()})
         for axis in axes:
             if axis not in target.profile:
@@ -364,6 +357,15 @@ class _CrossError(ValueError):
     def __init__(self, key: str, value: Any, allowed: str):
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(f"{key}={value!r}")
+
+
+def _check_option_precisions(name: str, target: Any, table: dict[str, tuple[str, ...]]) -> None:
+    """Options set on a target that apply to other precisions only (table: option -> precisions)."""
+    for option in sorted(target.options.model_fields_set):
+        allowed = table.get(option)
+        if allowed and target.precision not in allowed:
+            wanted = " or ".join(f'"{p}"' for p in allowed)
+            raise _CrossError(f"targets.{name}.options.{option}", getattr(target.options, option), f"no {option} for precision = \"{target.precision}\" (it applies to precision = {wanted} only)")
 
 
 def effective_thresholds(spec: Spec, target_name: str) -> Thresholds:
