@@ -114,8 +114,12 @@ class Cache:
 
     def stats(self) -> dict[str, int]:
         entries = list((self.folder / "keys").glob("*/*.json"))
-        objects = [p for p in (self.folder / "objects").glob("*/*") if not p.name.startswith(".")]
+        objects = self._objects()
         return {"entries": len(entries), "objects": len(objects), "bytes": sum(p.stat().st_size for p in objects)}
+
+    def _objects(self) -> list[Path]:
+        """Stored objects, without the hidden temps of writers still storing one."""
+        return [p for p in (self.folder / "objects").glob("*/*") if not p.name.startswith(".")]
 
     def gc(self, max_bytes: int) -> dict[str, int]:
         """Drop least recently used entries until the objects they keep fit in max_bytes, then the
@@ -130,21 +134,22 @@ class Cache:
             entries.append((path.stat().st_mtime, path, {o["sha256"]: o["bytes"] for o in entry["outputs"].values()}))
         entries.sort(key=lambda e: e[0], reverse=True)  # newest first: kept first
         kept: dict[str, int] = {}
-        removed_entries = 0
+        kept_bytes = removed_entries = 0
         for _, path, objects in entries:
             grown = sum(size for sha, size in objects.items() if sha not in kept)
-            if sum(kept.values()) + grown <= max_bytes:
+            if kept_bytes + grown <= max_bytes:
                 kept |= objects
+                kept_bytes += grown
             else:
                 path.unlink(missing_ok=True)
                 removed_entries += 1
         freed = removed_objects = 0
-        for obj in (self.folder / "objects").glob("*/*"):
+        for obj in self._objects():
             if obj.name not in kept:
                 freed += obj.stat().st_size
                 obj.unlink(missing_ok=True)
                 removed_objects += 1
-        return {"entries_removed": removed_entries, "objects_removed": removed_objects, "bytes_freed": freed, "bytes_kept": sum(kept.values())}
+        return {"entries_removed": removed_entries, "objects_removed": removed_objects, "bytes_freed": freed, "bytes_kept": kept_bytes}
 
 
 def _copy_hashing(source: Path, dest: Path) -> str:

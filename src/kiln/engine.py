@@ -47,13 +47,13 @@ def load_plans(root: Path, manifest_arg: str | None) -> list[Plan]:
         if not paths:
             raise ManifestError(root / "manifests", "", "no manifests found (expected manifests/*.toml)")
     plans: list[Plan] = []
-    owners: dict[str, Path] = {}
+    manifest_of: dict[str, Path] = {}  # model name -> its manifest
     for path in paths:
         raw = read_manifest(path)
         spec = validate(raw)
-        if spec.model.name in owners and owners[spec.model.name] != path:
-            raise ManifestError(path, "model.name", f"{spec.model.name!r} is already used by {owners[spec.model.name]}; model names must be unique (they name build/<name>/)")
-        owners[spec.model.name] = path
+        if spec.model.name in manifest_of and manifest_of[spec.model.name] != path:
+            raise ManifestError(path, "model.name", f"{spec.model.name!r} is already used by {manifest_of[spec.model.name]}; model names must be unique (they name build/<name>/)")
+        manifest_of[spec.model.name] = path
         skipped = {} if manifest_arg else _unbuildable_here(spec)
         if skipped:
             spec = spec.model_copy(update={"targets": {k: v for k, v in spec.targets.items() if k not in skipped}})
@@ -208,6 +208,9 @@ def run_step(step: Step, root: Path):
         info = _execute(step, root, reason, started)
         if isinstance(info, TaskFailed):
             return info
+    if entry is not None:  # restore re-hashed every byte it copied: remember that digest, do not read again
+        for role, path in step.outputs.items():
+            _digest_cache(root, os.getpid()).remember(path, entry["outputs"][role]["sha256"])
     outputs = {role: {"path": relative(p, root), "sha256": digest(root, p), "bytes": p.stat().st_size} for role, p in step.outputs.items()}
     if cache is not None and entry is None:
         cache.store(key, outputs, root, info)
@@ -271,9 +274,8 @@ def is_up_to_date(step: Step, root: Path) -> bool:
 
 # ---- doit glue ----------------------------------------------------------------------------------
 
-def to_task(step: Step, plan_: Plan, names: dict[str, str] | None = None) -> dict[str, Any]:
+def to_task(step: Step, plan_: Plan, names: dict[str, str]) -> dict[str, Any]:
     """names: step id -> task name of the plan's steps (computed once per plan by the caller)."""
-    names = names or {s.id: s.name for s in plan_.steps}
     shared = f" (and {len(step.shared_with)} targets of other manifests)" if step.shared_with else ""
     return {
         "name": step.name,

@@ -115,7 +115,7 @@ class KilnReporter(ConsoleReporter):
                 continue  # this run did not touch this manifest (e.g. doit build:<other>)
             report = build_report(plan, self.statuses, seconds)
             write_json_atomic(report_path(plan), report, durable=False)  # informative; the lockfile is the durable record
-            if report["ok"] and (write_lock(plan) or counts_ran(report) or not provenance_complete(plan)):
+            if report["ok"] and (write_lock(plan) or report["counts"][RAN] or not provenance_complete(plan)):
                 write_provenance(plan)  # only when something changed: a no-op build of a monorepo stays cheap
             counts = report["counts"]
             for artifact in report["artifacts"]:
@@ -123,10 +123,6 @@ class KilnReporter(ConsoleReporter):
                     self.write(f"kiln: {plan.model}/{artifact['target']}: published {artifact['validation']}\n")
             self.write(f"kiln: {plan.model}: {counts[RAN]} ran, {counts[UP_TO_DATE]} up to date, {counts[FAILED]} failed"
                        f"{', ' + str(counts[NOT_RUN]) + ' not run' if counts[NOT_RUN] else ''} -> {report_path(plan).relative_to(plan.root)}\n")
-
-
-def counts_ran(report: dict[str, Any]) -> bool:
-    return report["counts"][RAN] > 0
 
 
 def _step_name(task) -> str:

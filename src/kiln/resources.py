@@ -20,8 +20,8 @@ import threading
 import time
 from pathlib import Path
 
-from kiln.records import state_dir
-from kiln.temps import pid_alive, temp_path
+from kiln.records import state_dir, write_bytes_atomic
+from kiln.temps import pid_alive
 
 _tokens = itertools.count()
 
@@ -74,9 +74,7 @@ def _locked(folder: Path):
             ledger = {}
         ledger = {t: e for t, e in ledger.items() if pid_alive(e["pid"])}
         yield ledger
-        tmp = temp_path(path)
-        tmp.write_text(json.dumps(ledger, sort_keys=True))
-        os.replace(tmp, path)
+        write_bytes_atomic(path, json.dumps(ledger, sort_keys=True).encode())
 
 
 def lock_workspace(root: Path):

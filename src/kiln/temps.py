@@ -48,8 +48,6 @@ def pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
-    except OverflowError:  # not a pid this system can have: nobody's, but not ours to delete either
-        return True
+    except (PermissionError, OverflowError):  # someone else's, or not a pid at all: not ours to delete
+        pass
     return True
