@@ -5,6 +5,10 @@ tool versions) equals the key recorded by its last successful run and its output
 bytes that run wrote. Digests come from a stat-keyed cache, so a no-op build reads no large file.
 Because keys hold input *digests*, a rerun that reproduces the same bytes stops the rebuild from
 spreading downstream (ninja's "restat").
+
+Before any of that, a plain `doit build` leaves out the manifests whose whole closure is as their
+last complete build left it (kiln.fresh): they are not even planned. So this module imports the
+planner, the spec and the rules (pydantic and all) only when some manifest needs planning.
 """
 
 from __future__ import annotations
@@ -16,49 +20,68 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from kiln import fresh
 from kiln.errors import KilnError, ManifestError, StepError
 from kiln.keys import DigestCache, step_key, tool_versions
-from kiln.manifest import all_manifests, find_manifest, read_manifest
-from kiln.plan import Plan, Step, plan, share_steps
+from kiln.manifest import all_manifests, find_manifest
 from kiln.records import failure_path, last_path, owners, read_json, record_path, relative, state_dir, write_json_atomic
-from kiln.rules import RunContext, get_rule
-from kiln.sources import resolve
-from kiln.spec import validate
 from kiln.temps import sweep_stale_temps, temp_path
+
+if TYPE_CHECKING:
+    from kiln.plan import Plan, Step
 
 TASK = "build"  # doit basename: tasks are build:<model>/<targets>/<rule>
 
 
 # ---- loading -------------------------------------------------------------------------------------
 
-def load_plans(root: Path, manifest_arg: str | None) -> list[Plan]:
-    """manifest=<path or bare name>[,<more>], or every manifest under manifests/ when None.
-
-    Building every manifest leaves out the targets this machine has no hardware for (a TensorRT
-    target without a usable NVIDIA GPU), as Bazel skips incompatible targets in a wildcard build:
-    a CPU-only CI can build the whole repository. Naming the manifest builds them, and fails with
-    what is missing."""
+def manifest_paths(root: Path, manifest_arg: str | None) -> list[Path]:
+    """manifest=<path or bare name>[,<more>], or every manifest under manifests/ when None."""
     if manifest_arg:
-        paths = [find_manifest(name.strip(), root) for name in manifest_arg.split(",") if name.strip()]
-    else:
-        paths = all_manifests(root)
-        if not paths:
-            raise ManifestError(root / "manifests", "", "no manifests found (expected manifests/*.toml)")
+        return [find_manifest(name.strip(), root) for name in manifest_arg.split(",") if name.strip()]
+    paths = all_manifests(root)
+    if not paths:
+        raise ManifestError(root / "manifests", "", "no manifests found (expected manifests/*.toml)")
+    return paths
+
+
+def load_plans(root: Path, manifest_arg: str | None) -> list[Plan]:
+    return plan_manifests(root, manifest_paths(root, manifest_arg), wildcard=not manifest_arg)
+
+
+def plan_manifests(root: Path, paths: list[Path], wildcard: bool, taken: dict[str, Path] | None = None) -> list[Plan]:
+    """Read, validate, resolve and plan each manifest; steps shared between them become one.
+
+    A wildcard build (every manifest) leaves out the targets this machine has no hardware for (a
+    TensorRT target without a usable NVIDIA GPU), as Bazel skips incompatible targets in a
+    wildcard build: a CPU-only CI can build the whole repository. Naming the manifest builds them,
+    and fails with what is missing. taken: model name -> manifest of the manifests left unplanned
+    because they are unchanged (kiln.fresh), so a new manifest cannot reuse their build/<name>/."""
+    if not paths:
+        return []  # every manifest is unchanged: the planner is not even imported
+    from kiln.manifest import read_manifest
+    from kiln.plan import Plan, plan, share_steps
+    from kiln.sources import resolve
+    from kiln.spec import validate
+
     plans: list[Plan] = []
-    manifest_of: dict[str, Path] = {}  # model name -> its manifest
+    manifest_of: dict[str, Path] = dict(taken or {})  # model name -> its manifest
     for path in paths:
         raw = read_manifest(path)
         spec = validate(raw)
         if spec.model.name in manifest_of and manifest_of[spec.model.name] != path:
             raise ManifestError(path, "model.name", f"{spec.model.name!r} is already used by {manifest_of[spec.model.name]}; model names must be unique (they name build/<name>/)")
         manifest_of[spec.model.name] = path
-        skipped = {} if manifest_arg else _unbuildable_here(spec)
+        skipped = _unbuildable_here(spec) if wildcard else {}
         if skipped:
             spec = spec.model_copy(update={"targets": {k: v for k, v in spec.targets.items() if k not in skipped}})
-        built = plan(spec, resolve(spec, raw, root), path, root) if spec.targets else Plan(spec.model.name, path, root, [])
+        resolved = resolve(spec, raw, root) if spec.targets else None
+        built = plan(spec, resolved, path, root) if resolved else Plan(spec.model.name, path, root, [])
         built.skipped = skipped
+        built.listed_folders = (resolved.listed_folder,) if resolved and resolved.listed_folder else ()
+        built.aliases = resolved.aliases if resolved else ()
         plans.append(built)
     share_steps(plans)
     return plans
@@ -90,6 +113,8 @@ def digest(root: Path, path: Path) -> str:
 
 def components(step: Step, root: Path) -> dict[str, Any]:
     """Everything the step's key is made of. Inputs by role and file name, never absolute path."""
+    from kiln.rules import get_rule
+
     rule = get_rule(step.rule)
     found = {
         "rule": step.rule,
@@ -233,6 +258,7 @@ def _execute(step: Step, root: Path, reason: str, started: float):
     from doit.exceptions import TaskFailed
 
     from kiln.resources import reserve
+    from kiln.rules import RunContext, get_rule
 
     rule = get_rule(step.rule)
     params = rule.Params.model_validate(step.params)
@@ -291,20 +317,57 @@ def to_task(step: Step, plan_: Plan, names: dict[str, str]) -> dict[str, Any]:
 PLANS: list[Plan] = []  # what this process loaded; the reporter writes lockfiles and reports for them
 
 
-def doit_globals(root: Path | None = None, manifest_arg: str | None = None) -> dict[str, Any]:
+# doit options that leave the meaning of `doit build` alone (which dodo file, how many workers, how
+# verbose): with only these, unchanged manifests may be left out of the task list. Anything else
+# (-a, a task name, another command) gets every manifest's tasks, as doit would list, clean or force them.
+_PLAIN_OPTIONS_WITH_VALUE = ("-n", "--process", "-P", "--parallel-type", "-v", "--verbosity", "-f", "--file", "-d", "--dir")
+_PLAIN_FLAGS = ("-c", "--continue", "-k", "--seek-file")
+
+
+def plain_build(argv: list[str]) -> bool:
+    """Whether argv is `doit [run] [build] [-n N] [-P thread] [-v N] [-c] [name=value...]`."""
+    if not argv or "doit" not in (Path(argv[0]).name, Path(argv[0]).parent.name):
+        return False  # not doit's command line (dodo.py imported by something else)
+    words, args = [], iter(argv[1:])
+    for arg in args:
+        if arg in _PLAIN_OPTIONS_WITH_VALUE:
+            next(args, None)
+        elif arg in _PLAIN_FLAGS or arg.split("=", 1)[0] in _PLAIN_OPTIONS_WITH_VALUE[1::2] or arg[:2] in _PLAIN_OPTIONS_WITH_VALUE[::2]:
+            continue
+        elif arg.startswith("-"):
+            return False
+        elif "=" not in arg:  # name=value is a doit variable (manifest=...)
+            words.append(arg)
+    return words in ([], [TASK], ["run"], ["run", TASK])
+
+
+def doit_globals(root: Path | None = None, manifest_arg: str | None = None, skip_unchanged: bool | None = None) -> dict[str, Any]:
     """What dodo.py exposes to doit: DOIT_CONFIG and task_build. Exits with one line on a bad manifest,
-    before doit opens its database, so a bad manifest writes nothing."""
+    before doit opens its database, so a bad manifest writes nothing.
+
+    skip_unchanged: leave out the manifests kiln.fresh finds unchanged (default: when the command
+    line is a plain `doit build`, see plain_build, and KILN_FRESH is not "off"); they get their
+    no-op report and summary line."""
     from doit import get_var
 
     from kiln.report import KilnReporter
 
+    started = time.monotonic()
     root = Path(root or os.getcwd()).resolve()
+    manifest_arg = manifest_arg if manifest_arg is not None else get_var("manifest")
+    if skip_unchanged is None:
+        skip_unchanged = plain_build(sys.argv) and os.environ.get("KILN_FRESH", "").lower() not in ("off", "0", "false", "no")
     try:
-        plans = load_plans(root, manifest_arg if manifest_arg is not None else get_var("manifest"))
+        paths = manifest_paths(root, manifest_arg)
+        unchanged = fresh.unchanged(root, paths) if skip_unchanged else {}
+        taken = {entry["model"]: path for path, entry in unchanged.items()}
+        plans = plan_manifests(root, [p for p in paths if p not in unchanged], wildcard=not manifest_arg, taken=taken)
     except KilnError as err:
         print(f"kiln: error: {err}", file=sys.stderr)
         raise SystemExit(err.exit_code) from None
     state_dir(root).mkdir(parents=True, exist_ok=True)
+    for line in fresh.publish(root, unchanged, started):
+        print(line)
     PLANS[:] = plans
     for plan_ in plans:
         for target, reason in sorted(plan_.skipped.items()):

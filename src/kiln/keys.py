@@ -115,6 +115,9 @@ class DigestCache:
             conn = sqlite3.connect(self.db_path, timeout=patience_s, isolation_level=None)
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
+                # A cache: a commit lost in a power cut only costs a re-hash (an entry is trusted only
+                # while its stat matches), so no fsync per entry; WAL keeps the file consistent anyway.
+                conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute(
                     "CREATE TABLE IF NOT EXISTS file_digests (path TEXT PRIMARY KEY, inode INTEGER, size INTEGER,"
                     " mtime_ns INTEGER, ctime_ns INTEGER, sha256 TEXT, blake3 TEXT)"

@@ -4,10 +4,12 @@ sorted keys; rewritten only when its content changes."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kiln.plan import Plan
 from kiln.records import read_json, record_path, relative, write_json_atomic
+
+if TYPE_CHECKING:
+    from kiln.plan import Plan
 
 LOCK_VERSION = 1
 

@@ -46,6 +46,8 @@ class Plan:
     root: Path
     steps: list[Step]  # in dependency order
     skipped: dict[str, str] = field(default_factory=dict)  # target -> why it cannot be built on this machine
+    listed_folders: tuple[Path, ...] = ()  # folders whose listing chose the source files (a Hugging Face model folder)
+    aliases: tuple[tuple[Path, Path], ...] = ()  # (manifest path, what it resolved to) for symlinked ones
 
     def artifacts(self) -> list[tuple[str, Path]]:
         """(target, path) of every published artifact."""

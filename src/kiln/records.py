@@ -11,10 +11,12 @@ import functools
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kiln.plan import Step
 from kiln.temps import sweep_stale_temps, temp_path
+
+if TYPE_CHECKING:  # a no-op build never imports the planner (kiln.fresh)
+    from kiln.plan import Step
 
 
 def state_dir(root: Path) -> Path:

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from doit.reporter import ConsoleReporter
 
+from kiln import fresh
 from kiln.lockfile import provenance_complete, write_lock, write_provenance
-from kiln.plan import Plan
 from kiln.records import failure_path, read_json, record_path, write_json_atomic
+
+if TYPE_CHECKING:  # a no-op build never imports the planner (kiln.fresh)
+    from kiln.plan import Plan
 
 RAN, UP_TO_DATE, FAILED, NOT_RUN = "ran", "up to date", "failed", "not run"
 
@@ -117,6 +120,10 @@ class KilnReporter(ConsoleReporter):
             write_json_atomic(report_path(plan), report, durable=False)  # informative; the lockfile is the durable record
             if report["ok"] and (write_lock(plan) or report["counts"][RAN] or not provenance_complete(plan)):
                 write_provenance(plan)  # only when something changed: a no-op build of a monorepo stays cheap
+            if report["ok"]:  # the next plain `doit build` may leave this manifest unplanned while it is unchanged
+                fresh.remember(plan, build_report(plan, dict.fromkeys((s.name for s in plan.steps), UP_TO_DATE), 0.0))
+            else:
+                fresh.forget(plan)
             counts = report["counts"]
             for artifact in report["artifacts"]:
                 if artifact.get("validation"):

@@ -30,12 +30,25 @@ class Resolved:
     source_files: tuple[Path, ...]  # every file whose bytes define the source model
     data_file: Path
     calibration_file: Path | None = None  # [calibration].data, when the manifest has one
+    listed_folder: Path | None = None  # the Hugging Face model folder whose listing gave source_files
+    aliases: tuple[tuple[Path, Path], ...] = ()  # (path as the manifest names it, the file it resolved to) where they differ: symlinks
 
 
 def resolve(spec: Spec, raw: RawManifest, root: Path) -> Resolved:
     _check_extras(spec, raw)
     calibration = _data_file(spec, raw, root, "calibration") if spec.calibration else None
-    return Resolved(_source_files(spec, raw, root), _data_file(spec, raw, root, "validation"), calibration)
+    files = _source_files(spec, raw, root)
+    listed = files[0].parent if spec.source.kind == "huggingface" else None
+    return Resolved(files, _data_file(spec, raw, root, "validation"), calibration, listed, _aliases(spec, raw))
+
+
+def _aliases(spec: Spec, raw: RawManifest) -> tuple[tuple[Path, Path], ...]:
+    """Manifest paths that are (or pass through) symlinks, with what they resolve to: re-pointing
+    one changes what the build reads without changing any file the plan names (kiln.fresh)."""
+    texts = [getattr(spec.source, "path", None), getattr(spec.source, "weights", None), spec.validation.data]
+    texts.append(spec.calibration.data if spec.calibration else None)
+    named = [_named_path(text, raw) for text in texts if text and not text.startswith("pkg:")]
+    return tuple((path, path.resolve()) for path in named if path.resolve() != path)
 
 
 def _check_extras(spec: Spec, raw: RawManifest) -> None:
@@ -102,12 +115,16 @@ def resolve_path(text: str, raw: RawManifest, key: str, root: Path, spec: Spec) 
         if found is None or not found.submodule_search_locations:
             raise ManifestError(raw.path, key, f"{text!r}: Python package {package!r} is not installed (pip install {package.replace('_', '-')})")
         return Path(list(found.submodule_search_locations)[0]) / subdir
-    path = Path(text)
-    path = path if path.is_absolute() else (raw.folder / path)
-    resolved = path.resolve()  # symlinks and .. resolved: what would really be read
+    resolved = _named_path(text, raw).resolve()  # symlinks and .. resolved: what would really be read
     if not resolved.is_relative_to(root.resolve()) and not spec.model.allow_outside_workspace:
         raise ManifestError(raw.path, key, f"{text!r} resolves to {str(resolved)!r}, outside the workspace {str(root)!r}; refused unless the manifest sets model.allow_outside_workspace = true")
     return resolved
+
+
+def _named_path(text: str, raw: RawManifest) -> Path:
+    """A manifest path as written, made absolute against the manifest's folder (not resolved)."""
+    path = Path(text)
+    return path if path.is_absolute() else raw.folder / path
 
 
 def _require_file(path: Path, raw: RawManifest, key: str) -> None:

@@ -1,0 +1,183 @@
+"""Unchanged manifests are not planned: the no-op build of a monorepo in a few tenths of a second.
+
+At the end of a build in which every step of a manifest ran or was up to date, kiln remembers
+that manifest's closure in build/.kiln/fresh/<manifest>.json: the sha256 of every file its
+up-to-date check reads (the manifest; the source, data and calibration files; every step's
+outputs and record; the lockfile and provenance statements), the mtime of each model folder it
+listed, the versions of the tools its keys hold, and a fingerprint of kiln's own code (every
+.py file of kiln and its build rules, the native extension, the Python version).
+
+The next `doit build` checks each manifest's closure through the stat-keyed digest cache before
+anything else: a manifest whose every file still has the remembered bytes, under the same code and
+tools, cannot have a step to run, so it is neither parsed, validated, planned nor handed to doit;
+its report is rewritten as the no-op report the full check would have written. A touched file is
+re-checked (BLAKE3) and its digest-cache entry refreshed, as in the full check. Anything else (a
+changed byte, a missing file, a new kiln or tool version) sends the manifest down the full path,
+which says why each step must run.
+
+An entry is never trusted on its own word: it names bytes, and it holds only while the files on
+disk are those bytes, so a crashed or concurrent build cannot make a stale entry look fresh.
+Manifests whose steps depend on the machine (TensorRT engines) or that left targets out for lack
+of hardware are always planned: their keys hold facts that only planning reads.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kiln.keys import sha256_text, tool_version
+from kiln.records import dumps_by_line, read_json, state_dir, write_bytes_atomic, write_json_atomic
+
+if TYPE_CHECKING:  # a no-op build never imports the planner
+    from kiln.plan import Plan
+
+FORMAT = 1
+_GENERATED_AT, _SECONDS = "@generated_at@", "@seconds@"  # placeholders in an entry's encoded report
+
+
+def entry_path(root: Path, manifest: Path) -> Path:
+    """build/.kiln/fresh/<stem>-<hash of the workspace-relative path>.json: one file per manifest, so
+    building one manifest rewrites only its own entry."""
+    where = _rel(Path(manifest), root)
+    return state_dir(root) / "fresh" / f"{Path(where).stem}-{sha256_text(where)[:12]}.json"
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """Changes whenever kiln's code could plan or key differently: the size and mtime of every
+    Python file of kiln and kiln.build_rules, of the native extension, and the Python version."""
+    import importlib.util
+
+    import kiln
+
+    folders = {Path(kiln.__file__).parent}
+    rules = importlib.util.find_spec("kiln.build_rules")
+    folders.update(Path(p) for p in (rules.submodule_search_locations or []) if rules is not None)
+    files = sorted(str(p) for folder in folders for p in folder.rglob("*.py"))
+    native = importlib.util.find_spec("kiln._native")
+    if native is not None and native.origin:
+        files.append(native.origin)
+    stats = [(name, st.st_size, st.st_mtime_ns) for name in files for st in [os.stat(name)]]
+    return sha256_text(json.dumps([sys.version, stats]))
+
+
+# ---- after a build: remember ---------------------------------------------------------------------
+
+def remember(plan: Plan, noop_report: dict[str, Any]) -> None:
+    """Record the closure of a manifest all of whose steps are up to date now (called by the
+    reporter, after the lockfile and provenance were written, under the workspace's build lock)."""
+    from kiln.engine import digest
+    from kiln.lockfile import lock_path
+    from kiln.provenance import FILE
+    from kiln.records import record_path
+
+    path = entry_path(plan.root, plan.manifest)
+    records = [read_json(record_path(plan.root, s)) for s in plan.steps]
+    if plan.skipped or any(r is None or "hardware" in r["components"] for r in records):
+        path.unlink(missing_ok=True)
+        return
+    made = {lock_path(plan)} | {p.parent / FILE for _, p in plan.artifacts()}
+    for step in plan.steps:
+        made.update(step.outputs.values())
+        made.add(record_path(plan.root, step))
+    read = {p for step in plan.steps for group in step.inputs.values() for p in group} - made
+    # what a user edits first, so a changed manifest or source is found before any artifact is hashed
+    files = [plan.manifest, *sorted(read - {plan.manifest}), *sorted(made)]
+    tools: dict[str, str] = {}
+    written: dict[str, str] = {}  # step output -> the sha256 its record holds
+    for record in records:
+        tools |= record["components"]["tools"]
+        written.update((out["path"], out["sha256"]) for out in record["outputs"].values())
+    entry = {
+        "format": FORMAT,
+        "manifest": _rel(plan.manifest, plan.root),
+        "model": plan.model,
+        "steps": len(plan.steps),
+        "code": code_fingerprint(),
+        "tools": dict(sorted(tools.items())),
+        "folders": {_rel(f, plan.root): os.stat(f).st_mtime_ns for f in sorted(plan.listed_folders)},
+        "links": [[_rel(named, plan.root), _rel(target, plan.root)] for named, target in plan.aliases],
+        # in checking order. A step output takes its record's digest: workers of `doit -n N` wrote it,
+        # and this process's digest cache has not seen those bytes (a wrong value only costs a full check)
+        "files": [[name, written.get(name) or digest(plan.root, f)] for f in files for name in [_rel(f, plan.root)]],
+        # the no-op report, already encoded: publishing it is two substitutions and a write
+        "report": dumps_by_line(dict(noop_report, generated_at=_GENERATED_AT, seconds=_SECONDS)),
+    }
+    write_json_atomic(path, entry, durable=False)  # a lost entry costs one full check, nothing more
+
+
+def forget(plan: Plan) -> None:
+    """A manifest that did not finish cleanly: drop its entry (it would not match anyway; this keeps
+    build/.kiln/fresh/ saying only true things)."""
+    entry_path(plan.root, plan.manifest).unlink(missing_ok=True)
+
+
+# ---- before a build: check ------------------------------------------------------------------------
+
+def unchanged(root: Path, manifests: list[Path]) -> dict[Path, dict[str, Any]]:
+    """manifest -> its entry, for each manifest whose whole closure is as its last build left it."""
+    found = {}
+    for manifest in manifests:
+        entry = read_json(entry_path(root, manifest))
+        try:
+            if entry is not None and _holds(root, manifest, entry):
+                found[manifest] = entry
+        except (KeyError, TypeError, ValueError):  # an entry of another kiln, or edited by hand: plan it
+            pass
+    return found
+
+
+def _holds(root: Path, manifest: Path, entry: dict[str, Any]) -> bool:
+    from kiln.engine import digest
+
+    if entry.get("format") != FORMAT or entry["manifest"] != _rel(manifest, root) or entry["code"] != code_fingerprint():
+        return False
+    if any(tool_version(name) != version for name, version in entry["tools"].items()):
+        return False
+    for named, target in entry["links"]:
+        if os.path.realpath(os.path.join(root, named)) != os.path.join(root, target):
+            return False  # a symlink the manifest names was re-pointed
+    for folder, mtime_ns in entry["folders"].items():
+        try:
+            if os.stat(root / folder).st_mtime_ns != mtime_ns:
+                return False  # a file was added to or removed from a model folder
+        except OSError:
+            return False
+    base = os.fspath(root)
+    for name, sha256 in entry["files"]:
+        path = os.path.join(base, name)  # strings: thousands of files, no pathlib
+        try:
+            if not name.startswith("build/") and os.path.islink(path):
+                return False  # a file the plan read directly is now a symlink: the plan would name its target
+            if digest(root, path) != sha256:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def publish(root: Path, entries: dict[Path, dict[str, Any]], started: float) -> list[str]:
+    """Write each unchanged manifest's no-op report (what the full check would have written) and
+    return the summary lines the reporter prints for a manifest."""
+    lines = []
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    seconds = round(time.monotonic() - started, 3)
+    for entry in entries.values():
+        text = entry["report"].replace(json.dumps(_GENERATED_AT), json.dumps(now), 1).replace(json.dumps(_SECONDS), json.dumps(seconds), 1)
+        path = root / "build" / entry["model"] / "report.json"
+        write_bytes_atomic(path, text.encode())  # always differs (generated_at): no compare
+        lines.append(f"kiln: {entry['model']}: 0 ran, {entry['steps']} up to date, 0 failed -> {path.relative_to(root)}")
+    return lines
+
+
+def _rel(path: Path, root: Path) -> str:
+    """Workspace-relative where possible (a copied workspace keeps its entries), else absolute."""
+    text = os.fspath(path)
+    prefix = os.fspath(root) + os.sep
+    return text[len(prefix):] if text.startswith(prefix) else text
