@@ -112,6 +112,36 @@ def test_an_unchanged_workspace_is_not_planned(ws: Workspace):
     assert ws.kiln("verify").returncode == 0
 
 
+def test_kiln_build_leaves_unchanged_manifests_unplanned_too(ws: Workspace):
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "kiln.cli", "build", "-n", "2"], cwd=ws.root, capture_output=True, text=True, env=_env())
+    assert proc.returncode == 0 and not planned(proc) and "kiln: a: 0 ran, 3 up to date, 0 failed" in proc.stdout
+    off = subprocess.run([sys.executable, "-X", "importtime", "-m", "kiln.cli", "build"], cwd=ws.root, capture_output=True, text=True, env=_env() | {"KILN_FRESH": "off"})
+    assert off.returncode == 0 and planned(off)
+
+
+def test_a_manifest_edited_while_it_builds_is_remembered_as_it_was_planned(ws: Workspace):
+    """The entry holds the bytes the build planned from, not what is on disk when it ends."""
+    from kiln.engine import load_plans
+    from kiln.report import UP_TO_DATE, build_report
+
+    (plan,) = load_plans(ws.root, "a")
+    ws.edit("batch_size = 16", "batch_size = 8", name="a")  # lands while the build runs
+    fresh.remember(plan, build_report(plan, dict.fromkeys((s.name for s in plan.steps), UP_TO_DATE), 0.0))
+    assert fresh.unchanged(ws.root, [ws.manifest("a"), ws.manifest("b")]) == {ws.manifest("b"): _entry(ws, "b")[1]}
+    assert "reference_outputs" in " ".join(executed(build(ws, "build")))
+
+
+def test_a_module_that_would_shadow_the_factory_is_planned(tmp_path: Path):
+    from test_monorepo import two_manifests
+
+    ws = two_manifests(tmp_path / "ws")  # torch sources: factory "tinynet:build", found at the workspace root
+    ws.doit("build")
+    assert not planned(build(ws, "build"))
+    shutil.copy(ws.root / "tinynet.py", ws.root / "manifests/tinynet.py")  # beside the manifests: found first now
+    proc = build(ws, "build")
+    assert planned(proc) and executed(proc)  # the module file is another path: new step ids
+
+
 def test_touched_files_are_rechecked_refreshed_and_stay_unplanned(ws: Workspace):
     """Every file touched (new mtime and ctime, same bytes): still a no-op without planning, and the
     digest cache now holds the new stat, so the next build does not read those bytes again."""

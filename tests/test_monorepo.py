@@ -42,7 +42,7 @@ def test_identical_steps_of_two_manifests_run_once(tmp_path: Path):
     assert len(ran) == 7  # reference, export, simplify: once; validate: 2 per manifest
     for model in ("a", "b"):
         report = ws.report(model)
-        assert report["ok"] and "a/onnx_a+onnx_b/export_onnx" in [s["step"] for s in report["steps"]]
+        assert report["ok"] and f"{model}/onnx_a+onnx_b/export_onnx" in [s["step"] for s in report["steps"]]  # named by its own targets
         lock = json.loads((ws.root / f"build/{model}/kiln.lock.json").read_text())
         assert {a["target"] for a in lock["artifacts"]} == {"onnx_a", "onnx_b"}
     assert sha256(ws.root / "build/a/onnx_a/model.onnx") == sha256(ws.root / "build/b/onnx_a/model.onnx")

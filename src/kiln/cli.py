@@ -150,7 +150,7 @@ def _build(args) -> int:
     from kiln.engine import doit_globals
 
     names = ",".join(args.manifests) if args.manifests else ""
-    namespace = doit_globals(args.root, names)
+    namespace = doit_globals(args.root, names, skip_unchanged=True)  # a plain build: unchanged manifests are not planned
     extra = ["-n", str(args.jobs), "-P", "thread"] if args.jobs > 1 else []
     return DoitMain(ModuleTaskLoader(namespace)).run([*extra, "build"])  # doit options go before the task name
 

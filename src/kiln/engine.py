@@ -80,8 +80,10 @@ def plan_manifests(root: Path, paths: list[Path], wildcard: bool, taken: dict[st
         resolved = resolve(spec, raw, root) if spec.targets else None
         built = plan(spec, resolved, path, root) if resolved else Plan(spec.model.name, path, root, [])
         built.skipped = skipped
-        built.listed_folders = (resolved.listed_folder,) if resolved and resolved.listed_folder else ()
-        built.aliases = resolved.aliases if resolved else ()
+        built.manifest_sha256 = raw.sha256
+        if resolved is not None:
+            built.listed_folders = ((resolved.listed_folder, resolved.listed_mtime_ns),) if resolved.listed_folder else ()
+            built.aliases, built.lookups = resolved.aliases, resolved.lookups
         plans.append(built)
     share_steps(plans)
     return plans
@@ -341,6 +343,18 @@ def plain_build(argv: list[str]) -> bool:
     return words in ([], [TASK], ["run"], ["run", TASK])
 
 
+def _unchanged_manifests(root: Path, paths: list[Path]):
+    """(kiln.fresh's unchanged manifests, the workspace lock held while checking and publishing
+    them). While another build of the workspace runs, nothing is taken as unchanged: that build may
+    be rewriting what the check would read, so every manifest is planned and waits for it as usual."""
+    from kiln.resources import lock_workspace
+
+    if not (state_dir(root) / "fresh").is_dir():
+        return {}, None  # never built here: nothing to check, no lock file to create
+    lock = lock_workspace(root, wait=False)
+    return (fresh.unchanged(root, paths), lock) if lock is not None else ({}, None)
+
+
 def doit_globals(root: Path | None = None, manifest_arg: str | None = None, skip_unchanged: bool | None = None) -> dict[str, Any]:
     """What dodo.py exposes to doit: DOIT_CONFIG and task_build. Exits with one line on a bad manifest,
     before doit opens its database, so a bad manifest writes nothing.
@@ -356,18 +370,23 @@ def doit_globals(root: Path | None = None, manifest_arg: str | None = None, skip
     root = Path(root or os.getcwd()).resolve()
     manifest_arg = manifest_arg if manifest_arg is not None else get_var("manifest")
     if skip_unchanged is None:
-        skip_unchanged = plain_build(sys.argv) and os.environ.get("KILN_FRESH", "").lower() not in ("off", "0", "false", "no")
+        skip_unchanged = plain_build(sys.argv)
+    skip_unchanged = skip_unchanged and os.environ.get("KILN_FRESH", "").lower() not in ("off", "0", "false", "no")
     try:
         paths = manifest_paths(root, manifest_arg)
-        unchanged = fresh.unchanged(root, paths) if skip_unchanged else {}
-        taken = {entry["model"]: path for path, entry in unchanged.items()}
-        plans = plan_manifests(root, [p for p in paths if p not in unchanged], wildcard=not manifest_arg, taken=taken)
+        unchanged, lock = _unchanged_manifests(root, paths) if skip_unchanged else ({}, None)
+        try:
+            taken = {entry["model"]: path for path, entry in unchanged.items()}
+            plans = plan_manifests(root, [p for p in paths if p not in unchanged], wildcard=not manifest_arg, taken=taken)
+            for line in fresh.publish(root, unchanged, started):
+                print(line)
+        finally:
+            if lock is not None:
+                lock.close()  # the reporter takes it again for the manifests that were planned
     except KilnError as err:
         print(f"kiln: error: {err}", file=sys.stderr)
         raise SystemExit(err.exit_code) from None
     state_dir(root).mkdir(parents=True, exist_ok=True)
-    for line in fresh.publish(root, unchanged, started):
-        print(line)
     PLANS[:] = plans
     for plan_ in plans:
         for target, reason in sorted(plan_.skipped.items()):

@@ -32,12 +32,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.keys import sha256_text, tool_version
+from kiln.locate import lookup
 from kiln.records import dumps_by_line, read_json, state_dir, write_bytes_atomic, write_json_atomic
 
 if TYPE_CHECKING:  # a no-op build never imports the planner
     from kiln.plan import Plan
 
-FORMAT = 1
+FORMAT = 2
 _GENERATED_AT, _SECONDS = "@generated_at@", "@seconds@"  # placeholders in an entry's encoded report
 
 
@@ -51,65 +52,84 @@ def entry_path(root: Path, manifest: Path) -> Path:
 @functools.cache
 def code_fingerprint() -> str:
     """Changes whenever kiln's code could plan or key differently: the size and mtime of every
-    Python file of kiln and kiln.build_rules, of the native extension, and the Python version."""
+    Python file of kiln and kiln.build_rules, of the native extension, the Python version, and the
+    versions of pydantic (its defaults fill params) and doit."""
     import importlib.util
 
     import kiln
 
     folders = {Path(kiln.__file__).parent}
     rules = importlib.util.find_spec("kiln.build_rules")
-    folders.update(Path(p) for p in (rules.submodule_search_locations or []) if rules is not None)
+    if rules is not None:
+        folders.update(Path(p) for p in rules.submodule_search_locations or [])
     files = sorted(str(p) for folder in folders for p in folder.rglob("*.py"))
     native = importlib.util.find_spec("kiln._native")
     if native is not None and native.origin:
         files.append(native.origin)
     stats = [(name, st.st_size, st.st_mtime_ns) for name in files for st in [os.stat(name)]]
-    return sha256_text(json.dumps([sys.version, stats]))
+    return sha256_text(json.dumps([sys.version, tool_version("pydantic"), tool_version("doit"), stats]))
 
 
 # ---- after a build: remember ---------------------------------------------------------------------
 
 def remember(plan: Plan, noop_report: dict[str, Any]) -> None:
     """Record the closure of a manifest all of whose steps are up to date now (called by the
-    reporter, after the lockfile and provenance were written, under the workspace's build lock)."""
+    reporter, after the lockfile and provenance were written, under the workspace's build lock).
+
+    Every digest is the one this build decided on, never a read at the end: the manifest bytes it
+    parsed, the input digests in the step records' keys, the output digests the records hold. So a
+    file edited while the build ran is remembered as it was, and the next build plans it."""
+    path = entry_path(plan.root, plan.manifest)
+    try:
+        entry = _closure(plan, noop_report)
+    except OSError:  # a file went away while the build ran: nothing true to remember
+        entry = None
+    if entry is None:
+        path.unlink(missing_ok=True)
+        return
+    write_json_atomic(path, entry, durable=False)  # a lost entry costs one full check, nothing more
+
+
+def _closure(plan: Plan, noop_report: dict[str, Any]) -> dict[str, Any] | None:
     from kiln.engine import digest
     from kiln.lockfile import lock_path
     from kiln.provenance import FILE
     from kiln.records import record_path
 
-    path = entry_path(plan.root, plan.manifest)
     records = [read_json(record_path(plan.root, s)) for s in plan.steps]
-    if plan.skipped or any(r is None or "hardware" in r["components"] for r in records):
-        path.unlink(missing_ok=True)
-        return
+    if plan.skipped or plan.manifest_sha256 is None or any(r is None or "hardware" in r["components"] for r in records):
+        return None
+    known = {_rel(plan.manifest, plan.root): plan.manifest_sha256}  # file -> the digest this build used
+    tools: dict[str, str] = {}
+    for step, record in zip(plan.steps, records):
+        tools |= record["components"]["tools"]
+        for role, files in step.inputs.items():
+            for file, (_, sha256) in zip(files, record["components"]["inputs"][role]):
+                known.setdefault(_rel(file, plan.root), sha256)
+        known.update((out["path"], out["sha256"]) for out in record["outputs"].values())
     made = {lock_path(plan)} | {p.parent / FILE for _, p in plan.artifacts()}
     for step in plan.steps:
         made.update(step.outputs.values())
         made.add(record_path(plan.root, step))
     read = {p for step in plan.steps for group in step.inputs.values() for p in group} - made
     # what a user edits first, so a changed manifest or source is found before any artifact is hashed
-    files = [plan.manifest, *sorted(read - {plan.manifest}), *sorted(made)]
-    tools: dict[str, str] = {}
-    written: dict[str, str] = {}  # step output -> the sha256 its record holds
-    for record in records:
-        tools |= record["components"]["tools"]
-        written.update((out["path"], out["sha256"]) for out in record["outputs"].values())
-    entry = {
+    files = [_rel(f, plan.root) for f in [plan.manifest, *sorted(read - {plan.manifest}), *sorted(made)]]
+    return {
         "format": FORMAT,
-        "manifest": _rel(plan.manifest, plan.root),
+        "manifest": files[0],
         "model": plan.model,
         "steps": len(plan.steps),
         "code": code_fingerprint(),
         "tools": dict(sorted(tools.items())),
-        "folders": {_rel(f, plan.root): os.stat(f).st_mtime_ns for f in sorted(plan.listed_folders)},
+        "folders": {_rel(f, plan.root): mtime_ns for f, mtime_ns in plan.listed_folders},
         "links": [[_rel(named, plan.root), _rel(target, plan.root)] for named, target in plan.aliases],
-        # in checking order. A step output takes its record's digest: workers of `doit -n N` wrote it,
-        # and this process's digest cache has not seen those bytes (a wrong value only costs a full check)
-        "files": [[name, written.get(name) or digest(plan.root, f)] for f in files for name in [_rel(f, plan.root)]],
+        "lookups": [[kind, name, [_rel(f, plan.root) for f in folders], found] for kind, name, folders, found in plan.lookups],
+        # in checking order; files that were symlinks (a Hugging Face cache snapshot) may stay so
+        "files": [[name, known.get(name) or digest(plan.root, plan.root / name)] for name in files],
+        "symlinks": [name for name in files if not name.startswith("build/") and os.path.islink(plan.root / name)],
         # the no-op report, already encoded: publishing it is two substitutions and a write
         "report": dumps_by_line(dict(noop_report, generated_at=_GENERATED_AT, seconds=_SECONDS)),
     }
-    write_json_atomic(path, entry, durable=False)  # a lost entry costs one full check, nothing more
 
 
 def forget(plan: Plan) -> None:
@@ -126,9 +146,9 @@ def unchanged(root: Path, manifests: list[Path]) -> dict[Path, dict[str, Any]]:
     for manifest in manifests:
         entry = read_json(entry_path(root, manifest))
         try:
-            if entry is not None and _holds(root, manifest, entry):
+            if isinstance(entry, dict) and _holds(root, manifest, entry) and entry["model"] and entry["steps"] and entry["report"]:
                 found[manifest] = entry
-        except (KeyError, TypeError, ValueError):  # an entry of another kiln, or edited by hand: plan it
+        except (KeyError, TypeError, ValueError, AttributeError):  # an entry of another kiln, or edited by hand: plan it
             pass
     return found
 
@@ -143,18 +163,21 @@ def _holds(root: Path, manifest: Path, entry: dict[str, Any]) -> bool:
     for named, target in entry["links"]:
         if os.path.realpath(os.path.join(root, named)) != os.path.join(root, target):
             return False  # a symlink the manifest names was re-pointed
+    for kind, name, folders, was in entry["lookups"]:
+        if lookup(kind, name, [root / f for f in folders]) != was:
+            return False  # the factory's module or a pkg: package would be found elsewhere now
     for folder, mtime_ns in entry["folders"].items():
         try:
             if os.stat(root / folder).st_mtime_ns != mtime_ns:
                 return False  # a file was added to or removed from a model folder
         except OSError:
             return False
-    base = os.fspath(root)
+    base, symlinks = os.fspath(root), set(entry["symlinks"])
     for name, sha256 in entry["files"]:
         path = os.path.join(base, name)  # strings: thousands of files, no pathlib
         try:
-            if not name.startswith("build/") and os.path.islink(path):
-                return False  # a file the plan read directly is now a symlink: the plan would name its target
+            if not name.startswith("build/") and os.path.islink(path) != (name in symlinks):
+                return False  # e.g. a file the plan read is now a symlink: the plan would name its target
             if digest(root, path) != sha256:
                 return False
         except OSError:

@@ -28,7 +28,7 @@ def lock_data(plan: Plan) -> dict[str, Any] | None:
     artifacts = []
     for step, record in zip(plan.steps, records):
         tools |= record["components"]["tools"]
-        steps.append({"step": step.name, "rule": step.rule, "key": record["key"], "targets": step.targets})
+        steps.append({"step": plan.step_name(step), "rule": step.rule, "key": record["key"], "targets": plan.targets_of(step)})
         if step.rule == "validate":
             files = {role: {k: out[k] for k in ("path", "sha256", "bytes")} for role, out in record["outputs"].items()}
             artifact = {"target": step.targets[0], **files["artifact"]}
@@ -41,7 +41,7 @@ def lock_data(plan: Plan) -> dict[str, Any] | None:
         "lock_version": LOCK_VERSION,
         "model": plan.model,
         "manifest": relative(plan.manifest, plan.root),
-        "manifest_sha256": digest(plan.root, plan.manifest),
+        "manifest_sha256": plan.manifest_sha256 or digest(plan.root, plan.manifest),  # the bytes this build planned from
         "artifacts": sorted(artifacts, key=lambda a: a["target"]),
         "steps": steps,
         "tools": dict(sorted(tools.items())),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from kiln.errors import ManifestError
 class RawManifest:
     path: Path  # absolute path of the TOML file
     data: dict[str, Any]
+    sha256: str | None = None  # of the bytes parsed (the lockfile and kiln.fresh name these, not a later read)
 
     @property
     def folder(self) -> Path:
@@ -44,13 +46,14 @@ def all_manifests(root: Path) -> list[Path]:
 def read_manifest(path: Path) -> RawManifest:
     path = Path(path).resolve()
     try:
-        text = path.read_bytes().decode("utf-8")
+        data = path.read_bytes()
+        text = data.decode("utf-8")
     except OSError as err:
         raise ManifestError(path, "", f"cannot read file: {err.strerror}") from None
     except UnicodeDecodeError as err:
         raise ManifestError(path, "", f"not UTF-8 text (byte {err.start}); a manifest is TOML") from None
     try:
-        data = tomllib.loads(text)
+        parsed = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ManifestError(path, "", f"TOML syntax error: {err}") from None
-    return RawManifest(path=path, data=data)
+    return RawManifest(path=path, data=parsed, sha256=hashlib.sha256(data).hexdigest())

@@ -34,9 +34,12 @@ class Step:
     def name(self) -> str:
         """What people read: bert/onnx_fp32/export_onnx; bert/a+b/export_onnx when shared; bert/a+4more/...
         when shared by more than three (a target has one step per rule, so names stay unique)."""
-        who = "+".join(self.targets) if len(self.targets) <= 3 else f"{self.targets[0]}+{len(self.targets) - 1}more"
-        who = who or "all"
-        return f"{self.model}/{who}/{self.rule}"
+        return step_name(self.model, self.targets, self.rule)
+
+
+def step_name(model: str, targets: list[str], rule: str) -> str:
+    who = "+".join(targets) if len(targets) <= 3 else f"{targets[0]}+{len(targets) - 1}more"
+    return f"{model}/{who or 'all'}/{rule}"
 
 
 @dataclass
@@ -46,8 +49,21 @@ class Plan:
     root: Path
     steps: list[Step]  # in dependency order
     skipped: dict[str, str] = field(default_factory=dict)  # target -> why it cannot be built on this machine
-    listed_folders: tuple[Path, ...] = ()  # folders whose listing chose the source files (a Hugging Face model folder)
+    # What planning read besides the files its steps name; kiln.fresh remembers it (set by engine.plan_manifests):
+    manifest_sha256: str | None = None  # of the manifest bytes that were parsed
+    listed_folders: tuple[tuple[Path, int], ...] = ()  # (folder, mtime_ns) whose listing chose the source files (Hugging Face)
     aliases: tuple[tuple[Path, Path], ...] = ()  # (manifest path, what it resolved to) for symlinked ones
+    lookups: tuple[tuple[str, str, tuple[Path, ...], str], ...] = ()  # sys.path lookups and what they found (kiln.locate)
+
+    def targets_of(self, step: Step) -> list[str]:
+        """This manifest's targets that need the step (a step shared with an earlier manifest is
+        that manifest's Step object, listing its targets first)."""
+        return step.targets if step.model == self.model else [t for m, t in step.shared_with if m == self.model]
+
+    def step_name(self, step: Step) -> str:
+        """The step's name in this manifest's report and lockfile: by this manifest's own targets,
+        so they read the same whichever other manifests were planned in the same build."""
+        return step_name(self.model, self.targets_of(step), step.rule)
 
     def artifacts(self) -> list[tuple[str, Path]]:
         """(target, path) of every published artifact."""

@@ -25,7 +25,7 @@ def report_path(plan: Plan) -> Path:
 
 
 def step_entry(plan: Plan, step, status: str) -> dict[str, Any]:
-    entry: dict[str, Any] = {"step": step.name, "rule": step.rule, "targets": step.targets, "status": status}
+    entry: dict[str, Any] = {"step": plan.step_name(step), "rule": step.rule, "targets": plan.targets_of(step), "status": status}
     if status == FAILED:
         failure = read_json(failure_path(plan.root, step)) or {}
         entry |= {"why": failure.get("reason"), "error": failure.get("error", "see doit's output"), "seconds": failure.get("seconds"), "facts": failure.get("facts")}

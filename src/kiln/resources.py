@@ -77,16 +77,20 @@ def _locked(folder: Path):
         write_bytes_atomic(path, json.dumps(ledger, sort_keys=True).encode())
 
 
-def lock_workspace(root: Path):
+def lock_workspace(root: Path, wait: bool = True):
     """One build at a time per workspace: an exclusive flock on build/.kiln/build.lock, held until
     the returned file is closed (or the process dies: the kernel drops the lock, so a killed build
-    never blocks the next). A second `doit build` says whom it waits for, then waits."""
+    never blocks the next). A second `doit build` says whom it waits for, then waits; with
+    wait=False it gets None instead."""
     folder = state_dir(root)
     folder.mkdir(parents=True, exist_ok=True)
     lock = open(folder / "build.lock", "a+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        if not wait:
+            lock.close()
+            return None
         lock.seek(0)
         holder = lock.read().strip() or "another process"
         print(f"kiln: waiting for another build of this workspace to finish ({holder})", file=sys.stderr, flush=True)

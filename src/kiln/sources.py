@@ -9,12 +9,13 @@ run time (heavy imports inside).
 from __future__ import annotations
 
 import importlib.util
-import sys
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kiln.errors import ManifestError, StepError
+from kiln.locate import module_file, on_sys_path, package_dir
 from kiln.manifest import RawManifest
 from kiln.spec import Spec
 
@@ -32,14 +33,35 @@ class Resolved:
     calibration_file: Path | None = None  # [calibration].data, when the manifest has one
     listed_folder: Path | None = None  # the Hugging Face model folder whose listing gave source_files
     aliases: tuple[tuple[Path, Path], ...] = ()  # (path as the manifest names it, the file it resolved to) where they differ: symlinks
+    lookups: tuple[tuple[str, str, tuple[Path, ...], str], ...] = ()  # (kind, name, folders first on sys.path, what was found): kiln.locate
+    listed_mtime_ns: int | None = None  # listed_folder's mtime before it was listed
 
 
 def resolve(spec: Spec, raw: RawManifest, root: Path) -> Resolved:
     _check_extras(spec, raw)
     calibration = _data_file(spec, raw, root, "calibration") if spec.calibration else None
+    lookups = _lookups(spec, raw, root)  # before the files: what planning found is what gets remembered
     files = _source_files(spec, raw, root)
     listed = files[0].parent if spec.source.kind == "huggingface" else None
-    return Resolved(files, _data_file(spec, raw, root, "validation"), calibration, listed, _aliases(spec, raw))
+    listed_mtime_ns = os.stat(listed).st_mtime_ns if listed is not None else None  # at planning, not at the end of the build
+    return Resolved(files, _data_file(spec, raw, root, "validation"), calibration, listed, _aliases(spec, raw), lookups, listed_mtime_ns)
+
+
+def _lookups(spec: Spec, raw: RawManifest, root: Path) -> tuple[tuple[str, str, tuple[Path, ...], str], ...]:
+    """The sys.path lookups this manifest's names need (a factory's module, pkg: packages) and what
+    they find, so kiln.fresh can tell when the same names would find other files."""
+    found = []
+    factory = getattr(spec.source, "factory", None)
+    if factory:
+        module, folders = factory.split(":")[0], (raw.folder, root)
+        found.append(("module", module, folders, module_file(module, list(folders))))
+    texts = [getattr(spec.source, "path", None), getattr(spec.source, "weights", None), spec.validation.data]
+    texts.append(spec.calibration.data if spec.calibration else None)
+    for text in texts:
+        if text and text.startswith("pkg:"):
+            package = text[4:].partition("/")[0]
+            found.append(("package", package, (), package_dir(package)))
+    return tuple(item for item in found if item[3] is not None)  # a failed lookup fails resolve() below
 
 
 def _aliases(spec: Spec, raw: RawManifest) -> tuple[tuple[Path, Path], ...]:
@@ -111,10 +133,10 @@ def resolve_path(text: str, raw: RawManifest, key: str, root: Path, spec: Spec) 
     """A manifest path: relative to the manifest's folder, absolute, or pkg:<package>/<subdir>."""
     if text.startswith("pkg:"):
         package, _, subdir = text[4:].partition("/")
-        found = importlib.util.find_spec(package) if package.isidentifier() else None
-        if found is None or not found.submodule_search_locations:
+        found = package_dir(package)
+        if found is None:
             raise ManifestError(raw.path, key, f"{text!r}: Python package {package!r} is not installed (pip install {package.replace('_', '-')})")
-        return Path(list(found.submodule_search_locations)[0]) / subdir
+        return Path(found) / subdir
     resolved = _named_path(text, raw).resolve()  # symlinks and .. resolved: what would really be read
     if not resolved.is_relative_to(root.resolve()) and not spec.model.allow_outside_workspace:
         raise ManifestError(raw.path, key, f"{text!r} resolves to {str(resolved)!r}, outside the workspace {str(root)!r}; refused unless the manifest sets model.allow_outside_workspace = true")
@@ -154,14 +176,10 @@ def _model_folder_files(folder: Path, allow_pickle: bool, raw: RawManifest) -> t
 
 def _factory_file(factory: str, raw: RawManifest, root: Path) -> Path:
     module = factory.split(":")[0]
-    with _on_sys_path(raw.folder, root):
-        try:
-            found = importlib.util.find_spec(module)
-        except (ImportError, ValueError):
-            found = None
-    if found is None or not found.origin or not Path(found.origin).is_file():
+    found = module_file(module, [raw.folder, root])
+    if found is None:
         raise ManifestError(raw.path, "source.factory", f"{factory!r}: module {module!r} not found (looked beside the manifest in {raw.folder}, in {root} and on sys.path)")
-    return Path(found.origin)
+    return Path(found)
 
 
 def import_root(factory: str, module_file: Path) -> Path:
@@ -172,22 +190,6 @@ def import_root(factory: str, module_file: Path) -> Path:
     for _ in range(module.count(".") + (module_file.name == "__init__.py")):
         folder = folder.parent
     return folder
-
-
-class _on_sys_path:
-    """Put folders first on sys.path for a moment (in order), so a factory module is found there."""
-
-    def __init__(self, *folders: Path):
-        self.folders = [str(f) for f in folders]
-
-    def __enter__(self):
-        self.added = [f for f in dict.fromkeys(self.folders) if f not in sys.path]
-        sys.path[:0] = self.added
-
-    def __exit__(self, *exc):
-        for folder in self.added:
-            if folder in sys.path:
-                sys.path.remove(folder)
 
 
 # ---- loading at run time (inside rules) --------------------------------------------------------
@@ -285,7 +287,7 @@ def _load_factory(source: dict[str, Any], files: list[Path], root: Path):
 def call_factory(factory: str, module_file: Path, root: Path) -> Any:
     """Import `module:function` from where resolve() found it and call it."""
     module_name, function_name = factory.split(":")
-    with _on_sys_path(import_root(factory, module_file), root):
+    with on_sys_path(import_root(factory, module_file), root):
         module = importlib.import_module(module_name)
     return getattr(module, function_name)()
 
