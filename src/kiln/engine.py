@@ -352,7 +352,10 @@ def _unchanged_manifests(root: Path, paths: list[Path]):
     if not (state_dir(root) / "fresh").is_dir():
         return {}, None  # never built here: nothing to check, no lock file to create
     lock = lock_workspace(root, wait=False)
-    return (fresh.unchanged(root, paths), lock) if lock is not None else ({}, None)
+    if lock is None:
+        return {}, None
+    sweep_stale_temps(state_dir(root) / "fresh")  # an entry a killed build was writing
+    return fresh.unchanged(root, paths), lock
 
 
 def doit_globals(root: Path | None = None, manifest_arg: str | None = None, skip_unchanged: bool | None = None) -> dict[str, Any]:
