@@ -23,13 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kiln import switched_off
 from kiln.keys import CHUNK
 from kiln.records import write_bytes_atomic
 from kiln.temps import sweep_stale_temps, temp_path
 
 
 def cache_dir(root: Path) -> Path | None:
-    if os.environ.get("KILN_CACHE", "").lower() in ("off", "0", "false", "no"):
+    if switched_off("KILN_CACHE"):
         return None
     return Path(os.environ.get("KILN_CACHE_DIR") or Path(root) / ".kiln" / "cache")
 

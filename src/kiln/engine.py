@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kiln import fresh
+from kiln import fresh, switched_off
 from kiln.errors import KilnError, ManifestError, StepError
 from kiln.keys import DigestCache, step_key, tool_versions
 from kiln.manifest import all_manifests, find_manifest
@@ -81,9 +81,6 @@ def plan_manifests(root: Path, paths: list[Path], wildcard: bool, taken: dict[st
         built = plan(spec, resolved, path, root) if resolved else Plan(spec.model.name, path, root, [])
         built.skipped = skipped
         built.manifest_sha256 = raw.sha256
-        if resolved is not None:
-            built.listed_folders = ((resolved.listed_folder, resolved.listed_mtime_ns),) if resolved.listed_folder else ()
-            built.aliases, built.lookups = resolved.aliases, resolved.lookups
         plans.append(built)
     share_steps(plans)
     return plans
@@ -322,7 +319,8 @@ PLANS: list[Plan] = []  # what this process loaded; the reporter writes lockfile
 # doit options that leave the meaning of `doit build` alone (which dodo file, how many workers, how
 # verbose): with only these, unchanged manifests may be left out of the task list. Anything else
 # (-a, a task name, another command) gets every manifest's tasks, as doit would list, clean or force them.
-_PLAIN_OPTIONS_WITH_VALUE = ("-n", "--process", "-P", "--parallel-type", "-v", "--verbosity", "-f", "--file", "-d", "--dir")
+_PLAIN_SHORT_WITH_VALUE = ("-n", "-P", "-v", "-f", "-d")  # also glued: -n2
+_PLAIN_LONG_WITH_VALUE = ("--process", "--parallel-type", "--verbosity", "--file", "--dir")  # also --process=2
 _PLAIN_FLAGS = ("-c", "--continue", "-k", "--seek-file")
 
 
@@ -332,9 +330,9 @@ def plain_build(argv: list[str]) -> bool:
         return False  # not doit's command line (dodo.py imported by something else)
     words, args = [], iter(argv[1:])
     for arg in args:
-        if arg in _PLAIN_OPTIONS_WITH_VALUE:
+        if arg in _PLAIN_SHORT_WITH_VALUE or arg in _PLAIN_LONG_WITH_VALUE:
             next(args, None)
-        elif arg in _PLAIN_FLAGS or arg.split("=", 1)[0] in _PLAIN_OPTIONS_WITH_VALUE[1::2] or arg[:2] in _PLAIN_OPTIONS_WITH_VALUE[::2]:
+        elif arg in _PLAIN_FLAGS or arg.split("=", 1)[0] in _PLAIN_LONG_WITH_VALUE or arg[:2] in _PLAIN_SHORT_WITH_VALUE:
             continue
         elif arg.startswith("-"):
             return False
@@ -343,19 +341,22 @@ def plain_build(argv: list[str]) -> bool:
     return words in ([], [TASK], ["run"], ["run", TASK])
 
 
-def _unchanged_manifests(root: Path, paths: list[Path]):
-    """(kiln.fresh's unchanged manifests, the workspace lock held while checking and publishing
-    them). While another build of the workspace runs, nothing is taken as unchanged: that build may
-    be rewriting what the check would read, so every manifest is planned and waits for it as usual."""
+@contextlib.contextmanager
+def _unchanged_manifests(root: Path, paths: list[Path], wanted: bool):
+    """kiln.fresh's unchanged manifests, with the workspace lock held while they are checked and
+    published (the reporter takes it again for the manifests that are planned). While another build
+    of the workspace runs, nothing is taken as unchanged: that build may be rewriting what the check
+    would read, so every manifest is planned and waits for it as usual."""
     from kiln.resources import lock_workspace
 
-    if not (state_dir(root) / "fresh").is_dir():
-        return {}, None  # never built here: nothing to check, no lock file to create
-    lock = lock_workspace(root, wait=False)
+    folder = state_dir(root) / "fresh"
+    lock = lock_workspace(root, wait=False) if wanted and folder.is_dir() else None  # no entries: never built here
     if lock is None:
-        return {}, None
-    sweep_stale_temps(state_dir(root) / "fresh")  # an entry a killed build was writing
-    return fresh.unchanged(root, paths), lock
+        yield {}
+        return
+    with lock:
+        sweep_stale_temps(folder)  # an entry a killed build was writing
+        yield fresh.unchanged(root, paths)
 
 
 def doit_globals(root: Path | None = None, manifest_arg: str | None = None, skip_unchanged: bool | None = None) -> dict[str, Any]:
@@ -374,18 +375,13 @@ def doit_globals(root: Path | None = None, manifest_arg: str | None = None, skip
     manifest_arg = manifest_arg if manifest_arg is not None else get_var("manifest")
     if skip_unchanged is None:
         skip_unchanged = plain_build(sys.argv)
-    skip_unchanged = skip_unchanged and os.environ.get("KILN_FRESH", "").lower() not in ("off", "0", "false", "no")
     try:
         paths = manifest_paths(root, manifest_arg)
-        unchanged, lock = _unchanged_manifests(root, paths) if skip_unchanged else ({}, None)
-        try:
+        with _unchanged_manifests(root, paths, skip_unchanged and not switched_off("KILN_FRESH")) as unchanged:
             taken = {entry["model"]: path for path, entry in unchanged.items()}
             plans = plan_manifests(root, [p for p in paths if p not in unchanged], wildcard=not manifest_arg, taken=taken)
             for line in fresh.publish(root, unchanged, started):
                 print(line)
-        finally:
-            if lock is not None:
-                lock.close()  # the reporter takes it again for the manifests that were planned
     except KilnError as err:
         print(f"kiln: error: {err}", file=sys.stderr)
         raise SystemExit(err.exit_code) from None

@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # a no-op build never imports the planner
 
 FORMAT = 2
 _GENERATED_AT, _SECONDS = "@generated_at@", "@seconds@"  # placeholders in an entry's encoded report
+_KEYS = {"format", "manifest", "model", "steps", "code", "tools", "folders", "links", "lookups", "files", "symlinks", "report"}
 
 
 def entry_path(root: Path, manifest: Path) -> Path:
@@ -97,23 +98,25 @@ def _closure(plan: Plan, noop_report: dict[str, Any]) -> dict[str, Any] | None:
     from kiln.records import record_path
 
     records = [read_json(record_path(plan.root, s)) for s in plan.steps]
-    if plan.skipped or plan.manifest_sha256 is None or any(r is None or "hardware" in r["components"] for r in records):
+    resolved = plan.resolved
+    if plan.skipped or resolved is None or plan.manifest_sha256 is None or any(r is None or "hardware" in r["components"] for r in records):
         return None
     known = {_rel(plan.manifest, plan.root): plan.manifest_sha256}  # file -> the digest this build used
     tools: dict[str, str] = {}
+    read: set[Path] = set()
+    made = {lock_path(plan)} | {p.parent / FILE for _, p in plan.artifacts()}
     for step, record in zip(plan.steps, records):
         tools |= record["components"]["tools"]
         for role, files in step.inputs.items():
+            read.update(files)
             for file, (_, sha256) in zip(files, record["components"]["inputs"][role]):
                 known.setdefault(_rel(file, plan.root), sha256)
         known.update((out["path"], out["sha256"]) for out in record["outputs"].values())
-    made = {lock_path(plan)} | {p.parent / FILE for _, p in plan.artifacts()}
-    for step in plan.steps:
         made.update(step.outputs.values())
         made.add(record_path(plan.root, step))
-    read = {p for step in plan.steps for group in step.inputs.values() for p in group} - made
     # what a user edits first, so a changed manifest or source is found before any artifact is hashed
-    files = [_rel(f, plan.root) for f in [plan.manifest, *sorted(read - {plan.manifest}), *sorted(made)]]
+    files = [_rel(f, plan.root) for f in [plan.manifest, *sorted(read - made - {plan.manifest}), *sorted(made)]]
+    folders = [resolved.listed_folder] if resolved.listed_folder else []
     return {
         "format": FORMAT,
         "manifest": files[0],
@@ -121,12 +124,12 @@ def _closure(plan: Plan, noop_report: dict[str, Any]) -> dict[str, Any] | None:
         "steps": len(plan.steps),
         "code": code_fingerprint(),
         "tools": dict(sorted(tools.items())),
-        "folders": {_rel(f, plan.root): mtime_ns for f, mtime_ns in plan.listed_folders},
-        "links": [[_rel(named, plan.root), _rel(target, plan.root)] for named, target in plan.aliases],
-        "lookups": [[kind, name, [_rel(f, plan.root) for f in folders], found] for kind, name, folders, found in plan.lookups],
+        "folders": {_rel(f, plan.root): mtime_ns for f, mtime_ns in folders},
+        "links": [[_rel(named, plan.root), _rel(target, plan.root)] for named, target in resolved.aliases],
+        "lookups": [[kind, name, [_rel(f, plan.root) for f in folders], found] for kind, name, folders, found in resolved.lookups],
         # in checking order; files that were symlinks (a Hugging Face cache snapshot) may stay so
         "files": [[name, known.get(name) or digest(plan.root, plan.root / name)] for name in files],
-        "symlinks": [name for name in files if not name.startswith("build/") and os.path.islink(plan.root / name)],
+        "symlinks": [name for name in files if not _made(name) and os.path.islink(plan.root / name)],
         # the no-op report, already encoded: publishing it is two substitutions and a write
         "report": dumps_by_line(dict(noop_report, generated_at=_GENERATED_AT, seconds=_SECONDS)),
     }
@@ -146,7 +149,7 @@ def unchanged(root: Path, manifests: list[Path]) -> dict[Path, dict[str, Any]]:
     for manifest in manifests:
         entry = read_json(entry_path(root, manifest))
         try:
-            if isinstance(entry, dict) and _holds(root, manifest, entry) and entry["model"] and entry["steps"] and entry["report"]:
+            if isinstance(entry, dict) and _KEYS <= entry.keys() and _holds(root, manifest, entry):
                 found[manifest] = entry
         except (KeyError, TypeError, ValueError, AttributeError):  # an entry of another kiln, or edited by hand: plan it
             pass
@@ -176,7 +179,7 @@ def _holds(root: Path, manifest: Path, entry: dict[str, Any]) -> bool:
     for name, sha256 in entry["files"]:
         path = os.path.join(base, name)  # strings: thousands of files, no pathlib
         try:
-            if not name.startswith("build/") and os.path.islink(path) != (name in symlinks):
+            if not _made(name) and os.path.islink(path) != (name in symlinks):
                 return False  # e.g. a file the plan read is now a symlink: the plan would name its target
             if digest(root, path) != sha256:
                 return False
@@ -197,6 +200,11 @@ def publish(root: Path, entries: dict[Path, dict[str, Any]], started: float) -> 
         write_bytes_atomic(path, text.encode())  # always differs (generated_at): no compare
         lines.append(f"kiln: {entry['model']}: 0 ran, {entry['steps']} up to date, 0 failed -> {path.relative_to(root)}")
     return lines
+
+
+def _made(name: str) -> bool:
+    """Whether a closure file is one kiln writes (everything under build/), not one the user gives."""
+    return name.startswith("build/")
 
 
 def _rel(path: Path, root: Path) -> str:

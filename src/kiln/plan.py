@@ -49,11 +49,9 @@ class Plan:
     root: Path
     steps: list[Step]  # in dependency order
     skipped: dict[str, str] = field(default_factory=dict)  # target -> why it cannot be built on this machine
-    # What planning read besides the files its steps name; kiln.fresh remembers it (set by engine.plan_manifests):
-    manifest_sha256: str | None = None  # of the manifest bytes that were parsed
-    listed_folders: tuple[tuple[Path, int], ...] = ()  # (folder, mtime_ns) whose listing chose the source files (Hugging Face)
-    aliases: tuple[tuple[Path, Path], ...] = ()  # (manifest path, what it resolved to) for symlinked ones
-    lookups: tuple[tuple[str, str, tuple[Path, ...], str], ...] = ()  # sys.path lookups and what they found (kiln.locate)
+    # What planning read besides the files its steps name (kiln.fresh remembers it):
+    resolved: Resolved | None = None  # where the manifest's names led (folders listed, symlinks, sys.path lookups)
+    manifest_sha256: str | None = None  # of the manifest bytes that were parsed (set by engine.plan_manifests)
 
     def targets_of(self, step: Step) -> list[str]:
         """This manifest's targets that need the step (a step shared with an earlier manifest is
@@ -98,7 +96,7 @@ def plan(spec: Spec, resolved: Resolved, manifest: Path, root: Path) -> Plan:
     planner = _Planner(spec, resolved, root)
     for target_name in spec.targets:
         planner.add_target(target_name)
-    return Plan(spec.model.name, manifest, root, planner.steps)
+    return Plan(spec.model.name, manifest, root, planner.steps, resolved=resolved)
 
 
 class _Planner:

@@ -121,7 +121,8 @@ class KilnReporter(ConsoleReporter):
             if report["ok"] and (write_lock(plan) or report["counts"][RAN] or not provenance_complete(plan)):
                 write_provenance(plan)  # only when something changed: a no-op build of a monorepo stays cheap
             if report["ok"]:  # the next plain `doit build` may leave this manifest unplanned while it is unchanged
-                fresh.remember(plan, build_report(plan, dict.fromkeys((s.name for s in plan.steps), UP_TO_DATE), 0.0))
+                noop = report if report["counts"][UP_TO_DATE] == len(plan.steps) else build_report(plan, dict.fromkeys((s.name for s in plan.steps), UP_TO_DATE), 0.0)
+                fresh.remember(plan, noop)
             else:
                 fresh.forget(plan)
             counts = report["counts"]

@@ -31,20 +31,27 @@ class Resolved:
     source_files: tuple[Path, ...]  # every file whose bytes define the source model
     data_file: Path
     calibration_file: Path | None = None  # [calibration].data, when the manifest has one
-    listed_folder: Path | None = None  # the Hugging Face model folder whose listing gave source_files
+    # (the Hugging Face model folder whose listing gave source_files, its mtime_ns when planned)
+    listed_folder: tuple[Path, int] | None = None
     aliases: tuple[tuple[Path, Path], ...] = ()  # (path as the manifest names it, the file it resolved to) where they differ: symlinks
     lookups: tuple[tuple[str, str, tuple[Path, ...], str], ...] = ()  # (kind, name, folders first on sys.path, what was found): kiln.locate
-    listed_mtime_ns: int | None = None  # listed_folder's mtime before it was listed
 
 
 def resolve(spec: Spec, raw: RawManifest, root: Path) -> Resolved:
     _check_extras(spec, raw)
     calibration = _data_file(spec, raw, root, "calibration") if spec.calibration else None
-    lookups = _lookups(spec, raw, root)  # before the files: what planning found is what gets remembered
+    lookups = _lookups(spec, raw, root)
     files = _source_files(spec, raw, root)
-    listed = files[0].parent if spec.source.kind == "huggingface" else None
-    listed_mtime_ns = os.stat(listed).st_mtime_ns if listed is not None else None  # at planning, not at the end of the build
-    return Resolved(files, _data_file(spec, raw, root, "validation"), calibration, listed, _aliases(spec, raw), lookups, listed_mtime_ns)
+    folder = files[0].parent
+    listed = (folder, os.stat(folder).st_mtime_ns) if spec.source.kind == "huggingface" else None  # at planning, not at the end
+    return Resolved(files, _data_file(spec, raw, root, "validation"), calibration, listed, _aliases(spec, raw), lookups)
+
+
+def _path_texts(spec: Spec) -> list[str]:
+    """Every file or folder path the manifest gives, as written (pkg: ones included)."""
+    texts = [getattr(spec.source, "path", None), getattr(spec.source, "weights", None), spec.validation.data]
+    texts.append(spec.calibration.data if spec.calibration else None)
+    return [text for text in texts if text]
 
 
 def _lookups(spec: Spec, raw: RawManifest, root: Path) -> tuple[tuple[str, str, tuple[Path, ...], str], ...]:
@@ -55,10 +62,8 @@ def _lookups(spec: Spec, raw: RawManifest, root: Path) -> tuple[tuple[str, str, 
     if factory:
         module, folders = factory.split(":")[0], (raw.folder, root)
         found.append(("module", module, folders, module_file(module, list(folders))))
-    texts = [getattr(spec.source, "path", None), getattr(spec.source, "weights", None), spec.validation.data]
-    texts.append(spec.calibration.data if spec.calibration else None)
-    for text in texts:
-        if text and text.startswith("pkg:"):
+    for text in _path_texts(spec):
+        if text.startswith("pkg:"):
             package = text[4:].partition("/")[0]
             found.append(("package", package, (), package_dir(package)))
     return tuple(item for item in found if item[3] is not None)  # a failed lookup fails resolve() below
@@ -67,9 +72,7 @@ def _lookups(spec: Spec, raw: RawManifest, root: Path) -> tuple[tuple[str, str, 
 def _aliases(spec: Spec, raw: RawManifest) -> tuple[tuple[Path, Path], ...]:
     """Manifest paths that are (or pass through) symlinks, with what they resolve to: re-pointing
     one changes what the build reads without changing any file the plan names (kiln.fresh)."""
-    texts = [getattr(spec.source, "path", None), getattr(spec.source, "weights", None), spec.validation.data]
-    texts.append(spec.calibration.data if spec.calibration else None)
-    named = [_named_path(text, raw) for text in texts if text and not text.startswith("pkg:")]
+    named = [_named_path(text, raw) for text in _path_texts(spec) if not text.startswith("pkg:")]
     return tuple((path, path.resolve()) for path in named if path.resolve() != path)
 
 
