@@ -12,13 +12,43 @@ from pathlib import Path
 
 
 def module_file(module: str, folders: list[Path]) -> str | None:
-    """The file `import module` would load with `folders` first on sys.path, or None."""
+    """The file `import module` would load with `folders` first on sys.path, or None.
+
+    Found without importing anything: importlib.util.find_spec imports a dotted name's parent
+    packages (running their code at plan time) and answers later lookups from sys.modules, so a
+    process that plans two workspaces would find the first one's package for both."""
     with on_sys_path(*folders):
+        found = _find_on_disk(module)
+    return found.origin if found is not None and found.origin and Path(found.origin).is_file() else None
+
+
+def _find_on_disk(module: str):
+    """The spec of `module`, looked up part by part through sys.meta_path's finders (sys.modules
+    is not consulted), or None."""
+    parts = module.split(".")
+    path, spec = None, None
+    for i in range(len(parts)):
+        spec = _find_spec(".".join(parts[: i + 1]), path)
+        if spec is None:
+            return None
+        path = spec.submodule_search_locations
+        if path is None and i < len(parts) - 1:
+            return None  # a module, not a package: it has no submodules
+    return spec
+
+
+def _find_spec(name: str, path):
+    for finder in sys.meta_path:
+        find = getattr(finder, "find_spec", None)
+        if find is None:
+            continue
         try:
-            found = importlib.util.find_spec(module)
+            spec = find(name, path)
         except (ImportError, ValueError):
             return None
-    return found.origin if found is not None and found.origin and Path(found.origin).is_file() else None
+        if spec is not None:
+            return spec
+    return None
 
 
 def package_dir(package: str) -> str | None:
