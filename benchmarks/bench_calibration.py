@@ -15,7 +15,7 @@ methods from that; its time per method is that one pass plus the method's thresh
 onnxruntime runs one calibrator per method. Thresholds are compared per tensor, in units of kiln's
 bin width for that tensor (range / 2048); minmax must agree exactly. kiln's entropy is TensorRT's
 KL search on |x|; onnxruntime's is its own signed-histogram variant, so that row compares two
-different algorithms (see kiln.quant.calibration.entropy_threshold).
+different algorithms (see kiln.native.calibration.entropy_threshold).
 """
 
 from __future__ import annotations
@@ -76,9 +76,9 @@ def kiln_worker(args) -> dict:
     import onnx
 
     from kiln.build_rules.quantize_static import QuantizeStaticParams, activation_ranges
-    from kiln.onnx_runtime import session
-    from kiln.quant.calibration import Calibration
-    from kiln.quant.graph import with_outputs
+    from kiln.runtime.onnxrt import session
+    from kiln.native.calibration import Calibration
+    from kiln.runtime.onnx_graph import with_outputs
 
     batches, names = feeds(args.samples, args.batch_size), calibrated_tensors(args.model)
     start_rss = rss_mb()

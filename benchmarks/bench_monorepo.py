@@ -80,7 +80,7 @@ MD5_DODO = '''
 from pathlib import Path
 from doit.tools import config_changed
 from kiln.engine import doit_globals
-from kiln.keys import canonical_json
+from kiln.base.hashing import canonical_json
 
 _kiln = doit_globals(Path(__file__).parent, skip_unchanged=False)  # doit's checker sees every task
 DOIT_CONFIG = dict(_kiln["DOIT_CONFIG"], dep_file=str(Path(__file__).parent / "build/.kiln/doit-md5.db"))

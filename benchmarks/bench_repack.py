@@ -1,4 +1,4 @@
-"""Repack and quantization: kiln.repack vs numpy / ml_dtypes / the numpy twins / onnxruntime.
+"""Repack and quantization: kiln.native.repack vs numpy / ml_dtypes / the numpy twins / onnxruntime.
 
     python benchmarks/bench_repack.py [--mib 1024] [--repeat 3]
 
@@ -18,8 +18,9 @@ import time
 import ml_dtypes
 import numpy as np
 
-from kiln import _native, repack
-from kiln.quant import reference as ref
+from kiln import _native
+from kiln.native import repack
+from kiln.native import twins as ref
 
 
 def best(fn, repeat: int):

@@ -1,4 +1,4 @@
-"""SafeTensors I/O: kiln.safetensors vs the safetensors package, on a 1 GiB state dict.
+"""SafeTensors I/O: kiln.native.safetensors vs the safetensors package, on a 1 GiB state dict.
 
     python benchmarks/bench_safetensors.py [--mib 1024] [--repeat 3]
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import safetensors.numpy as reference
 
-from kiln import safetensors as kiln_st
+from kiln.native import safetensors as kiln_st
 
 
 def state_dict(mib: int) -> dict[str, np.ndarray]:
@@ -46,7 +46,7 @@ def best(fn, repeat: int) -> float:
 def rows(mib: int, repeat: int, folder: Path) -> list[tuple[str, float, float | None, str]]:
     tensors = state_dict(mib)
     nbytes = sum(a.nbytes for a in tensors.values())
-    ref_file, kiln_file = folder / "ref.safetensors", folder / "kiln.safetensors"
+    ref_file, kiln_file = folder / "ref.safetensors", folder / "kiln.native.safetensors"
 
     save_ref = best(lambda: reference.save_file(tensors, ref_file), repeat)
     save_kiln = best(lambda: kiln_st.save_file(tensors, kiln_file), repeat)

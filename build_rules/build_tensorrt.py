@@ -21,6 +21,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kiln.base.cuda import CudaUnavailable, check, cudart, device_facts
+from kiln.base.fsio import write_bytes_atomic
+from kiln.base.hashing import canonical_json, sha256_text
+from kiln.base.paths import state_dir
 from kiln.errors import StepError
 from kiln.rules import Params, Rule, RunContext, register
 
@@ -44,17 +48,12 @@ class BuildTensorrt(Rule):
 
     @classmethod
     def hardware_for(cls, params: dict[str, Any]) -> dict[str, Any]:
-        from kiln.cuda import CudaUnavailable, device_facts
-
         try:
             return device_facts(params.get("device", 0))
         except CudaUnavailable as err:  # the step will fail with this reason when it runs
             return {"unavailable": str(err)}
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: BuildTensorrtParams, ctx: RunContext) -> dict[str, Any]:
-        from kiln.cuda import CudaUnavailable, cudart, check, device_facts
-        from kiln.records import write_bytes_atomic
-
         try:
             facts = device_facts(params.device)
             check(cudart().cudaSetDevice(params.device), "cudaSetDevice")
@@ -113,9 +112,6 @@ def _profile(builder, network, params: BuildTensorrtParams, ctx: RunContext):
 
 
 def _shared_cache_path(root: Path, facts: dict[str, Any]) -> Path:
-    from kiln.keys import canonical_json, sha256_text
-    from kiln.records import state_dir
-
     return state_dir(root) / "tensorrt" / f"{sha256_text(canonical_json(facts))[:16]}.timing.cache"
 
 

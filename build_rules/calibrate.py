@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.errors import StepError
+from kiln.runtime.onnxrt import session
 from kiln.rules import Params, Rule, RunContext, register
 
 # Fixed, so the activations (hence the histograms' bytes) do not depend on the machine's core count.
@@ -40,10 +41,9 @@ class Calibrate(Rule):
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: CalibrateParams, ctx: RunContext) -> dict[str, Any]:
         import onnx
 
-        from kiln.data import batches
-        from kiln.onnx_runtime import session
-        from kiln.quant.calibration import Calibration
-        from kiln.quant.graph import weight_layers, with_outputs
+        from kiln.native.calibration import Calibration
+        from kiln.runtime.data import batches
+        from kiln.runtime.onnx_graph import weight_layers, with_outputs
 
         model = onnx.load(str(inputs["model"][0]))
         observed = sorted({layer.activation for layer in weight_layers(model, params.op_types)})

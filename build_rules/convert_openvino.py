@@ -1,7 +1,7 @@
 """convert_openvino: an fp32 ONNX model -> OpenVINO IR (model.xml + model.bin) with the openvino
 package (ov.convert_model, ov.save_model); precision fp16 compresses the weights to fp16.
 
-Runs in a fresh child (kiln.child): OpenVINO names the nodes it creates from a process-wide counter
+Runs in a fresh child (kiln.runtime.child): OpenVINO names the nodes it creates from a process-wide counter
 (Constant_8369), so a conversion after other work in the same process would write different bytes. ov.save_model finds model.bin by model.xml's name,
 so the child saves into a temporary folder and moves both files to kiln's output paths.
 """
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.rules import Params, Rule, RunContext, register
+from kiln.runtime.child import fail, read_job, run_in_child
 
 
 class ConvertOpenvinoParams(Params):
@@ -26,8 +27,6 @@ class ConvertOpenvino(Rule):
     Params = ConvertOpenvinoParams
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ConvertOpenvinoParams, ctx: RunContext) -> dict[str, Any]:
-        from kiln.child import run_in_child
-
         job = {"onnx": str(inputs["model"][0]), "xml": str(outputs["model"]), "bin": str(outputs["weights"]), "fp16": params.compress_to_fp16}
         run_in_child(ctx.step, "kiln.build_rules.convert_openvino:child_main", job, "OpenVINO conversion failed")
         return {"compress_to_fp16": params.compress_to_fp16, "weights_bytes": outputs["weights"].stat().st_size}
@@ -39,8 +38,6 @@ def child_main() -> None:
     import tempfile
 
     import openvino as ov
-
-    from kiln.child import fail, read_job
 
     job = read_job()
     try:

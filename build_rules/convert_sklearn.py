@@ -34,9 +34,9 @@ class ConvertSklearn(Rule):
         import onnx
         from skl2onnx import convert_sklearn
 
-        from kiln.sources import load_sklearn_model
+        from kiln.sources.sklearn import load_estimator
 
-        estimator = load_sklearn_model(params.source, inputs["source"], ctx.root)
+        estimator = load_estimator(params.source, inputs["source"], ctx.root)
         options = {"zipmap": False} if hasattr(estimator, "predict_proba") else None
         try:
             model = convert_sklearn(estimator, name="kiln", initial_types=[_initial_type(params.inputs[0])],

@@ -2,7 +2,7 @@
 manifest's named dimensions dynamic (torch.export.Dim.DYNAMIC: export infers their ranges and any
 equalities from the model) and torch.export.save's format.
 
-Exported with the same example inputs as the ONNX export, in a fresh child (kiln.child: what torch
+Exported with the same example inputs as the ONNX export, in a fresh child (kiln.runtime.child: what torch
 writes depends on the process's history), saved through a buffer so the bytes do not depend on the
 (temporary) file name. Byte-identical across runs, processes and workspaces.
 """
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.rules import TORCH_MODEL_MEMORY, Params, Rule, RunContext, register
+from kiln.runtime.child import fail, run_in_child
 
 
 class ExportTorchExportParams(Params):
@@ -30,7 +31,7 @@ class ExportTorchExport(Rule):
     memory_base_mib, memory_per_input = TORCH_MODEL_MEMORY
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ExportTorchExportParams, ctx: RunContext) -> dict[str, Any]:
-        from kiln.child import run_in_child, source_job
+        from kiln.sources.jobs import source_job
 
         run_in_child(ctx.step, "kiln.build_rules.export_torch_export:child_main", source_job(params, inputs, outputs["model"], ctx.root), "torch.export failed")
         return {"bytes": outputs["model"].stat().st_size}
@@ -41,7 +42,7 @@ def child_main() -> None:
 
     import torch
 
-    from kiln.child import fail, read_source_job
+    from kiln.sources.jobs import read_source_job
 
     params, model, args, out = read_source_job(ExportTorchExportParams)
     dynamic = tuple({axis: torch.export.Dim.DYNAMIC for axis, dim in enumerate(t.get("shape") or []) if isinstance(dim, str)} or None

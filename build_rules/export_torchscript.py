@@ -3,7 +3,7 @@ torch.jit.script (mode = "script", for models whose control flow depends on thei
 
 Traced with the same example inputs as the ONNX export (a Hugging Face source: tokenized text with
 padding). A traced module's forward takes the manifest's inputs in order and returns its outputs as
-a tuple in order; a scripted one is the source module itself. Runs in a fresh child (kiln.child):
+a tuple in order; a scripted one is the source module itself. Runs in a fresh child (kiln.runtime.child):
 TorchScript's type names and constant order depend on the process's history. Saved through a buffer,
 since torch.jit.save names the archive's root folder after the (temporary) file. Byte-identical
 across runs, processes and workspaces.
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kiln.rules import TORCH_MODEL_MEMORY, Params, Rule, RunContext, register
+from kiln.runtime.child import fail, run_in_child
 
 
 class ExportTorchscriptParams(Params):
@@ -33,7 +34,7 @@ class ExportTorchscript(Rule):
     memory_base_mib, memory_per_input = TORCH_MODEL_MEMORY
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ExportTorchscriptParams, ctx: RunContext) -> dict[str, Any]:
-        from kiln.child import run_in_child, source_job
+        from kiln.sources.jobs import source_job
 
         job = source_job(params, inputs, outputs["model"], ctx.root)
         hint = "; mode = \"trace\" records one run instead" if params.mode == "script" else ""
@@ -47,7 +48,7 @@ def child_main() -> None:
 
     import torch
 
-    from kiln.child import fail, read_source_job
+    from kiln.sources.jobs import read_source_job
 
     # scripting reads the source back through the code's file names: only traced programs get portable ones
     params, model, args, out = read_source_job(ExportTorchscriptParams, portable_paths=lambda p: p.mode == "trace")

@@ -31,7 +31,7 @@ class QuantizeDynamic(Rule):
         import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        from kiln.quant.graph import layers_to_quantize
+        from kiln.runtime.onnx_graph import layers_to_quantize
 
         logging.getLogger("onnxruntime").setLevel(logging.WARNING)
         layers_to_quantize(onnx.load(str(inputs["model"][0]), load_external_data=False), params.exclude_nodes, ctx.step)  # checks the names

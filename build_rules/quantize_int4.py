@@ -1,7 +1,7 @@
 """quantize_int4: fp32 ONNX -> 4-bit weight-only model. Every weight layer (MatMul / Gemm with a 2-D
-float initializer B, see kiln.quant.graph) becomes one com.microsoft MatMulNBits node (bits = 4)
+float initializer B, see kiln.runtime.onnx_graph) becomes one com.microsoft MatMulNBits node (bits = 4)
 whose packed weights, per-block scales and zero points come from kiln's native blockwise kernel
-(kiln.repack.quantize_int4, the same bytes as onnxruntime's own quantizer but several times faster).
+(kiln.native.repack.quantize_int4, the same bytes as onnxruntime's own quantizer but several times faster).
 A Gemm's bias moves to MatMulNBits' bias input. Activations stay fp32 at the graph level;
 accuracy_level 4 lets onnxruntime's CPU kernel quantize them to int8 blockwise inside the matmul.
 onnxruntime's MatMulNBitsQuantizer skips Gemm (most of a BERT after onnxsim), hence kiln's rewrite.
@@ -35,7 +35,7 @@ class QuantizeInt4(Rule):
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: QuantizeInt4Params, ctx: RunContext) -> dict[str, Any]:
         import onnx
 
-        from kiln.quant.graph import layers_to_quantize
+        from kiln.runtime.onnx_graph import layers_to_quantize
 
         model = onnx.load(str(inputs["model"][0]))
         layers = layers_to_quantize(model, params.exclude_nodes, ctx.step)
@@ -56,7 +56,7 @@ def _pack_weights(model, layers, params: QuantizeInt4Params) -> dict[tuple[str, 
     import numpy as np
     from onnx import numpy_helper
 
-    from kiln import repack
+    from kiln.native import repack
 
     inits = {t.name: t for t in model.graph.initializer}
     packed = {}

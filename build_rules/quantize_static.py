@@ -39,8 +39,8 @@ class QuantizeStatic(Rule):
         import onnx
         from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
 
-        from kiln.quant.calibration import Calibration
-        from kiln.quant.graph import layers_to_quantize
+        from kiln.native.calibration import Calibration
+        from kiln.runtime.onnx_graph import layers_to_quantize
 
         logging.getLogger("onnxruntime").setLevel(logging.WARNING)
         model = load_model_with_shape_infer(inputs["model"][0])  # the quantizer reads activation dtypes from value_info

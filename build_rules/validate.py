@@ -13,6 +13,7 @@ from typing import Any
 
 from kiln.errors import StepError
 from kiln.rules import Params, Rule, RunContext, register
+from kiln.runtime.runners import Artifact, RuntimeUnavailable
 
 
 class ValidateParams(Params):
@@ -37,24 +38,25 @@ class ValidateParams(Params):
 class Validate(Rule):
     name = "validate"
     version = 3  # unchanged by companions / not-validated: what existing steps wrote is the same
-    tools = ("onnxruntime", "torch", "transformers", "numpy", "safetensors")
+    tools = ("numpy",)  # and the runtime the format is validated in (tools_for)
     Params = ValidateParams
 
     @classmethod
     def tools_for(cls, params: dict[str, Any]) -> tuple[str, ...]:
-        runtime = {"onnx": ("onnxruntime",), "safetensors": ("torch", "transformers"), "openvino": ("openvino",),
-                   "tensorrt": ("tensorrt",)}.get(params["format"], ("torch",))
-        return (*runtime, "numpy")
+        from kiln.formats import target_format
+
+        return (*target_format(params["format"]).validation_tools, *cls.tools)
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ValidateParams, ctx: RunContext) -> dict[str, Any]:
-        from kiln.metrics import OutputMetrics, failures
-        from kiln.runners import RuntimeUnavailable, onnx_latency, open_runner
+        from kiln.formats import target_format
+        from kiln.runtime.metrics import OutputMetrics, failures
 
+        fmt = target_format(params.format)
         per_output = {name: OutputMetrics() for name in params.outputs}
         samples = 0
         try:
-            run = open_runner(params.format, inputs["model"][0], params.outputs, ctx.step, params.source, inputs.get("source"),
-                              params.inputs, ctx.root, device=params.device)
+            run = fmt.open_runner(Artifact(inputs["model"][0], params.outputs, ctx.step, params.source, inputs.get("source"),
+                                           params.inputs, ctx.root, params.device))
         except RuntimeUnavailable as err:
             return self._unvalidated(str(err), inputs, outputs, params, ctx)
         first_feed = None
@@ -74,8 +76,8 @@ class Validate(Rule):
         if failed:
             raise StepError(ctx.step, "validation failed, artifact not published: " + "; ".join(failed), facts=report | {"passed": False})
         _publish(inputs, outputs, report | {"passed": True})
-        latency = {"latency": onnx_latency(inputs["model"][0], first_feed)} if params.format == "onnx" and first_feed else {}
-        return report | {"passed": True} | latency
+        latency = fmt.latency(inputs["model"][0], first_feed) if first_feed else None
+        return report | {"passed": True} | ({"latency": latency} if latency else {})
 
     @staticmethod
     def _unvalidated(reason: str, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ValidateParams, ctx: RunContext) -> dict[str, Any]:
@@ -103,7 +105,7 @@ def _select(summary: dict, wanted: list[str]) -> dict:
 
 def _reference_batches(path: Path):
     """Yield (inputs, outputs) per batch from reference_outputs' file, in batch order."""
-    from kiln.safetensors import load_file
+    from kiln.native.safetensors import load_file
 
     batches: dict[str, dict[str, dict]] = defaultdict(lambda: {"in": {}, "out": {}})
     for key, value in load_file(str(path)).items():

@@ -26,7 +26,7 @@ class WriteSafetensors(Rule):
     memory_base_mib, memory_per_input = TORCH_MODEL_MEMORY
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: WriteSafetensorsParams, ctx: RunContext) -> dict[str, Any]:
-        from kiln import safetensors
+        from kiln.native import safetensors
         from kiln.sources import load_torch_model
 
         model = load_torch_model(params.source, inputs["source"], [], [], ctx.root).model
@@ -43,6 +43,6 @@ class WriteSafetensors(Rule):
 
 
 def cast_weights(array, precision: str):
-    from kiln import repack
+    from kiln.native import repack
 
     return {"fp16": repack.f32_to_f16, "bf16": repack.f32_to_bf16}[precision](array)

@@ -32,12 +32,12 @@ static std::tuple<float, float, std::int64_t> diff_stats(F32Array ref, F32Array 
 #include "bindings_calib.inc"
 
 NB_MODULE(_native, m) {
-    m.doc() = "kiln's native kernels (C++). Each has a numpy twin in kiln.reference.";
+    m.doc() = "kiln's native kernels (C++). Each has a numpy twin in kiln.native.twins.";
     m.def("diff_stats", &diff_stats, nb::arg("ref").noconvert(), nb::arg("out").noconvert(),
           nb::arg("eps") = 1e-6f,
           "(max_abs, max_rel, nonfinite) of float32 arrays of equal size, C-contiguous.\n"
           "max_rel divides by max(|ref|, eps). NaN anywhere in a difference gives NaN.\n"
-          "Bit-identical to kiln.reference.diff_stats.");
+          "Bit-identical to kiln.native.twins.diff_stats.");
     bind_repack(m);
     bind_safetensors(m);
     bind_calib(m);

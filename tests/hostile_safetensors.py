@@ -75,7 +75,7 @@ def rule_cases() -> list[tuple[str, bytes, str]]:
 
 
 def mutation_cases(seed: int = 0, count: int = 40) -> list[tuple[str, bytes, str | None]]:
-    from kiln.safetensors import save
+    from kiln.native.safetensors import save
 
     good = save(good_tensors(), {"format": "np"})
     rng = np.random.default_rng(seed)

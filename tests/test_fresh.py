@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from conftest import Workspace, _env, new_workspace
-from kiln import fresh
-from kiln.engine import plain_build
+from kiln.state import fresh
+from kiln.engine.argv import plain_build
 
 MANIFEST = '''[model]
 name = "{name}"
@@ -75,8 +75,8 @@ def build(ws: Workspace, *args: str, check: bool = True) -> subprocess.Completed
 
 
 def planned(proc: subprocess.CompletedProcess) -> bool:
-    """Whether the build planned any manifest (the planner validates with kiln.spec, pydantic)."""
-    return "kiln.spec" in proc.stderr
+    """Whether the build planned any manifest (the planner validates with kiln.define.spec, pydantic)."""
+    return "kiln.define.spec" in proc.stderr
 
 
 def executed(proc: subprocess.CompletedProcess) -> list[str]:
@@ -121,8 +121,8 @@ def test_kiln_build_leaves_unchanged_manifests_unplanned_too(ws: Workspace):
 
 def test_a_manifest_edited_while_it_builds_is_remembered_as_it_was_planned(ws: Workspace):
     """The entry holds the bytes the build planned from, not what is on disk when it ends."""
-    from kiln.engine import load_plans
-    from kiln.report import UP_TO_DATE, build_report
+    from kiln.plan.load import load_plans
+    from kiln.state.report import UP_TO_DATE, build_report
 
     (plan,) = load_plans(ws.root, "a")
     ws.edit("batch_size = 16", "batch_size = 8", name="a")  # lands while the build runs

@@ -6,8 +6,11 @@ from pathlib import Path
 
 import pytest
 
-import kiln.keys as keys
-from kiln.keys import DigestCache, canonical_json, sha256_file, step_key, tool_versions
+from kiln.base import digests as keys
+from kiln.base.digests import DigestCache
+from kiln.base.hashing import canonical_json, sha256_file
+from kiln.base.tools import tool_versions
+from kiln.state.uptodate import step_key
 
 
 def test_canonical_json_ignores_key_order():

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from kiln.errors import ManifestError
-from kiln.manifest import all_manifests, find_manifest, read_manifest
+from kiln.schema.manifest import all_manifests, find_manifest, read_manifest
 
 
 def test_toml_syntax_error_names_file_and_line(tmp_path: Path):

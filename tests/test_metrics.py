@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kiln.metrics import OutputMetrics, failures, row_cosines
+from kiln.runtime.metrics import OutputMetrics, failures, row_cosines
 
 
 def test_identical_outputs_pass_every_gate():

@@ -97,7 +97,7 @@ def test_cache_gc_keeps_it_within_the_limit(tmp_path: Path):
 
 
 def test_gc_drops_least_recently_used_first(tmp_path: Path):
-    from kiln.cache import Cache
+    from kiln.state.cache import Cache
 
     cache = Cache(tmp_path / "cache")
     for index, size in enumerate((100, 200, 300)):
@@ -124,7 +124,7 @@ def test_parallel_worker_processes_build_the_same_bytes(tmp_path: Path):
 
 
 def test_a_step_waits_while_running_steps_hold_the_memory_budget(tmp_path: Path, monkeypatch, capsys):
-    from kiln.resources import reserve
+    from kiln.execute.resources import reserve
 
     monkeypatch.setenv("KILN_MEMORY_MIB", "1000")
 
@@ -159,7 +159,7 @@ def test_a_step_waits_while_running_steps_hold_the_memory_budget(tmp_path: Path,
 
 
 def test_reservations_of_dead_processes_are_dropped(tmp_path: Path, monkeypatch):
-    from kiln.resources import reserve
+    from kiln.execute.resources import reserve
 
     monkeypatch.setenv("KILN_MEMORY_MIB", "1000")
     state = tmp_path / "build/.kiln"
@@ -176,7 +176,7 @@ def test_reservations_of_dead_processes_are_dropped(tmp_path: Path, monkeypatch)
 
 
 def test_every_kind_of_change_has_its_reason():
-    from kiln.engine import describe_change
+    from kiln.state.uptodate import describe_change
 
     base = {"rule": "r", "version": 1, "params": {"opset": 17}, "inputs": {"model": [["m.onnx", "a" * 64]]},
             "tools": {"onnx": "1.0"}, "hardware": {"gpu": "H100", "tensorrt": "10.0"}}

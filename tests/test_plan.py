@@ -8,10 +8,10 @@ import tomllib
 from pathlib import Path
 
 from conftest import REPO
-from kiln.manifest import RawManifest
-from kiln.plan import plan
-from kiln.sources import Resolved
-from kiln.spec import validate
+from kiln.schema.manifest import RawManifest
+from kiln.plan.chains import plan
+from kiln.define.resolve import Resolved
+from kiln.define.spec import validate
 
 GOOD = tomllib.loads((REPO / "manifests/bert.toml").read_text())
 ROOT = Path("/ws")

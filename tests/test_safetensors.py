@@ -1,4 +1,4 @@
-"""kiln.safetensors: the safetensors.numpy call shapes, cross-tested with the safetensors package
+"""kiln.native.safetensors: the safetensors.numpy call shapes, cross-tested with the safetensors package
 in both directions for every dtype, and a hostile corpus that must raise, never crash."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 import safetensors.numpy as reference
 
 from hostile_safetensors import good_tensors, mutation_cases, rule_cases, write_corpus
-from kiln import safetensors as st
-from kiln.safetensors import SafetensorError
+from kiln.native import safetensors as st
+from kiln.native.safetensors import SafetensorError
 
 DTYPES = [np.bool_, np.uint8, np.int8, np.uint16, np.int16, np.float16, ml_dtypes.bfloat16, np.uint32, np.int32,
           np.float32, np.uint64, np.int64, np.float64, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2]
@@ -148,7 +148,7 @@ def test_the_whole_corpus_never_crashes_the_process(tmp_path: Path):
     count = write_corpus(tmp_path / "corpus")
     assert count >= 25
     script = (
-        "import sys, pathlib\nfrom kiln.safetensors import load_file, SafetensorError\n"
+        "import sys, pathlib\nfrom kiln.native.safetensors import load_file, SafetensorError\n"
         "n = 0\nfor p in sorted(pathlib.Path(sys.argv[1]).iterdir()):\n"
         "    for copy in (True, False):\n"
         "        try: load_file(p, copy=copy)\n        except SafetensorError: n += 1\n"

@@ -64,7 +64,7 @@ def _snapshot(plans, root: Path) -> dict:
 
 
 def test_every_example_manifest_plans_the_steps_of_the_snapshot(tmp_path: Path, monkeypatch):
-    from kiln.engine import load_plans
+    from kiln.plan.load import load_plans
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name in OPTIONAL_MODULES else real(name, *a))
@@ -76,7 +76,7 @@ def test_every_example_manifest_plans_the_steps_of_the_snapshot(tmp_path: Path, 
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_each_example_manifest_alone_plans_the_same_steps(tmp_path: Path, monkeypatch, name: str):
     """Planned alone, a manifest's steps are those of the snapshot (sharing never changes an id)."""
-    from kiln.engine import load_plans
+    from kiln.plan.load import load_plans
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda module, *a: object() if module in OPTIONAL_MODULES else real(module, *a))
@@ -87,6 +87,6 @@ def test_each_example_manifest_alone_plans_the_same_steps(tmp_path: Path, monkey
 
 
 def test_the_manifest_schema_is_the_snapshot():
-    from kiln.spec import json_schema
+    from kiln.define.spec import json_schema
 
     _matches_golden("schema.json", json_schema())

@@ -11,9 +11,9 @@ import pytest
 
 from conftest import Workspace, new_workspace
 from kiln.errors import ManifestError
-from kiln.manifest import read_manifest
-from kiln.sources import resolve
-from kiln.spec import validate
+from kiln.schema.manifest import read_manifest
+from kiln.define.resolve import resolve
+from kiln.define.spec import validate
 
 TINYNET = '''
 import torch

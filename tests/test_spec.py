@@ -11,8 +11,8 @@ import pytest
 
 from conftest import REPO
 from kiln.errors import ManifestError
-from kiln.manifest import RawManifest
-from kiln.spec import effective_thresholds, json_schema, validate
+from kiln.schema.manifest import RawManifest
+from kiln.define.spec import effective_thresholds, json_schema, validate
 
 GOOD = tomllib.loads((REPO / "manifests/bert.toml").read_text())
 

@@ -8,7 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
-from kiln.temps import sweep_stale_temps, temp_path
+from kiln.base.temps import sweep_stale_temps, temp_path
 
 
 def _dead_pid() -> int:

@@ -1,6 +1,6 @@
 // Streaming activation calibration (int8): running range and |x| histograms, one batch at a time.
 // Kernel rules: raw pointers and sizes, no allocation, no I/O, noexcept, single-threaded (the binding
-// splits large batches across threads). The numpy twins in kiln.quant.reference (minmax_update,
+// splits large batches across threads). The numpy twins in kiln.native.twins (minmax_update,
 // abs_histogram_accumulate) define every result bit for bit.
 #pragma once
 #include <cstddef>
@@ -35,6 +35,6 @@ void abs_histogram_accumulate(const float* x, std::size_t n, float range, std::u
 // level spread evenly over its bins where P is nonzero. Both smoothed (zeros get eps = 1e-4, taken evenly
 // off the nonzero bins) and normalized; float64 throughout, sums in index order. Returns +Inf when a
 // smoothed distribution is not positive. tail = sum of bins[i, n). scratch: 2 * (m + i) doubles.
-// Twin: kiln.quant.reference.entropy_kl.
+// Twin: kiln.native.twins.entropy_kl.
 double entropy_kl(const std::uint64_t* bins, std::size_t i, std::size_t m, double tail, double* scratch) noexcept;
 }  // namespace kiln

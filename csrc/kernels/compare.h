@@ -1,5 +1,5 @@
 // Elementwise comparison of an artifact's output against the reference output.
-// Kernel rules (see docs/architecture.md): raw pointers and sizes in, no allocation, no I/O.
+// Kernel rules (see docs/design.md, "The native module"): raw pointers and sizes in, no allocation, no I/O.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -13,7 +13,7 @@ struct DiffStats {
 };
 
 // Both arrays hold n float32 values. Every step is done in float32 in the same order of
-// operations as the numpy twin kiln.reference.diff_stats, so the results agree bit for bit
+// operations as the numpy twin kiln.native.twins.diff_stats, so the results agree bit for bit
 // (max is order-independent; there is no summation).
 DiffStats diff_stats_f32(const float* ref, const float* out, std::size_t n, float eps) noexcept;
 

@@ -1,6 +1,6 @@
 // Weight quantization: int8 (per tensor / per channel) and blockwise int4 for onnxruntime's
 // com.microsoft MatMulNBits. Kernel rules: raw pointers and sizes, no allocation, no I/O, noexcept.
-// The numpy twins in kiln.quant.reference define every result; all arithmetic here is float32 in the
+// The numpy twins in kiln.native.twins define every result; all arithmetic here is float32 in the
 // same order as there, so the bytes agree. `simd` as in repack.h (AVX2 when the CPU has it).
 #pragma once
 #include <cstddef>

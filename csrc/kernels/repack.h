@@ -1,6 +1,6 @@
 // Element repacking: float casts (fp32 <-> fp16 / bf16) and 2-D transpose.
 // Kernel rules (see /work/shared/design/ARCHITECTURE.md): raw pointers and sizes in, no allocation,
-// no I/O, noexcept. Each has a numpy twin in kiln.quant.reference; results are bit-identical to it.
+// no I/O, noexcept. Each has a numpy twin in kiln.native.twins; results are bit-identical to it.
 //
 // `simd` picks the AVX2+F16C path when the CPU has it (checked at run time, so the module still runs
 // on an older x86-64 or another architecture); false forces the portable scalar path. Both paths give

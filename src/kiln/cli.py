@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from kiln.errors import KilnError
+from kiln.errors import KilnError, UsageError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,14 +60,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _schema(args) -> int:
-    from kiln.spec import json_schema
+    from kiln.define.spec import json_schema
 
     print(json.dumps(json_schema(), indent=2, sort_keys=True))
     return 0
 
 
 def _plans(args, names):
-    from kiln.engine import load_plans
+    from kiln.plan.load import load_plans
 
     return load_plans(args.root.resolve(), ",".join(names) if names else None)
 
@@ -80,7 +80,7 @@ def _check(args) -> int:
 
 
 def _explain(args) -> int:
-    from kiln.engine import why
+    from kiln.state.uptodate import why
 
     (plan,) = _plans(args, [args.manifest])
     steps = [s for s in plan.steps if args.target is None or args.target in s.targets]
@@ -94,8 +94,8 @@ def _explain(args) -> int:
 
 
 def _verify(args) -> int:
-    from kiln.lockfile import lock_path, verify
-    from kiln.records import relative
+    from kiln.base.paths import relative
+    from kiln.state.lockfile import lock_path, verify
 
     drifted = 0
     for plan in _plans(args, args.manifests):
@@ -112,12 +112,11 @@ def _verify(args) -> int:
 
 
 def _open_cache(args):
-    from kiln.cache import Cache
-    from kiln.errors import ManifestError
+    from kiln.state.cache import Cache
 
     cache = Cache.for_root(args.root.resolve())
     if cache is None:
-        raise ManifestError("KILN_CACHE", "", "the cache is turned off (KILN_CACHE=off)")
+        raise UsageError("KILN_CACHE", "the cache is turned off (KILN_CACHE=off)")
     return cache
 
 
@@ -129,13 +128,12 @@ def _cache_info(args) -> int:
 
 
 def _cache_gc(args) -> int:
-    from kiln.cache import parse_size
-    from kiln.errors import ManifestError
+    from kiln.state.cache import parse_size
 
     try:
         limit = parse_size(args.max_size)
     except ValueError as err:
-        raise ManifestError("--max-size", "", str(err)) from None
+        raise UsageError("--max-size", str(err)) from None
     cache = _open_cache(args)
     done = cache.gc(limit)
     print(f"{cache.folder}: removed {done['entries_removed']} entries and {done['objects_removed']} objects "

@@ -1,7 +1,7 @@
 """Errors a user can act on. Each prints as one line; anything else is a bug and keeps its traceback.
 
 Exit codes follow doit's split between user errors and crashes: 2 for a bad manifest or bad input
-(nothing was run), 1 for a step that failed (see engine.py).
+(nothing was run), 1 for a step that failed (see kiln.execute.step).
 """
 
 from __future__ import annotations
@@ -23,6 +23,15 @@ class ManifestError(KilnError):
         self.key = key
         self.problem = problem
         where = f"{self.file}: {key}" if key else self.file
+        super().__init__(f"{where}: {problem}")
+
+
+class UsageError(KilnError):
+    """A bad command line or environment setting (not a manifest): names the option and what is wrong."""
+
+    def __init__(self, where: str, problem: str):
+        self.where = where
+        self.problem = problem
         super().__init__(f"{where}: {problem}")
 
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, example_workspace
-from kiln.cuda import unavailable_reason
+from kiln.base.cuda import unavailable_reason
 from kiln.errors import ManifestError, StepError
-from kiln.manifest import RawManifest
-from kiln.plan import plan
-from kiln.sources import Resolved
-from kiln.spec import validate
+from kiln.schema.manifest import RawManifest
+from kiln.plan.chains import plan
+from kiln.define.resolve import Resolved
+from kiln.define.spec import validate
 
 GOOD = tomllib.loads((REPO / "manifests/bert_tensorrt.toml").read_text())
 ROOT = Path("/ws")

@@ -12,8 +12,8 @@ import pytest
 
 import tiny_onnx
 from kiln.errors import StepError
-from kiln.onnx_runtime import session
-from kiln.quant.calibration import Calibration, reference_stream
+from kiln.runtime.onnxrt import session
+from kiln.native.calibration import Calibration, reference_stream
 from kiln.rules import RunContext, get_rule
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from kiln.errors import ManifestError
-from kiln.manifest import read_manifest
-from kiln.sources import resolve
-from kiln.spec import validate
+from kiln.schema.manifest import read_manifest
+from kiln.define.resolve import resolve
+from kiln.define.spec import validate
 from test_export_torch import torch_workspace
 
 TARGETS = '''

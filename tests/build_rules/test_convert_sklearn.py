@@ -13,8 +13,8 @@ import pytest
 
 from conftest import REPO, example_workspace, new_workspace
 from kiln.errors import ManifestError
-from kiln.manifest import RawManifest
-from kiln.spec import validate
+from kiln.schema.manifest import RawManifest
+from kiln.define.spec import validate
 
 IRIS = (REPO / "manifests/sklearn_iris.toml").read_text()
 
@@ -134,8 +134,8 @@ def test_bad_sklearn_manifests_name_the_key(old, new, key, text):
 def test_a_missing_extra_is_named_with_its_install_command(tmp_path: Path, monkeypatch):
     import importlib.util
 
-    from kiln.manifest import read_manifest
-    from kiln.sources import resolve
+    from kiln.schema.manifest import read_manifest
+    from kiln.define.resolve import resolve
 
     ws = example_workspace(tmp_path / "ws", "sklearn_iris")
     real = importlib.util.find_spec

@@ -11,9 +11,9 @@ import pytest
 from onnx import numpy_helper
 
 import tiny_onnx
-from kiln import repack
+from kiln.native import repack
 from kiln.errors import StepError
-from kiln.onnx_runtime import session
+from kiln.runtime.onnxrt import session
 from kiln.rules import RunContext, get_rule
 
 

@@ -12,8 +12,8 @@ from onnx import numpy_helper
 
 import tiny_onnx
 from kiln.errors import StepError
-from kiln.onnx_runtime import session
-from kiln.quant.calibration import Calibration
+from kiln.runtime.onnxrt import session
+from kiln.native.calibration import Calibration
 from kiln.rules import RunContext, get_rule
 from test_calibrate import calibrate
 

@@ -12,7 +12,8 @@ import pytest
 from kiln.build_rules.validate import Validate, ValidateParams
 from kiln.errors import StepError
 from kiln.rules import RunContext
-from kiln import runners
+from kiln.formats import target_format
+from kiln.runtime.runners import RuntimeUnavailable
 
 
 def _params(**more) -> ValidateParams:
@@ -23,9 +24,9 @@ def _params(**more) -> ValidateParams:
 @pytest.fixture
 def no_runtime(monkeypatch, tmp_path: Path):
     def unavailable(*args, **kwargs):
-        raise runners.RuntimeUnavailable("OpenVINO has no CPU device on this machine (it has [])")
+        raise RuntimeUnavailable("OpenVINO has no CPU device on this machine (it has [])")
 
-    monkeypatch.setattr(runners, "open_runner", unavailable)
+    monkeypatch.setattr(target_format("openvino"), "open_runner", unavailable)
     (tmp_path / "model.xml").write_text("<net/>")
     (tmp_path / "model.bin").write_bytes(b"\0" * 8)
     inputs = {"model": [tmp_path / "model.xml", tmp_path / "model.bin"], "reference": [tmp_path / "reference.safetensors"]}

@@ -11,7 +11,7 @@ import numpy as np
 import safetensors.numpy as reference
 
 from conftest import Workspace, new_workspace
-from kiln.quant.reference import f32_to_bf16, f32_to_f16
+from kiln.native.twins import f32_to_bf16, f32_to_f16
 
 
 def _source_state() -> dict[str, np.ndarray]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import atheris
 
-from kiln import safetensors as st
+from kiln.native import safetensors as st
 
 # instrument_all, not instrument_imports: an editable install loads kiln through a custom finder,
 # which instrument_imports does not see (coverage then stays flat).

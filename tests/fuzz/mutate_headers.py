@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln import safetensors as st
+from kiln.native import safetensors as st
 
 NUMBERS = [0, 1, 2, 7, 8, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**53, 2**62, 2**63 - 1, 2**63, 2**64 - 1, 2**64, -1]
 DTYPES = list(st.DTYPES) + ["F31", "", "f32"]

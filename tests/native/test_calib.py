@@ -1,5 +1,5 @@
-"""Streaming calibration: kiln._native's calib kernels against their numpy twins (kiln.quant.reference)
-bit for bit, the streamed histogram against one-shot twins, and the thresholds (kiln.quant.calibration)
+"""Streaming calibration: kiln._native's calib kernels against their numpy twins (kiln.native.twins)
+bit for bit, the streamed histogram against one-shot twins, and the thresholds (kiln.native.calibration)
 against known distributions and onnxruntime's entropy search."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from kiln import _native
-from kiln.quant import calibration as cal
-from kiln.quant import reference as ref
+from kiln.native import calibration as cal
+from kiln.native import twins as ref
 
 SIZES = [0, 1, 7, 1000, 4097, 65537]
 BIG = (1 << 20) + 4099  # above kParallelMinElements: the bindings split the work across threads
@@ -246,7 +246,7 @@ def test_native_kl_curve_bad_arguments():
 
 def test_entropy_compared_with_onnxruntime():
     """onnxruntime's own search on a signed symmetric histogram of the same data and bin width: the same
-    family of threshold, not the same number (see kiln.quant.calibration.entropy_threshold)."""
+    family of threshold, not the same number (see kiln.native.calibration.entropy_threshold)."""
     from onnxruntime.quantization.calibrate import HistogramCollector
 
     x = gaussian_with_outliers(3)

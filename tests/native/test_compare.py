@@ -1,4 +1,4 @@
-"""kiln._native.diff_stats against its numpy twin kiln.reference.diff_stats, bit for bit."""
+"""kiln._native.diff_stats against its numpy twin kiln.native.twins.diff_stats, bit for bit."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import threading
 import numpy as np
 import pytest
 
-from kiln import _native, reference
+from kiln import _native
+from kiln.native import twins as reference
 
 SPECIALS = np.array([0.0, -0.0, 1e-45, -1e-45, 1e-38, 65504.0, 3.4e38, -3.4e38, np.inf, -np.inf, 1.0, -1.0], np.float32)
 

@@ -1,4 +1,4 @@
-"""kiln.repack int8 / int4 quantization against the numpy twins (kiln.quant.reference), bit for bit on
+"""kiln.native.repack int8 / int4 quantization against the numpy twins (kiln.native.twins), bit for bit on
 both kernel paths, and against onnxruntime: its quantizer's bytes and its MatMulNBits / QuantizeLinear
 operators."""
 
@@ -12,8 +12,9 @@ import pytest
 from conftest import run_in_threads
 from onnx import TensorProto, helper
 
-from kiln import _native, repack
-from kiln.quant import reference as ref
+from kiln import _native
+from kiln.native import repack
+from kiln.native import twins as ref
 
 PATHS = [pytest.param(True, id="simd"), pytest.param(False, id="scalar")]
 INT8_MODES = [(True, np.int8), (False, np.uint8), (False, np.int8)]  # (symmetric, dtype)

@@ -1,4 +1,4 @@
-"""kiln.repack casts and transpose against their numpy twins (kiln.quant.reference), bit for bit,
+"""kiln.native.repack casts and transpose against their numpy twins (kiln.native.twins), bit for bit,
 on both the SIMD and the portable scalar kernel paths."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from conftest import run_in_threads
 
-from kiln import _native, repack
-from kiln.quant import reference as ref
+from kiln import _native
+from kiln.native import repack
+from kiln.native import twins as ref
 
 PATHS = [pytest.param(True, id="simd"), pytest.param(False, id="scalar")]
 SIZES = [0, 1, 7, 8, 9, 15, 16, 17, 31, 33, 1000, 10_007]

@@ -1,0 +1,149 @@
+"""Where a manifest's names lead on disk: the disk-touching stage between spec and plan.
+
+resolve() finds the source's files (through its kind, kiln.sources; `pkg:<package>/<subdir>` inside
+an installed package included), checks that data files exist and that optional extras are
+installed, and records what kiln.fresh must re-check later (a listed folder, symlinks, sys.path
+lookups). Every problem is a ManifestError naming the manifest key.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from kiln.base.locate import module_file, package_dir
+from kiln.define.spec import Spec
+from kiln.errors import ManifestError
+from kiln.formats import target_format
+from kiln.schema.manifest import RawManifest
+from kiln.sources import SOURCES, source_kind
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The absolute files a manifest's source and data resolve to."""
+
+    source_files: tuple[Path, ...]  # every file whose bytes define the source model
+    data_file: Path
+    calibration_file: Path | None = None  # [calibration].data, when the manifest has one
+    # (the Hugging Face model folder whose listing gave source_files, its mtime_ns when planned)
+    listed_folder: tuple[Path, int] | None = None
+    aliases: tuple[tuple[Path, Path], ...] = ()  # (path as the manifest names it, the file it resolved to) where they differ: symlinks
+    lookups: tuple[tuple[str, str, tuple[Path, ...], str], ...] = ()  # (kind, name, folders first on sys.path, what was found): kiln.base.locate
+
+
+class ManifestResolver:
+    """Paths as one manifest names them (kiln.sources.base.Resolver): relative to the manifest's
+    folder, absolute, or pkg:<package>/<subdir>; confined to the workspace unless the manifest
+    allows otherwise."""
+
+    def __init__(self, spec: Spec, raw: RawManifest, root: Path):
+        self.spec, self.raw, self.root = spec, raw, root
+
+    def error(self, key: str, problem: str) -> ManifestError:
+        return ManifestError(self.raw.path, key, problem)
+
+    def path(self, text: str, key: str) -> Path:
+        if text.startswith("pkg:"):
+            package, _, subdir = text[4:].partition("/")
+            found = package_dir(package)
+            if found is None:
+                raise self.error(key, f"{text!r}: Python package {package!r} is not installed (pip install {package.replace('_', '-')})")
+            return Path(found) / subdir
+        resolved = named_path(text, self.raw).resolve()  # symlinks and .. resolved: what would really be read
+        if not resolved.is_relative_to(self.root.resolve()) and not self.spec.model.allow_outside_workspace:
+            raise self.error(key, f"{text!r} resolves to {str(resolved)!r}, outside the workspace {str(self.root)!r}; refused unless the manifest sets model.allow_outside_workspace = true")
+        return resolved
+
+    def file(self, text: str, key: str) -> Path:
+        path = self.path(text, key)
+        if not path.is_file():
+            raise self.error(key, f"{str(path)!r} does not exist or is not a file")
+        return path
+
+    def factory_file(self, factory: str) -> Path:
+        module = factory.split(":")[0]
+        found = module_file(module, [self.raw.folder, self.root])
+        if found is None:
+            raise self.error("source.factory", f"{factory!r}: module {module!r} not found (looked beside the manifest in {self.raw.folder}, in {self.root} and on sys.path)")
+        return Path(found)
+
+
+def resolve(spec: Spec, raw: RawManifest, root: Path) -> Resolved:
+    resolver = ManifestResolver(spec, raw, root)
+    _check_extras(spec, raw)
+    calibration = _data_file(spec, resolver, "calibration") if spec.calibration else None
+    lookups = _lookups(spec, raw, root)
+    kind = source_kind(spec.source.kind)
+    files = kind.files(spec.source, resolver)
+    folder = kind.listed_folder(files)
+    listed = (folder, os.stat(folder).st_mtime_ns) if folder is not None else None  # at planning, not at the end
+    return Resolved(files, _data_file(spec, resolver, "validation"), calibration, listed, _aliases(spec, raw), lookups)
+
+
+def _path_texts(spec: Spec) -> list[str]:
+    """Every file or folder path the manifest gives, as written (pkg: ones included)."""
+    texts = [*source_kind(spec.source.kind).path_texts(spec.source), spec.validation.data]
+    texts.append(spec.calibration.data if spec.calibration else None)
+    return [text for text in texts if text]
+
+
+def _lookups(spec: Spec, raw: RawManifest, root: Path) -> tuple[tuple[str, str, tuple[Path, ...], str], ...]:
+    """The sys.path lookups this manifest's names need (a factory's module, pkg: packages) and what
+    they find, so kiln.fresh can tell when the same names would find other files."""
+    found = []
+    factory = source_kind(spec.source.kind).factory(spec.source)
+    if factory:
+        module, folders = factory.split(":")[0], (raw.folder, root)
+        found.append(("module", module, folders, module_file(module, list(folders))))
+    for text in _path_texts(spec):
+        if text.startswith("pkg:"):
+            package = text[4:].partition("/")[0]
+            found.append(("package", package, (), package_dir(package)))
+    return tuple(item for item in found if item[3] is not None)  # a failed lookup fails resolve() below
+
+
+def _aliases(spec: Spec, raw: RawManifest) -> tuple[tuple[Path, Path], ...]:
+    """Manifest paths that are (or pass through) symlinks, with what they resolve to: re-pointing
+    one changes what the build reads without changing any file the plan names (kiln.fresh)."""
+    named = [named_path(text, raw) for text in _path_texts(spec) if not text.startswith("pkg:")]
+    return tuple((path, path.resolve()) for path in named if path.resolve() != path)
+
+
+def _check_extras(spec: Spec, raw: RawManifest) -> None:
+    """A source or target whose converter is an optional extra fails here, before any step runs."""
+    kind = source_kind(spec.source.kind)
+    if kind.extra is not None:
+        modules, extra = kind.extra
+        _require_modules(modules, extra, f"source kind {kind.kind!r}", raw, "source.kind")
+    for name, target in spec.targets.items():
+        fmt = target_format(target.format)
+        if fmt.extra is not None:
+            module, extra = fmt.extra
+            _require_modules((module,), extra, repr(target.format), raw, f"targets.{name}.format")
+
+
+def _require_modules(modules: tuple[str, ...], extra: str, what: str, raw: RawManifest, key: str) -> None:
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            raise ManifestError(raw.path, key, f"{what} needs the {module!r} package, which is not installed; install it with: pip install 'kiln[{extra}]'")
+
+
+def _data_file(spec: Spec, resolver: ManifestResolver, table: str) -> Path:
+    """[validation].data or [calibration].data: an existing .txt (tokenized) or .npz/.npy file."""
+    text, key = getattr(spec, table).data, f"{table}.data"
+    data = resolver.file(text, key)
+    if data.suffix not in (".txt", ".npz", ".npy"):
+        raise resolver.error(key, f"{text!r} is not allowed; expected a .txt, .npz or .npy file")
+    if data.suffix == ".txt" and not source_kind(spec.source.kind).tokenizes_text:
+        tokenizing = " or ".join(kind.kind for kind in SOURCES if kind.tokenizes_text)
+        raise resolver.error(key, f"{text!r}: text data needs a tokenizer, which only a {tokenizing} source has; give .npz arrays named after the inputs")
+    return data
+
+
+def named_path(text: str, raw: RawManifest) -> Path:
+    """A manifest path as written, made absolute against the manifest's folder (not resolved)."""
+    path = Path(text)
+    return path if path.is_absolute() else raw.folder / path

@@ -1,0 +1,99 @@
+"""Validate a raw manifest into a frozen Spec (pydantic v2).
+
+The Spec is assembled from the registries: its targets are the discriminated union (on `format`) of
+every kiln.formats target model, its source the union (on `kind`) of every kiln.sources model, in
+registry order. Every model forbids unknown keys, so an error names exactly the key that is wrong;
+validate() turns pydantic's errors into one ManifestError line (kiln.schema.messages). Checks that
+span several keys run here, each format's and source's own first, in a fixed order so the first
+error is always the same. Checks that need the disk (files exist, pickle policy) are in
+kiln.define.resolve.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Union
+
+from pydantic import Field, ValidationError, model_validator
+
+from kiln.formats import FORMATS, target_format
+from kiln.schema.fields import NAME, PRECISION_DEFAULTS, CalibrationData, CrossError, ModelInfo, Strict, TensorSpec, Thresholds, Validation
+from kiln.schema.manifest import RawManifest
+from kiln.schema.messages import manifest_error
+from kiln.sources import SOURCES, source_kind
+
+Source = Annotated[Union[tuple(kind.Source for kind in SOURCES)], Field(discriminator="kind")]
+Target = Annotated[Union[tuple(fmt.Target for fmt in FORMATS)], Field(discriminator="format")]
+
+
+class Spec(Strict):
+    """A validated manifest. Frozen: later stages cannot change what the user asked for."""
+
+    model: ModelInfo
+    source: Source
+    inputs: list[TensorSpec] = Field(min_length=1)
+    outputs: list[TensorSpec] = Field(min_length=1)
+    targets: dict[Annotated[str, Field(pattern=NAME)], Target] = Field(min_length=1)
+    validation: Validation
+    calibration: CalibrationData | None = None
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Spec":
+        for group in ("inputs", "outputs"):
+            seen: set[str] = set()
+            for i, tensor in enumerate(getattr(self, group)):
+                if tensor.name in seen:
+                    raise CrossError(f"{group}[{i}].name", tensor.name, "a name not used by another of the " + group)
+                seen.add(tensor.name)
+        source = source_kind(self.source.kind)
+        for name, target in self.targets.items():
+            fmt = target_format(target.format)
+            fmt.check(self, name, target)
+            if fmt.needs_torch_source and not source.gives_torch:
+                raise CrossError(f"targets.{name}.format", target.format, f"a format an {source.kind} source can give {_formats_without_torch()}; {target.format} needs a {_torch_kinds()} source")
+            source.check_target(name, target)
+        source.check_spec(self)
+        inputs = [t.name for t in self.inputs]
+        if self.validation.padding_mask is not None and self.validation.padding_mask not in inputs:
+            raise CrossError("validation.padding_mask", self.validation.padding_mask, f"one of the inputs: {inputs}")
+        known = {o.name for o in self.outputs}
+        for name in self.validation.outputs or []:
+            if name not in known:
+                raise CrossError("validation.outputs", name, f"one of the declared outputs: {sorted(known)}")
+        for metric in self.thresholds_keys():
+            if metric not in self.validation.metrics:
+                raise CrossError("validation.metrics", self.validation.metrics, f"a list including {metric!r}, which a threshold gates on")
+        return self
+
+    def thresholds_keys(self) -> set[str]:
+        keys = {k for k, v in self.validation.thresholds.model_dump().items() if v is not None}
+        for target in self.targets.values():
+            keys |= {k for k, v in target.thresholds.model_dump().items() if v is not None}
+        return keys
+
+
+def _formats_without_torch() -> tuple[str, ...]:
+    return tuple(fmt.format for fmt in FORMATS if not fmt.needs_torch_source)
+
+
+def _torch_kinds() -> str:
+    return " or ".join(kind.kind for kind in reversed(SOURCES) if kind.gives_torch)
+
+
+def effective_thresholds(spec: Spec, target_name: str) -> Thresholds:
+    """Per-precision defaults, overridden by [validation.thresholds], overridden by the target's."""
+    target = spec.targets[target_name]
+    merged = PRECISION_DEFAULTS[target.precision].model_dump()
+    for layer in (spec.validation.thresholds, target.thresholds):
+        merged |= {k: v for k, v in layer.model_dump().items() if v is not None}
+    return Thresholds(**merged)
+
+
+def validate(raw: RawManifest) -> Spec:
+    try:
+        return Spec.model_validate(raw.data)
+    except ValidationError as err:
+        raise manifest_error(raw, err, Spec) from None
+
+
+def json_schema() -> dict[str, Any]:
+    return Spec.model_json_schema()

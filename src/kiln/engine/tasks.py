@@ -1,0 +1,122 @@
+"""Steps -> doit tasks: what dodo.py exposes to doit (DOIT_CONFIG and task_build). The only place
+that knows doit besides the reporter (kiln.engine.reporter) and the step runner's TaskFailed.
+
+Up-to-date checks are kiln's own (kiln.state.uptodate): doit asks each task's `uptodate`, which
+compares the step's key with its record. Before any of that, a plain `doit build` leaves out the
+manifests whose whole closure is as their last complete build left it (kiln.state.fresh): they are
+not even planned. So this module imports the planner, the spec and the rules (pydantic and all) only
+when some manifest needs planning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from doit import get_var
+
+from kiln.base.env import switched_off
+from kiln.base.paths import state_dir
+from kiln.base.temps import sweep_stale_temps
+from kiln.engine.argv import TASK, plain_build
+from kiln.engine.reporter import reporter_for
+from kiln.errors import KilnError
+from kiln.execute.resources import lock_workspace
+from kiln.schema.manifest import manifest_paths
+from kiln.state import fresh
+from kiln.state.report import publish_unchanged
+from kiln.state.uptodate import is_up_to_date
+
+if TYPE_CHECKING:
+    from kiln.plan.steps import Plan, Step
+
+
+def to_task(step: Step, plan: Plan, names: dict[str, str]) -> dict[str, Any]:
+    """names: step id -> task name of the plan's steps (computed once per plan by the caller)."""
+    from kiln.execute.step import run_step  # the rules (pydantic): only when a task exists
+
+    shared = f" (and {len(step.shared_with)} targets of other manifests)" if step.shared_with else ""
+    return {
+        "name": step.name,
+        "doc": f"{step.rule} for {', '.join(step.targets)} of {plan.manifest.name}{shared}",
+        "actions": [(run_step, [step, plan.root])],
+        "uptodate": [(is_up_to_date, [step, plan.root])],
+        "task_dep": [f"{TASK}:{names[d]}" for d in step.deps],
+        "targets": [str(p) for p in step.outputs.values()],
+        "clean": True,
+    }
+
+
+@contextlib.contextmanager
+def _unchanged_manifests(root: Path, paths: list[Path], wanted: bool):
+    """kiln.state.fresh's unchanged manifests, with the workspace lock held while they are checked and
+    published (the reporter takes it again for the manifests that are planned). While another build
+    of the workspace runs, nothing is taken as unchanged: that build may be rewriting what the check
+    would read, so every manifest is planned and waits for it as usual."""
+    folder = state_dir(root) / "fresh"
+    lock = lock_workspace(root, wait=False) if wanted and folder.is_dir() else None  # no entries: never built here
+    if lock is None:
+        yield {}
+        return
+    with lock:
+        sweep_stale_temps(folder)  # an entry a killed build was writing
+        yield fresh.unchanged(root, paths)
+
+
+def _plan(root: Path, paths: list[Path], wildcard: bool, taken: dict[str, Path]) -> list[Plan]:
+    if not paths:
+        return []  # every manifest is unchanged: the planner is not even imported
+    from kiln.plan.load import plan_manifests
+
+    return plan_manifests(root, paths, wildcard=wildcard, taken=taken)
+
+
+def doit_globals(root: Path | None = None, manifest_arg: str | None = None, skip_unchanged: bool | None = None) -> dict[str, Any]:
+    """What dodo.py exposes to doit: DOIT_CONFIG and task_build. Exits with one line on a bad manifest,
+    before doit opens its database, so a bad manifest writes nothing.
+
+    skip_unchanged: leave out the manifests kiln.state.fresh finds unchanged (default: when the command
+    line is a plain `doit build`, see kiln.engine.argv, and KILN_FRESH is not "off"); they get their
+    no-op report and summary line."""
+    started = time.monotonic()
+    root = Path(root or os.getcwd()).resolve()
+    manifest_arg = manifest_arg if manifest_arg is not None else get_var("manifest")
+    if skip_unchanged is None:
+        skip_unchanged = plain_build(sys.argv)
+    try:
+        paths = manifest_paths(root, manifest_arg)
+        with _unchanged_manifests(root, paths, skip_unchanged and not switched_off("KILN_FRESH")) as unchanged:
+            taken = {entry["model"]: path for path, entry in unchanged.items()}
+            plans = _plan(root, [p for p in paths if p not in unchanged], wildcard=not manifest_arg, taken=taken)
+            for line in publish_unchanged(root, fresh.templates(unchanged), started):
+                print(line)
+    except KilnError as err:
+        print(f"kiln: error: {err}", file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
+    state_dir(root).mkdir(parents=True, exist_ok=True)
+    for plan in plans:
+        for target, reason in sorted(plan.skipped.items()):
+            print(f"kiln: skipped {plan.model}/{target}: {reason} (name the manifest to build it anyway)", file=sys.stderr)
+
+    def task_build():
+        """Build manifests: doit build [manifest=manifests/bert.toml] (default: every manifest)."""
+        yielded: set[str] = set()
+        for plan in plans:
+            names = {s.id: s.name for s in plan.steps}
+            for step in plan.steps:
+                if step.id not in yielded:  # a step shared by several manifests is one task
+                    yielded.add(step.id)
+                    yield to_task(step, plan, names)
+
+    config = {
+        "dep_file": str(state_dir(root) / "doit.db"),
+        "backend": "sqlite3",
+        "reporter": reporter_for(plans),
+        "default_tasks": [TASK],
+        "action_string_formatting": "new",
+    }
+    return {"DOIT_CONFIG": config, "task_build": task_build}

@@ -1,0 +1,57 @@
+"""What a target format is: the verbs every module of kiln.formats gives.
+
+A format says
+- definition: its target table (`Target`, a pydantic model with `format = "<name>"`), the optional
+  extra its converter needs, whether it needs a torch source, and its cross-checks (`check`);
+- planning: the chain of steps that makes and publishes its artifact (`chain`), and what its
+  validate step needs besides the artifact (`validation`);
+- running: how its artifact is opened for validation (`open_runner`) in the runtime it deploys with,
+  which tools key that validation (`validation_tools`), what hardware it needs (`unavailable_reason`)
+  and, where it means something, its latency (`latency`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from kiln.runtime.runners import Artifact, Runner
+from kiln.schema.fields import TargetBase
+
+if TYPE_CHECKING:
+    from kiln.plan.chains import Planner
+
+
+class TargetFormat(ABC):
+    format: ClassVar[str]
+    Target: ClassVar[type[TargetBase]]
+    extra: ClassVar[tuple[str, str] | None] = None  # (python module its converter imports, pip extra)
+    needs_torch_source: ClassVar[bool] = False  # made from the nn.Module itself, not from an ONNX file
+    validation_tools: ClassVar[tuple[str, ...]]  # the runtime validate runs it in: its versions key that step
+
+    def check(self, spec: Any, name: str, target: Any) -> None:
+        """Raise CrossError for what this target's keys demand of each other and of the manifest."""
+
+    @abstractmethod
+    def chain(self, planner: Planner, name: str, target: Any) -> None:
+        """Add the steps that make, validate and publish this target's artifact."""
+
+    def validation(self, planner: Planner, name: str, target: Any) -> tuple[dict[str, Any], dict[str, tuple[Path, ...]]]:
+        """Params and inputs the validate step needs besides the artifact and the reference outputs.
+        They enter only when a format needs them, so a source change reaches other formats only
+        through their model input."""
+        return {}, {}
+
+    def unavailable_reason(self, target: Any) -> str | None:
+        """Why this machine cannot build the target (hardware it lacks), or None."""
+        return None
+
+    @abstractmethod
+    def open_runner(self, artifact: Artifact) -> Runner:
+        """A function batch -> outputs running the artifact as its users do. Raises
+        RuntimeUnavailable when the runtime does not exist here, StepError for a bad artifact."""
+
+    def latency(self, artifact: Path, feed: dict) -> dict[str, Any] | None:
+        """Latency of the artifact on one sample, for the report; None where kiln does not measure it."""
+        return None

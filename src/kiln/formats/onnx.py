@@ -1,0 +1,124 @@
+"""format = "onnx": the fp32 ONNX export (torch.onnx.export, or the source's own ONNX), simplified
+with onnxsim, and from it fp16 (onnxruntime's float16 converter), int8 (dynamic, or static QDQ from
+kiln's calibration) and int4 (MatMulNBits) models; validated in onnxruntime on the CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import Field, model_validator
+
+from kiln.errors import StepError, one_line
+from kiln.formats.base import TargetFormat
+from kiln.runtime.onnxrt import session
+from kiln.runtime.runners import Artifact, Runner, onnx_latency, require_outputs
+from kiln.schema.fields import MAX_OPSET, MIN_OPSET, CrossError, ExportOptions, TargetBase, check_option_precisions
+
+if TYPE_CHECKING:
+    from kiln.plan.chains import Planner
+    from kiln.plan.steps import Step
+
+
+class OnnxOptions(ExportOptions):
+    keep_io_types: bool = Field(True, description="fp16: keep the model's float inputs and outputs fp32")
+    keep_fp32_ops: list[Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")]] = Field([], description="fp16: op types to keep in fp32, e.g. [\"Softmax\"]")
+    quantization: Literal["dynamic", "static"] = Field("dynamic", description="int8: 'dynamic' quantizes activations at run time; 'static' uses ranges calibrated on [calibration].data (QDQ)")
+    calibration: Literal["minmax", "percentile", "entropy"] = Field("percentile", description="int8 static: how calibrated histograms become activation ranges")
+    percentile: float = Field(99.999, gt=0.0, le=100.0, description="int8 static, calibration = 'percentile': the share of |x| kept inside the range")
+    activation_type: Literal["uint8", "int8"] = Field("uint8", description="int8 static: activation type (uint8 is asymmetric, the fast path on x86 CPUs)")
+    exclude_nodes: list[Annotated[str, Field(min_length=1)]] = Field([], description="int8/int4: graph node names left in fp32 (per-layer fallback for sensitive layers)")
+    block_size: int = Field(32, description="int4: weights per quantization block along K (16, 32, 64, 128 or 256)")
+    symmetric: bool = Field(False, description="int4: symmetric blocks (no zero points); false stores a zero point per block")
+    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(4, description="int4: MatMulNBits accuracy_level (4: int8 activations in the kernel, fastest on CPU; 0: fp32 activations)")
+
+    @model_validator(mode="after")
+    def _block_size_is_a_power_of_two(self) -> "OnnxOptions":
+        if self.block_size not in (16, 32, 64, 128, 256):
+            raise CrossError("block_size", self.block_size, "one of 16, 32, 64, 128, 256")
+        return self
+
+
+# Which precision each option applies to: setting one for another precision is a mistake worth naming.
+OPTION_PRECISIONS: dict[str, tuple[str, ...]] = {
+    "keep_io_types": ("fp16",), "keep_fp32_ops": ("fp16",), "quantization": ("int8",),
+    "calibration": ("int8",), "percentile": ("int8",), "activation_type": ("int8",),
+    "exclude_nodes": ("int8", "int4"), "block_size": ("int4",), "symmetric": ("int4",), "accuracy_level": ("int4",),
+}
+STATIC_ONLY_OPTIONS = ("calibration", "percentile", "activation_type")
+
+
+class OnnxTarget(TargetBase):
+    format: Literal["onnx"]
+    precision: Literal["fp32", "fp16", "int8", "int4"] = "fp32"
+    opset: int = Field(17, ge=MIN_OPSET, le=MAX_OPSET)
+    options: OnnxOptions = OnnxOptions()
+
+
+class Onnx(TargetFormat):
+    format = "onnx"
+    Target = OnnxTarget
+    validation_tools = ("onnxruntime",)
+
+    def check(self, spec: Any, name: str, target: OnnxTarget) -> None:
+        options = target.options
+        check_option_precisions(name, target, OPTION_PRECISIONS)
+        for option in sorted(options.model_fields_set):
+            if option in STATIC_ONLY_OPTIONS and options.quantization != "static":
+                raise CrossError(f"targets.{name}.options.{option}", getattr(options, option), f"no {option} with quantization = \"{options.quantization}\" (it applies to quantization = \"static\" only)")
+        if target.precision == "int8" and options.quantization == "static" and spec.calibration is None:
+            raise CrossError(f"targets.{name}.options.quantization", "static", "a [calibration] table naming the calibration data (or quantization = \"dynamic\")")
+
+    def chain(self, planner: Planner, name: str, target: OnnxTarget) -> None:
+        """reference -> fp32 ONNX (shared) -> one conversion to the target's precision -> validate."""
+        reference = planner.reference(name)
+        model, model_step = planner.fp32_onnx(name, target)
+        options = target.options
+        if target.precision == "int8" and options.quantization == "static":
+            model_step = quantize_static_step(planner, name, target, model, model_step, options.activation_type)
+        elif target.precision != "fp32":  # one conversion step from the fp32 model
+            rule, params = {
+                "fp16": ("convert_fp16", {"keep_io_types": options.keep_io_types, "keep_fp32_ops": sorted(options.keep_fp32_ops)}),
+                "int8": ("quantize_dynamic", {"per_channel": True, "op_types": ["MatMul"]} | excluded(target)),
+                "int4": ("quantize_int4", {"block_size": options.block_size, "symmetric": options.symmetric,
+                                           "accuracy_level": options.accuracy_level} | excluded(target)),
+            }[target.precision]
+            model_step = planner.add(name, rule, params, {"model": (model,)}, {"model": "model.onnx"}, [model_step])
+        if model_step is not None:
+            model = model_step.outputs["model"]
+        planner.validate(name, target, model, model_step, reference)
+
+    def open_runner(self, artifact: Artifact) -> Runner:
+        try:
+            sess = session(artifact.path)
+        except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise StepError(artifact.step, f"onnxruntime cannot load {artifact.path.name}: {one_line(err)}") from None
+        names = artifact.outputs
+        require_outputs({o.name for o in sess.get_outputs()}, names, "ONNX", artifact.step)
+        return lambda feed: dict(zip(names, sess.run(names, feed)))
+
+    def latency(self, artifact: Path, feed: dict) -> dict[str, Any] | None:
+        return onnx_latency(artifact, feed)
+
+
+def excluded(target: Any) -> dict:
+    """exclude_nodes enters params only when set, so targets without it keep their step ids."""
+    return {"exclude_nodes": sorted(target.options.exclude_nodes)} if target.options.exclude_nodes else {}
+
+
+def quantize_static_step(planner: Planner, name: str, target: Any, model: Path, model_step: Step | None, activation_type: str) -> Step:
+    """calibrate (one per model + data + calibration settings, shared by every static target, ONNX
+    and TensorRT alike) -> quantize_static (ranges from the calibration by this target's method)."""
+    calibration = planner.spec.calibration
+    calibrate = planner.add(name, "calibrate", {
+        "inputs": planner.inputs, "batch_size": calibration.batch_size, "max_length": calibration.max_length,
+        "max_samples": calibration.max_samples, "bins": calibration.bins, "op_types": ["MatMul", "Gemm"],
+    }, {"model": (model,), "data": (planner.resolved.calibration_file,)} | planner.tokenizer(planner.resolved.calibration_file),
+        {"calibration": "calibration.json"}, [model_step])
+    options = target.options
+    params = {"method": options.calibration, "activation_type": activation_type, "per_channel": True,
+              "op_types": ["MatMul", "Gemm"]} | excluded(target)
+    if options.calibration == "percentile":
+        params["percentile"] = options.percentile
+    return planner.add(name, "quantize_static", params, {"model": (model,), "calibration": (calibrate.outputs["calibration"],)},
+                       {"model": "model.onnx"}, [model_step, calibrate])

@@ -1,0 +1,98 @@
+"""What every runner shares: the Runner type, "this runtime does not exist here", matching a model's
+results to the manifest's outputs, calling a torch module, and ONNX latency.
+
+Each format opens its own runner (kiln.formats.<format>.open_runner); validate uses them to compare
+every artifact with the reference outputs of the source model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from kiln.errors import StepError
+from kiln.runtime.onnxrt import session
+
+Runner = Callable[[dict], dict]
+
+
+class RuntimeUnavailable(Exception):
+    """The format's runtime does not exist on this machine (str(): why); validate then publishes the
+    artifact only if the manifest accepts an unvalidated one."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """What a runner is opened on: the artifact, the outputs to return, and what some formats need
+    besides (the source model for weights-only formats, the input order, the GPU)."""
+
+    path: Path
+    outputs: list[str]
+    step: str  # names the step in errors
+    source: dict[str, Any] | None = None
+    source_files: list[Path] | None = None
+    inputs: list[dict] | None = None
+    root: Path | None = None
+    device: int | None = None
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t["name"] for t in self.inputs or []]
+
+
+def pick_outputs(result: Any, names: list[str]) -> tuple:
+    """A model's result (a dict-like of named outputs, a tuple, or one tensor) as a tuple in `names`' order."""
+    if hasattr(result, "keys"):
+        missing = [n for n in names if n not in result.keys()]
+        if missing:
+            raise StepError("source", f"output {missing[0]!r} is not produced by the model; it gives {list(result.keys())}")
+        return tuple(result[n] for n in names)
+    values = result if isinstance(result, (tuple, list)) else (result,)
+    if len(values) != len(names):
+        raise StepError("source", f"the model returns {len(values)} outputs but the manifest declares {len(names)}: {names}")
+    return tuple(values)
+
+
+def torch_runner(module, input_names: list[str], names: list[str]) -> Runner:
+    """Call a torch module with the feed's tensors positionally (manifest order), no autograd; its
+    outputs matched to `names` by position (or by name, for a dict)."""
+    import torch
+
+    def run(feed: dict) -> dict:
+        with torch.inference_mode():
+            result = pick_outputs(module(*(torch.from_numpy(feed[name]) for name in input_names)), names)
+        return {name: value.numpy() for name, value in zip(names, result)}
+
+    return run
+
+
+def require_outputs(known: set[str], names: list[str], kind: str, step: str) -> None:
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise StepError(step, f"output {missing[0]!r} is not in the {kind} model; it has {sorted(known)}")
+
+
+def onnx_latency(artifact: Path, feed: dict, runs: int = 30, threads: int = 2, sequence: int = 128) -> dict[str, Any]:
+    """CPU latency of one ONNX artifact: batch 1, dynamic non-batch axes at `sequence`, median of
+    `runs` timed runs after 5 warm-ups. Inputs are the first validation sample, repeated or cut to
+    that length. Goes to the report only: timings are not reproducible bytes."""
+    import time
+
+    import numpy as np
+
+    sess = session(artifact, threads=threads)
+    shaped = {}
+    for spec in sess.get_inputs():
+        sample = feed[spec.name][:1]
+        shape = [1 if axis == 0 else (sequence if isinstance(dim, str) or dim is None else dim) for axis, dim in enumerate(spec.shape)]
+        shaped[spec.name] = np.resize(sample, shape).astype(sample.dtype)
+    for _ in range(5):
+        sess.run(None, shaped)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        sess.run(None, shaped)
+        times.append(time.perf_counter() - start)
+    return {"median_ms": round(1000 * float(np.median(times)), 3), "p10_ms": round(1000 * float(np.percentile(times, 10)), 3),
+            "runs": runs, "threads": threads, "shape": {k: list(v.shape) for k, v in shaped.items()}}

@@ -1,0 +1,166 @@
+"""The local content-addressed cache: every successful step's outputs, stored by step key.
+
+    .kiln/cache/objects/<sha256[:2]>/<sha256>   file contents, by digest (one copy however many steps made them)
+    .kiln/cache/keys/<key[:2]>/<key>.json        a step key -> its outputs (role, name, sha256, bytes) and facts
+
+A step whose key has an entry is restored instead of run: switching a manifest back to an earlier
+configuration, checking out an older branch or wiping build/ brings the outputs back in the time it
+takes to copy them (ccache / Bazel's disk cache / DVC's run-cache). The cache lives beside build/,
+not in it, so `rm -rf build` keeps it; KILN_CACHE_DIR moves it (e.g. one cache for several clones),
+KILN_CACHE=off turns it off. Objects are hard links to the files the step wrote when the filesystem
+allows (no second copy on disk) and copies otherwise; a restore re-hashes what it copies, so an
+object changed behind kiln's back is dropped, never restored. `kiln cache gc --max-size` keeps it
+bounded, least recently used first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kiln.base.env import switched_off
+from kiln.base.fsio import write_bytes_atomic
+from kiln.base.hashing import copy_hashing
+from kiln.base.temps import sweep_stale_temps, temp_path
+
+
+def cache_dir(root: Path) -> Path | None:
+    if switched_off("KILN_CACHE"):
+        return None
+    return Path(os.environ.get("KILN_CACHE_DIR") or Path(root) / ".kiln" / "cache")
+
+
+@dataclass(frozen=True)
+class Cache:
+    folder: Path
+
+    @classmethod
+    def for_root(cls, root: Path) -> "Cache | None":
+        folder = cache_dir(root)
+        return cls(folder) if folder is not None else None
+
+    def entry_path(self, key: str) -> Path:
+        return self.folder / "keys" / key[:2] / f"{key}.json"
+
+    def object_path(self, sha256: str) -> Path:
+        return self.folder / "objects" / sha256[:2] / sha256
+
+    # ---- writing ------------------------------------------------------------------------------
+
+    def store(self, key: str, outputs: dict[str, dict[str, Any]], root: Path, info: dict[str, Any]) -> None:
+        """Remember a finished step: outputs is role -> {"path" (workspace-relative), "sha256", "bytes"}."""
+        for out in outputs.values():
+            self._store_object(root / out["path"], out["sha256"])
+        entry = {"key": key, "outputs": {role: {"name": Path(o["path"]).name, "sha256": o["sha256"], "bytes": o["bytes"]} for role, o in outputs.items()},
+                 "info": info}
+        write_bytes_atomic(self.entry_path(key), (json.dumps(entry, sort_keys=True, indent=1) + "\n").encode())
+
+    def _store_object(self, path: Path, sha256: str) -> None:
+        target = self.object_path(sha256)
+        if target.exists():
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale_temps(target.parent)
+        tmp = temp_path(target)
+        try:
+            os.link(path, tmp)  # same filesystem: no second copy of the bytes
+        except OSError:
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, target)
+
+    # ---- reading ------------------------------------------------------------------------------
+
+    def lookup(self, key: str) -> dict[str, Any] | None:
+        try:
+            entry = json.loads(self.entry_path(key).read_text())
+        except (OSError, ValueError):
+            return None
+        if not all(self.object_path(o["sha256"]).is_file() for o in entry["outputs"].values()):
+            return None
+        return entry
+
+    def restore(self, key: str, destinations: dict[str, Path]) -> dict[str, Any] | None:
+        """Copy a cached step's outputs to their paths (temp + rename, each re-hashed on the way).
+        Returns the entry, or None (and writes nothing) when the key is not cached or an object no
+        longer has its digest (that entry is dropped)."""
+        entry = self.lookup(key)
+        if entry is None or set(entry["outputs"]) != set(destinations):
+            return None
+        temps = {}
+        try:
+            for role, out in entry["outputs"].items():
+                dest = destinations[role]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                sweep_stale_temps(dest.parent)
+                temps[role] = temp_path(dest, "restore")
+                if copy_hashing(self.object_path(out["sha256"]), temps[role]) != out["sha256"]:
+                    self.object_path(out["sha256"]).unlink(missing_ok=True)
+                    self.entry_path(key).unlink(missing_ok=True)
+                    return None
+            for role, tmp in temps.items():
+                os.replace(tmp, destinations[role])
+            temps = {}
+        finally:
+            for tmp in temps.values():
+                tmp.unlink(missing_ok=True)
+        os.utime(self.entry_path(key))  # least recently used goes first in gc
+        return entry
+
+    # ---- keeping it bounded -------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        entries = list((self.folder / "keys").glob("*/*.json"))
+        objects = self._objects()
+        return {"entries": len(entries), "objects": len(objects), "bytes": sum(p.stat().st_size for p in objects)}
+
+    def _objects(self) -> list[Path]:
+        """Stored objects, without the hidden temps of writers still storing one."""
+        return [p for p in (self.folder / "objects").glob("*/*") if not p.name.startswith(".")]
+
+    def gc(self, max_bytes: int) -> dict[str, int]:
+        """Drop least recently used entries until the objects they keep fit in max_bytes, then the
+        objects no entry names. Returns what was removed."""
+        entries = []
+        for path in (self.folder / "keys").glob("*/*.json"):
+            try:
+                entry = json.loads(path.read_text())
+            except (OSError, ValueError):
+                path.unlink(missing_ok=True)
+                continue
+            entries.append((path.stat().st_mtime, path, {o["sha256"]: o["bytes"] for o in entry["outputs"].values()}))
+        entries.sort(key=lambda e: e[0], reverse=True)  # newest first: kept first
+        kept: dict[str, int] = {}
+        kept_bytes = removed_entries = 0
+        for _, path, objects in entries:
+            grown = sum(size for sha, size in objects.items() if sha not in kept)
+            if kept_bytes + grown <= max_bytes:
+                kept |= objects
+                kept_bytes += grown
+            else:
+                path.unlink(missing_ok=True)
+                removed_entries += 1
+        freed = removed_objects = 0
+        for obj in self._objects():
+            if obj.name not in kept:
+                freed += obj.stat().st_size
+                obj.unlink(missing_ok=True)
+                removed_objects += 1
+        return {"entries_removed": removed_entries, "objects_removed": removed_objects, "bytes_freed": freed, "bytes_kept": kept_bytes}
+
+
+def parse_size(text: str) -> int:
+    """'500M', '2G', '1.5GiB', '4096' -> bytes."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    cleaned = text.strip().upper().removesuffix("IB").removesuffix("B")
+    number, unit = (cleaned[:-1], cleaned[-1]) if cleaned and cleaned[-1] in units else (cleaned, "")
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size; expected e.g. 500M, 2G or a number of bytes") from None
+    if value < 0:
+        raise ValueError(f"{text!r} is not a size; it must not be negative")
+    return int(value * units[unit])

@@ -1,0 +1,116 @@
+"""build/<model>/report.json and the summary line: the only writer of report files, used by the full
+build (engine.reporter, at the end of a doit run) and by the no-op fast path (kiln.state.fresh keeps
+a template of a manifest's no-op report; publish_unchanged fills it in). Per step: whether it ran or
+was up to date and why, its seconds and output sizes; per artifact: its size and validation metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kiln.base.fsio import dumps_by_line, read_json, write_bytes_atomic
+from kiln.state.records import failure_path, read_record
+
+if TYPE_CHECKING:  # a no-op build never imports the planner (kiln.state.fresh)
+    from kiln.plan.steps import Plan
+
+RAN, UP_TO_DATE, FAILED, NOT_RUN = "ran", "up to date", "failed", "not run"
+_GENERATED_AT, _SECONDS = "@generated_at@", "@seconds@"  # placeholders in a no-op report template
+
+
+def report_path(root: Path, model: str) -> Path:
+    return root / "build" / model / "report.json"
+
+
+def step_entry(plan: Plan, step, status: str) -> dict[str, Any]:
+    entry: dict[str, Any] = {"step": plan.step_name(step), "rule": step.rule, "targets": plan.targets_of(step), "status": status}
+    if status == FAILED:
+        failure = read_json(failure_path(plan.root, step)) or {}
+        entry |= {"why": failure.get("reason"), "error": failure.get("error", "see doit's output"), "seconds": failure.get("seconds"), "facts": failure.get("facts")}
+        return entry
+    record = read_record(plan.root, step)
+    if record is None:
+        return entry | {"why": "not built yet"}
+    entry["why"] = record.reason if status == RAN else "key unchanged and outputs intact"
+    entry["seconds"] = record.seconds if status == RAN else 0.0
+    entry["last_run_seconds"] = record.seconds
+    entry["key"] = record.key
+    entry["outputs"] = [{"path": o["path"], "bytes": o["bytes"]} for o in record.outputs.values()]
+    if record.info:
+        entry["info"] = record.info
+    return entry
+
+
+def build_report(plan: Plan, statuses: dict[str, str], seconds: float) -> dict[str, Any]:
+    steps = [step_entry(plan, s, statuses.get(s.name, NOT_RUN)) for s in plan.steps]
+    artifacts = []
+    for step, entry in zip(plan.steps, steps):
+        if step.publishes:
+            info = entry.get("info") or entry.get("facts") or {}
+            artifact = {"target": step.targets[0], "status": entry["status"], "metrics": info.get("metrics"), "thresholds": info.get("thresholds"), "passed": info.get("passed")}
+            if info.get("latency"):
+                artifact["latency"] = info["latency"]  # measured when the artifact was last validated
+            if info.get("not_validated"):
+                artifact["validation"] = f"not validated: {info['not_validated']}"
+            files = [o for o in entry.get("outputs", []) if not o["path"].endswith("validation.json")]
+            if files:  # the artifact's path; bytes of all its files (OpenVINO: .xml + .bin)
+                artifact |= {"path": files[0]["path"], "bytes": sum(o["bytes"] for o in files)}
+            artifacts.append(artifact)
+    return {
+        "model": plan.model,
+        "generated_at": _now(),
+        "seconds": round(seconds, 3),
+        "ok": all(e["status"] in (RAN, UP_TO_DATE) for e in steps),
+        "counts": {s: sum(e["status"] == s for e in steps) for s in (RAN, UP_TO_DATE, FAILED, NOT_RUN)},
+        "steps": steps,
+        "artifacts": artifacts,
+        # targets left out of this build because this machine cannot build them (hardware)
+        "skipped": [{"target": target, "why": why} for target, why in sorted(plan.skipped.items())],
+    }
+
+
+def noop_report(plan: Plan) -> dict[str, Any]:
+    """The report a build that found every step of the plan up to date writes."""
+    return build_report(plan, dict.fromkeys((s.name for s in plan.steps), UP_TO_DATE), 0.0)
+
+
+def write_report(root: Path, report: dict[str, Any]) -> str:
+    """Write a manifest's report; returns its summary line."""
+    path = report_path(root, report["model"])
+    _write(path, dumps_by_line(report))
+    return summary_line(root, report["model"], report["counts"])
+
+
+def report_template(report: dict[str, Any]) -> str:
+    """A no-op report encoded once, its time and seconds left as placeholders (kiln.state.fresh keeps it)."""
+    return dumps_by_line(dict(report, generated_at=_GENERATED_AT, seconds=_SECONDS))
+
+
+def publish_unchanged(root: Path, templates: list[tuple[str, int, str]], started: float) -> list[str]:
+    """Write the no-op report of each unchanged manifest ((model, steps, template) from its fresh
+    entry: what the full check would have written) and return their summary lines."""
+    now, seconds = json.dumps(_now()), json.dumps(round(time.monotonic() - started, 3))
+    lines = []
+    for model, steps, template in templates:
+        _write(report_path(root, model), template.replace(json.dumps(_GENERATED_AT), now, 1).replace(json.dumps(_SECONDS), seconds, 1))
+        lines.append(summary_line(root, model, {RAN: 0, UP_TO_DATE: steps, FAILED: 0, NOT_RUN: 0}))
+    return lines
+
+
+def summary_line(root: Path, model: str, counts: dict[str, int]) -> str:
+    not_run = f", {counts[NOT_RUN]} not run" if counts.get(NOT_RUN) else ""
+    return (f"kiln: {model}: {counts[RAN]} ran, {counts[UP_TO_DATE]} up to date, {counts[FAILED]} failed{not_run}"
+            f" -> {report_path(root, model).relative_to(root)}")
+
+
+def _write(path: Path, text: str) -> None:
+    """Informative (the lockfile is the durable record): atomic, no fsync, and no comparison with
+    the file there, which always differs (generated_at)."""
+    write_bytes_atomic(path, text.encode())
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
