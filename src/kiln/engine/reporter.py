@@ -34,8 +34,10 @@ class KilnReporter(ConsoleReporter):
         super().initialize(tasks, selected_tasks)
         self._workspace_lock = lock_workspace(self.plans[0].root) if self.plans else None
 
-    def execute_task(self, task):
-        super().execute_task(task)
+    def add_success(self, task):
+        """A step ran when it finished (execute_task is called when it starts: a build interrupted
+        there must not report it as ran)."""
+        super().add_success(task)
         self.statuses[_step_name(task)] = RAN
 
     def skip_uptodate(self, task):

@@ -80,6 +80,9 @@ def _execute(step: Step, root: Path, why: str, started: float):
         with reserve(root, step, rule.memory_mib(step.params, _input_bytes(step))), \
                 _torch_lock if "torch" in rule.tools_for(step.params) else contextlib.nullcontext():
             info = rule().run({r: list(f) for r, f in step.inputs.items()}, temps, params, RunContext(root, step.name)) or {}
+        missing = [role for role, path in temps.items() if not path.exists()]
+        if missing:
+            raise RuntimeError(f"rule {step.rule} did not write its output {missing[0]!r}")
     except BaseException as err:  # no temp output may stay behind, whatever went wrong
         for path in temps.values():
             path.unlink(missing_ok=True)
@@ -90,9 +93,6 @@ def _execute(step: Step, root: Path, why: str, started: float):
             raise
         write_json_atomic(failure_path(root, step), {"step": step.name, "reason": why, "error": str(err), "facts": err.facts, "seconds": round(time.monotonic() - started, 3)})
         return TaskFailed(str(err))
-    missing = [role for role, path in temps.items() if not path.exists()]
-    if missing:
-        raise RuntimeError(f"rule {step.rule} did not write its output {missing[0]!r}")
     for role, temp in temps.items():
         os.replace(temp, step.outputs[role])
     return info

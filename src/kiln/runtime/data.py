@@ -73,6 +73,8 @@ def load_arrays(path: Path, inputs: list[dict]) -> dict[str, np.ndarray]:
     for spec in inputs:
         if spec["name"] not in found:
             raise StepError(str(path), f"input {spec['name']!r} is missing; the file has {sorted(found)}")
+        if found[spec["name"]].ndim == 0:
+            raise StepError(str(path), f"input {spec['name']!r} is a scalar; expected an array whose first axis is the samples")
         arrays[spec["name"]] = _check_array(found[spec["name"]], spec, path)
     counts = {name: len(a) for name, a in arrays.items()}
     if len(set(counts.values())) != 1:

@@ -16,6 +16,7 @@ bounded, least recently used first.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -161,6 +162,8 @@ def parse_size(text: str) -> int:
         value = float(number)
     except ValueError:
         raise ValueError(f"{text!r} is not a size; expected e.g. 500M, 2G or a number of bytes") from None
+    if not math.isfinite(value * units[unit]):
+        raise ValueError(f"{text!r} is not a size; expected a finite number, e.g. 500M or 2G")
     if value < 0:
         raise ValueError(f"{text!r} is not a size; it must not be negative")
     return int(value * units[unit])

@@ -34,7 +34,8 @@ def step_entry(plan: Plan, step, status: str) -> dict[str, Any]:
     record = read_record(plan.root, step)
     if record is None:
         return entry | {"why": "not built yet"}
-    entry["why"] = record.reason if status == RAN else "key unchanged and outputs intact"
+    entry["why"] = {RAN: record.reason, UP_TO_DATE: "key unchanged and outputs intact"}.get(
+        status, "not checked in this build (doit stopped before it, or it was not selected); built before")
     entry["seconds"] = record.seconds if status == RAN else 0.0
     entry["last_run_seconds"] = record.seconds
     entry["key"] = record.key
