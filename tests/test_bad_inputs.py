@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_sources import tiny_workspace
+from workspaces import tiny_workspace
 
 GOOD_DATA = np.random.default_rng(1).standard_normal((40, 6)).astype(np.float32)
 

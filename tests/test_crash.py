@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import _env
-from test_sources import tiny_workspace
+from workspaces import tiny_workspace
 
 
 def torch_workspace(root: Path, targets: str):

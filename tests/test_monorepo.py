@@ -7,24 +7,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
-import time
 from pathlib import Path
 
-import numpy as np
 
-from conftest import Workspace, new_workspace
-from test_sources import TINY_MANIFEST, TINYNET
-
-TORCH_SOURCE = 'kind = "torch"\nfactory = "tinynet:build"'
-
-
-def two_manifests(root: Path) -> Workspace:
-    """a.toml and b.toml: the same torch source and data, the same two targets."""
-    ws = new_workspace(root, {name: TINY_MANIFEST.format(name=name, source=TORCH_SOURCE) for name in ("a", "b")})
-    (ws.root / "tinynet.py").write_text(TINYNET)
-    np.savez(ws.root / "manifests/data/tiny.npz", features=np.random.default_rng(1).standard_normal((40, 6)).astype(np.float32))
-    return ws
+from workspaces import two_manifests
 
 
 def executed(proc) -> list[str]:
@@ -96,22 +82,6 @@ def test_cache_gc_keeps_it_within_the_limit(tmp_path: Path):
     assert (ws.root / "build/a/onnx_a/model.onnx").exists()  # the build keeps its outputs
 
 
-def test_gc_drops_least_recently_used_first(tmp_path: Path):
-    from kiln.state.cache import Cache
-
-    cache = Cache(tmp_path / "cache")
-    for index, size in enumerate((100, 200, 300)):
-        out = tmp_path / f"out{index}"
-        out.write_bytes(bytes([index]) * size)
-        cache.store(f"{index:064d}", {"model": {"path": out.name, "sha256": sha256(out), "bytes": size}}, tmp_path, {})
-        os.utime(cache.entry_path(f"{index:064d}"), (1000 + index, 1000 + index))
-    os.utime(cache.entry_path(f"{0:064d}"), (2000, 2000))  # the first one was used last
-    done = cache.gc(450)
-    # newest first: entry 0 (100 B, used last) and entry 2 (300 B) fit in 450; entry 1 (200 B) would not
-    assert done["entries_removed"] == 1 and done["objects_removed"] == 1 and done["bytes_kept"] == 400
-    assert cache.lookup(f"{0:064d}") is not None and cache.lookup(f"{2:064d}") is not None and cache.lookup(f"{1:064d}") is None
-
-
 def test_parallel_worker_processes_build_the_same_bytes(tmp_path: Path):
     serial, parallel = two_manifests(tmp_path / "serial"), two_manifests(tmp_path / "parallel")
     serial.doit("build")
@@ -121,70 +91,3 @@ def test_parallel_worker_processes_build_the_same_bytes(tmp_path: Path):
         for target in ("onnx_a", "onnx_b"):
             assert sha256(serial.root / f"build/{model}/{target}/model.onnx") == sha256(parallel.root / f"build/{model}/{target}/model.onnx")
     assert executed(parallel.doit("-n", "2", "build")) == []
-
-
-def test_a_step_waits_while_running_steps_hold_the_memory_budget(tmp_path: Path, monkeypatch, capsys):
-    from kiln.execute.resources import reserve
-
-    monkeypatch.setenv("KILN_MEMORY_MIB", "1000")
-
-    class Step:
-        def __init__(self, name):
-            self.name = name
-
-    order: list[str] = []
-    first_in = threading.Event()
-
-    def first():
-        with reserve(tmp_path, Step("m/a/export_onnx"), 600):
-            order.append("first starts")
-            first_in.set()
-            time.sleep(0.5)
-            order.append("first ends")
-
-    def second():
-        first_in.wait()
-        with reserve(tmp_path, Step("m/b/export_onnx"), 600, poll_s=0.02):
-            order.append("second starts")
-
-    threads = [threading.Thread(target=first), threading.Thread(target=second)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert order == ["first starts", "first ends", "second starts"]
-    assert "m/b/export_onnx waits for memory: needs 600 MiB, 600 of 1000 MiB reserved by m/a/export_onnx" in capsys.readouterr().err
-    with reserve(tmp_path, Step("alone"), 5000):  # more than the budget, but nothing else runs: it goes
-        pass
-
-
-def test_reservations_of_dead_processes_are_dropped(tmp_path: Path, monkeypatch):
-    from kiln.execute.resources import reserve
-
-    monkeypatch.setenv("KILN_MEMORY_MIB", "1000")
-    state = tmp_path / "build/.kiln"
-    state.mkdir(parents=True)
-    (state / "memory.json").write_text(json.dumps({"gone": {"pid": 2 ** 22 + 12345, "mib": 900, "step": "crashed"}}))
-
-    class Step:
-        name = "m/a/validate"
-
-    started = time.monotonic()
-    with reserve(tmp_path, Step(), 600):
-        pass
-    assert time.monotonic() - started < 1.0
-
-
-def test_every_kind_of_change_has_its_reason():
-    from kiln.state.uptodate import describe_change
-
-    base = {"rule": "r", "version": 1, "params": {"opset": 17}, "inputs": {"model": [["m.onnx", "a" * 64]]},
-            "tools": {"onnx": "1.0"}, "hardware": {"gpu": "H100", "tensorrt": "10.0"}}
-    def changed(**diff):
-        return describe_change(base, base | diff)
-    assert changed() is None
-    assert changed(version=2) == "rule r version changed: 1 -> 2"
-    assert changed(params={"opset": 18}) == "parameter changed: params.opset: 17 -> 18"
-    assert changed(inputs={"model": [["m.onnx", "b" * 64]]}) == "input model/m.onnx changed: sha256:aaaaaaaaaaaa -> sha256:bbbbbbbbbbbb"
-    assert changed(tools={"onnx": "1.1"}) == "tool onnx changed: 1.0 -> 1.1"
-    assert changed(hardware={"gpu": "H200", "tensorrt": "10.0"}) == "hardware changed: hardware.gpu: 'H100' -> 'H200'"

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from test_sources import tiny_workspace
+from workspaces import tiny_workspace
 
 TARGETS = '''
 [targets.traced]

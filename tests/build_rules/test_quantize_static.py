@@ -10,7 +10,6 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-import tiny_onnx
 from kiln.errors import StepError
 from kiln.runtime.onnxrt import session
 from kiln.native.calibration import Calibration

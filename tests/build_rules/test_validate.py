@@ -55,7 +55,7 @@ def test_an_accepted_unvalidated_artifact_is_published_with_the_reason(no_runtim
 
 
 def test_the_manifest_switch_reaches_only_the_validate_step():
-    from test_plan import make_plan
+    from workspaces import make_plan
 
     before = {s.id for s in make_plan().steps}
     after = make_plan(lambda d: d["targets"]["openvino_fp32"].__setitem__("allow_unvalidated", True))

@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 import safetensors.numpy as reference
 
-from conftest import Workspace, new_workspace
+from conftest import Workspace
 from kiln.native.twins import f32_to_bf16, f32_to_f16
 
 
@@ -47,7 +47,7 @@ def test_transformers_loads_the_file_beside_the_config(built_bert: Workspace, tm
 
 
 def test_fp32_target_of_a_torch_factory_keeps_the_bytes(tmp_path: Path):
-    from test_sources import TINYNET, tiny_workspace
+    from workspaces import TINYNET, tiny_workspace
 
     ws = tiny_workspace(tmp_path / "ws", 'kind = "torch"\nfactory = "tinynet:build"')
     ws.edit('[targets.onnx_a]', '[targets.weights]\nformat = "safetensors"\n\n[targets.onnx_a]', name="tiny")

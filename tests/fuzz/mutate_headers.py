@@ -15,7 +15,6 @@ import random
 import struct
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 

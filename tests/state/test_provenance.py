@@ -8,7 +8,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from test_monorepo import two_manifests
+from workspaces import two_manifests
 
 
 def sha256(path: Path) -> str:

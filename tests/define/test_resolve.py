@@ -9,57 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import Workspace, new_workspace
+from workspaces import tiny_workspace
 from kiln.errors import ManifestError
 from kiln.schema.manifest import read_manifest
 from kiln.define.resolve import resolve
 from kiln.define.spec import validate
-
-TINYNET = '''
-import torch
-
-def build():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.GELU(), torch.nn.Linear(16, 3))
-'''
-
-TINY_MANIFEST = '''
-[model]
-name = "{name}"
-
-[source]
-{source}
-
-[[inputs]]
-name = "features"
-dtype = "float32"
-shape = ["batch", 6]
-
-[[outputs]]
-name = "scores"
-shape = ["batch", 3]
-
-[targets.onnx_a]
-format = "onnx"
-opset = 17
-
-[targets.onnx_b]
-format = "onnx"
-opset = 17
-options = {{ simplify = false }}
-
-[validation]
-data = "data/tiny.npz"
-batch_size = 16
-'''
-
-
-def tiny_workspace(root: Path, source: str, name: str = "tiny") -> Workspace:
-    ws = new_workspace(root, {name: TINY_MANIFEST.format(name=name, source=source)})
-    (ws.root / "tinynet.py").write_text(TINYNET)
-    rng = np.random.default_rng(1)
-    np.savez(ws.root / "manifests/data/tiny.npz", features=rng.standard_normal((40, 6)).astype(np.float32))
-    return ws
 
 
 def test_torch_factory_source_builds_and_shares_the_export_step(tmp_path: Path):

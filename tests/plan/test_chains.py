@@ -3,25 +3,8 @@ lands in the params of exactly the steps it should rebuild."""
 
 from __future__ import annotations
 
-import copy
-import tomllib
-from pathlib import Path
 
-from conftest import REPO
-from kiln.schema.manifest import RawManifest
-from kiln.plan.chains import plan
-from kiln.define.resolve import Resolved
-from kiln.define.spec import validate
-
-GOOD = tomllib.loads((REPO / "manifests/bert.toml").read_text())
-ROOT = Path("/ws")
-RESOLVED = Resolved((Path("/site/model/config.json"), Path("/site/model/model.safetensors")), ROOT / "manifests/data/sentences.txt", ROOT / "manifests/data/calibration.txt")
-
-
-def make_plan(change=lambda d: None):
-    data = copy.deepcopy(GOOD)
-    change(data)
-    return plan(validate(RawManifest(ROOT / "manifests/bert.toml", data)), RESOLVED, ROOT / "manifests/bert.toml", ROOT)
+from workspaces import RESOLVED, ROOT, make_plan
 
 
 def test_one_target_expands_to_its_rule_chain():

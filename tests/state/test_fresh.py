@@ -16,54 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import Workspace, _env, new_workspace
+from conftest import Workspace, _env
+from workspaces import mlp, mlp_workspace, two_manifests
 from kiln.state import fresh
-from kiln.engine.argv import plain_build
-
-MANIFEST = '''[model]
-name = "{name}"
-
-[source]
-kind = "onnx"
-path = "models/{name}.onnx"
-
-[[inputs]]
-name = "x"
-shape = ["batch", 8]
-
-[[outputs]]
-name = "y"
-shape = ["batch", 4]
-
-[targets.fp32]
-format = "onnx"
-
-[validation]
-data = "data/x.npz"
-batch_size = 16
-'''
-
-
-def mlp(path: Path, seed: int) -> None:
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(seed)
-    weights = [numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name) for name, shape in (("W", (8, 4)), ("b", (4,)))]
-    graph = helper.make_graph([helper.make_node("Gemm", ["x", "W", "b"], ["y"])], "mlp",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], weights)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-
-
-def mlp_workspace(root: Path, names: tuple[str, ...] = ("a", "b")) -> Workspace:
-    ws = new_workspace(root, {name: MANIFEST.format(name=name) for name in names})
-    for seed, name in enumerate(names):
-        mlp(ws.root / f"manifests/models/{name}.onnx", seed)
-    np.savez(ws.root / "manifests/data/x.npz", x=np.random.default_rng(7).standard_normal((32, 8)).astype(np.float32))
-    return ws
 
 
 def build(ws: Workspace, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -132,7 +87,6 @@ def test_a_manifest_edited_while_it_builds_is_remembered_as_it_was_planned(ws: W
 
 
 def test_a_module_that_would_shadow_the_factory_is_planned(tmp_path: Path):
-    from test_monorepo import two_manifests
 
     ws = two_manifests(tmp_path / "ws")  # torch sources: factory "tinynet:build", found at the workspace root
     ws.doit("build")
@@ -261,21 +215,3 @@ def test_the_entry_names_every_file_the_full_check_reads(ws: Workspace):
             "build/a/fp32/provenance.intoto.json", "build/a/fp32/validation.json"} <= set(names)
     assert sum(n.startswith("build/.kiln/steps/") for n in names) == 3
     assert entry["tools"]["kiln"] and entry["model"] == "a" and entry["steps"] == 3
-
-
-@pytest.mark.parametrize("argv, plain", [
-    (["doit"], True),
-    (["/venv/lib/python3.11/site-packages/doit/__main__.py", "build"], True),
-    (["doit", "-n", "2", "build", "manifest=manifests/a.toml"], True),
-    (["doit", "-n2", "-P", "thread", "--verbosity=2", "-f", "dodo.py", "run", "build"], True),
-    (["doit", "-c", "build"], True),
-    (["doit", "-a", "build"], False),
-    (["doit", "build:a/fp32/validate"], False),
-    (["doit", "list"], False),
-    (["doit", "clean"], False),
-    (["doit", "forget"], False),
-    (["pytest", "build"], False),
-    ([], False),
-])
-def test_plain_build_command_lines(argv: list[str], plain: bool):
-    assert plain_build(argv) is plain

@@ -1,0 +1,327 @@
+"""kiln.execute.step.run_step: running one step in-process, on steps built by hand in a throwaway
+workspace with a small rule registered here (test_copy_upper: upper-cases a text file).
+
+Covers: the rule's output lands at the step's path and the record holds key, components, outputs
+(workspace-relative path, sha256, bytes), reason and the rule's facts; the rule writes beside its
+output, which changes only once the rule has returned; a rerun of an up-to-date step says it was
+forced; with the cache on, a step whose key is cached is restored without running the rule; a
+StepError fails doit's task, writes the failure file and leaves no temp file, no empty output folder,
+and the earlier output and record as they were (a later success removes the failure file); any other
+exception propagates and leaves no temp file; a rule that does not write an output is a bug
+(RuntimeError); the "last run" baseline is written for every (model, target) that shares the step;
+a running step holds its rule's memory reservation (released on failure too) and, for torch rules,
+the process-wide torch lock."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+from doit.exceptions import TaskFailed
+
+from kiln.base.paths import state_dir
+from kiln.errors import StepError
+from kiln.execute import step as step_module
+from kiln.execute.step import run_step
+from kiln.plan.steps import Step, identity
+from kiln.rules import Params, Rule, RunContext, register
+from kiln.state.records import failure_path, last_path, read_record, record_path
+from kiln.state.uptodate import components, is_up_to_date, step_key, why
+
+RULE = "test_copy_upper"
+TORCH_RULE = "test_copy_upper_torch"
+
+
+class CopyUpperParams(Params):
+    suffix: str = ""
+
+
+# What each run of the rule saw: step name, the paths it was given, and the state around it.
+RUNS: list[dict[str, Any]] = []
+
+
+@register
+class CopyUpper(Rule):
+    """Writes its input upper-cased (plus the suffix) to every output role. The input's text steers
+    it: "step error" -> StepError, "crash" -> ValueError (both after writing part of the output),
+    "skip:<role>" -> does not write that role."""
+
+    name: ClassVar[str] = RULE
+    version: ClassVar[int] = 1
+    tools: ClassVar[tuple[str, ...]] = ("numpy",)
+    Params: ClassVar[type[Params]] = CopyUpperParams
+    memory_base_mib: ClassVar[int] = 7
+    memory_per_input: ClassVar[float] = 0.0
+
+    def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: CopyUpperParams, ctx: RunContext) -> dict[str, Any]:
+        text = inputs["text"][0].read_text()
+        ledger = state_dir(ctx.root) / "memory.json"
+        RUNS.append({
+            "step": ctx.step, "root": ctx.root, "outputs": dict(outputs), "torch_lock": step_module._torch_lock.locked(),
+            "ledger": json.loads(ledger.read_text()) if ledger.exists() else {},
+        })
+        for role, path in outputs.items():
+            if f"skip:{role}" in text:
+                continue
+            if "step error" in text or "crash" in text:
+                path.write_text("half an out")
+                if "step error" in text:
+                    raise StepError(ctx.step, "the text says no", facts={"lines": text.count("\n") + 1})
+                raise ValueError("a bug in the rule")
+            path.write_text(text.upper() + params.suffix)
+        return {"chars": len(text)}
+
+
+@register
+class CopyUpperTorch(CopyUpper):
+    name: ClassVar[str] = TORCH_RULE
+    tools: ClassVar[tuple[str, ...]] = ("torch",)
+
+
+@pytest.fixture(autouse=True)
+def no_cache(monkeypatch):
+    """Rules must be seen to run unless a test turns the cache on."""
+    monkeypatch.setenv("KILN_CACHE", "off")
+    monkeypatch.delenv("KILN_CACHE_DIR", raising=False)
+    RUNS.clear()
+
+
+def source(root: Path) -> Path:
+    return root / "src" / "in.txt"
+
+
+def write_source(root: Path, text: str) -> Path:
+    """The step's input, with an mtime the digest cache cannot mistake for an earlier version's."""
+    path = source(root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    before = path.stat().st_mtime_ns if path.exists() else None
+    path.write_text(text)
+    if before is not None:
+        os.utime(path, ns=(before + 10**9, before + 10**9))
+    return path
+
+
+def make_step(root: Path, params: dict | None = None, model: str = "m", targets: tuple[str, ...] = ("t",), rule: str = RULE,
+              roles: tuple[str, ...] = ("text",), shared_with: tuple[tuple[str, str], ...] = ()) -> Step:
+    """A step as the planner makes it: id from rule, params and input paths; outputs in build/.steps/<id>/."""
+    params = {} if params is None else params
+    inputs = {"text": (source(root),)}
+    step_id = f"{rule}-{identity(rule, params, inputs, root)[:12]}"
+    folder = root / "build" / ".steps" / step_id
+    return Step(id=step_id, rule=rule, params=params, inputs=inputs, outputs={role: folder / f"{role}.txt" for role in roles},
+                model=model, targets=list(targets), shared_with=list(shared_with))
+
+
+def temps_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in (root / "build").rglob(".*.kiln-*.tmp"))
+
+
+def ledger(root: Path) -> dict:
+    return json.loads((state_dir(root) / "memory.json").read_text())
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---- a step that runs -----------------------------------------------------------------------------
+
+def test_the_rules_output_lands_at_the_steps_path_with_its_record(tmp_path: Path):
+    write_source(tmp_path, "hello kiln")
+    step = make_step(tmp_path, {"suffix": "!"})
+    result = run_step(step, tmp_path)
+    out = step.outputs["text"]
+    assert out.read_text() == "HELLO KILN!"
+    current = components(step, tmp_path)
+    assert result == {"key": step_key(current)}
+    record = read_record(tmp_path, step)
+    assert record is not None and record.key == step_key(current) and record.components == current
+    assert record.components["params"] == {"suffix": "!"} and set(record.tools) == {"kiln", "numpy"}
+    assert record.outputs == {"text": {"path": f"build/.steps/{step.id}/text.txt", "sha256": sha256(out), "bytes": len("HELLO KILN!")}}
+    assert record.reason == "not built yet" and record.info == {"chars": 10}
+    assert record.data["step"] == "m/t/test_copy_upper" and record.data["id"] == step.id and record.data["restored"] is False
+    assert not failure_path(tmp_path, step).exists() and temps_under(tmp_path) == []
+    assert is_up_to_date(step, tmp_path)
+
+
+def test_the_rule_writes_beside_its_output_which_changes_only_when_the_rule_returns(tmp_path: Path, monkeypatch):
+    write_source(tmp_path, "first")
+    step = make_step(tmp_path)
+    run_step(step, tmp_path)
+    write_source(tmp_path, "second version")
+    RUNS.clear()
+    seen_during_run = []
+    original = CopyUpper.run
+
+    def watching(self, inputs, outputs, params, ctx):
+        seen_during_run.append(step.outputs["text"].read_text())
+        return original(self, inputs, outputs, params, ctx)
+
+    monkeypatch.setattr(CopyUpper, "run", watching)
+    run_step(step, tmp_path)
+    given = RUNS[0]["outputs"]["text"]
+    assert given != step.outputs["text"] and given.parent == step.outputs["text"].parent and given.name.startswith(".")
+    assert seen_during_run == ["FIRST"]  # readers saw the old output while the rule ran
+    assert step.outputs["text"].read_text() == "SECOND VERSION" and not given.exists()
+    assert read_record(tmp_path, step).reason.startswith("input text/in.txt changed: sha256:")
+
+
+def test_a_rerun_of_an_up_to_date_step_says_it_was_forced(tmp_path: Path):
+    write_source(tmp_path, "same")
+    step = make_step(tmp_path)
+    run_step(step, tmp_path)
+    run_step(step, tmp_path)  # doit -a, or a task named on the command line
+    assert len(RUNS) == 2
+    assert read_record(tmp_path, step).reason == "forced (doit -a or an explicit request)"
+
+
+# ---- the cache ------------------------------------------------------------------------------------
+
+def test_a_cached_key_is_restored_without_running_the_rule(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("KILN_CACHE")
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))  # one cache for two clones
+    first, clone = tmp_path / "first", tmp_path / "clone"
+    for root in (first, clone):
+        write_source(root, "cached text")
+    built = make_step(first)
+    run_step(built, first)
+    assert len(RUNS) == 1 and any((tmp_path / "cache").rglob("*.json"))
+    step = make_step(clone)
+    assert step.id == built.id
+    result = run_step(step, clone)
+    assert len(RUNS) == 1  # the rule did not run again
+    assert step.outputs["text"].read_text() == "CACHED TEXT"
+    record = read_record(clone, step)
+    assert result == {"key": record.key} and record.key == read_record(first, built).key
+    assert record.data["restored"] is True and record.reason.endswith("restored from the cache")
+    assert record.info == {"chars": 11}  # the facts the rule gave when it ran
+    assert record.outputs["text"]["sha256"] == sha256(step.outputs["text"])
+    assert is_up_to_date(step, clone)
+
+
+# ---- failures ---------------------------------------------------------------------------------------
+
+def test_a_step_error_fails_the_task_and_leaves_nothing_behind(tmp_path: Path):
+    write_source(tmp_path, "a step error\nin two lines")
+    step = make_step(tmp_path)
+    result = run_step(step, tmp_path)
+    assert isinstance(result, TaskFailed)
+    assert "m/t/test_copy_upper: the text says no" in result.get_msg()
+    failure = json.loads(failure_path(tmp_path, step).read_text())
+    assert failure["step"] == "m/t/test_copy_upper" and failure["error"] == "m/t/test_copy_upper: the text says no"
+    assert failure["reason"] == "not built yet" and failure["facts"] == {"lines": 2}
+    assert temps_under(tmp_path) == []
+    assert not step.outputs["text"].parent.exists()  # no empty output folder
+    assert read_record(tmp_path, step) is None and not record_path(tmp_path, step).exists()
+    assert ledger(tmp_path) == {}  # its memory reservation was given back
+
+
+def test_a_failed_rerun_keeps_the_earlier_output_and_record_until_a_good_one(tmp_path: Path):
+    write_source(tmp_path, "good")
+    step = make_step(tmp_path)
+    run_step(step, tmp_path)
+    good = read_record(tmp_path, step).data
+    write_source(tmp_path, "now a step error")
+    assert isinstance(run_step(step, tmp_path), TaskFailed)
+    assert step.outputs["text"].read_text() == "GOOD"
+    assert read_record(tmp_path, step).data == good
+    assert json.loads(failure_path(tmp_path, step).read_text())["reason"].startswith("input text/in.txt changed: ")
+    assert temps_under(tmp_path) == []
+    write_source(tmp_path, "fixed")
+    assert not isinstance(run_step(step, tmp_path), TaskFailed)
+    assert step.outputs["text"].read_text() == "FIXED" and not failure_path(tmp_path, step).exists()
+
+
+def test_any_other_exception_propagates_and_leaves_no_temp(tmp_path: Path):
+    write_source(tmp_path, "crash")
+    step = make_step(tmp_path)
+    with pytest.raises(ValueError, match="a bug in the rule"):
+        run_step(step, tmp_path)
+    assert temps_under(tmp_path) == [] and not step.outputs["text"].parent.exists()
+    assert read_record(tmp_path, step) is None and not failure_path(tmp_path, step).exists()
+    assert ledger(tmp_path) == {}
+
+
+def test_an_exception_in_a_rerun_keeps_the_earlier_output(tmp_path: Path):
+    write_source(tmp_path, "good")
+    step = make_step(tmp_path)
+    run_step(step, tmp_path)
+    good = read_record(tmp_path, step).data
+    write_source(tmp_path, "crash now")
+    with pytest.raises(ValueError):
+        run_step(step, tmp_path)
+    assert step.outputs["text"].read_text() == "GOOD" and read_record(tmp_path, step).data == good
+    assert temps_under(tmp_path) == []
+
+
+def test_a_rule_that_does_not_write_its_output_is_a_bug(tmp_path: Path):
+    write_source(tmp_path, "skip:text")
+    step = make_step(tmp_path)
+    with pytest.raises(RuntimeError, match="rule test_copy_upper did not write its output 'text'"):
+        run_step(step, tmp_path)
+    assert read_record(tmp_path, step) is None and not step.outputs["text"].exists()
+
+
+def test_a_rule_that_writes_only_one_of_two_outputs_is_a_bug_and_publishes_neither(tmp_path: Path):
+    write_source(tmp_path, "skip:copy")
+    step = make_step(tmp_path, roles=("text", "copy"))
+    with pytest.raises(RuntimeError, match="did not write its output 'copy'"):
+        run_step(step, tmp_path)
+    assert not step.outputs["text"].exists() and read_record(tmp_path, step) is None
+
+
+
+def test_a_rule_that_writes_only_one_of_two_outputs_leaves_no_temp(tmp_path: Path):
+    write_source(tmp_path, "skip:copy")
+    step = make_step(tmp_path, roles=("text", "copy"))
+    with pytest.raises(RuntimeError):
+        run_step(step, tmp_path)
+    assert temps_under(tmp_path) == []
+
+
+
+def test_a_rule_that_writes_nothing_leaves_no_empty_output_folder(tmp_path: Path):
+    write_source(tmp_path, "skip:text")
+    step = make_step(tmp_path)
+    with pytest.raises(RuntimeError):
+        run_step(step, tmp_path)
+    assert not step.outputs["text"].parent.exists()
+
+
+# ---- shared steps: every owner's baseline ---------------------------------------------------------
+
+def test_the_last_run_baseline_is_written_for_every_owner_of_a_shared_step(tmp_path: Path):
+    write_source(tmp_path, "shared")
+    step = make_step(tmp_path, {"suffix": "?"}, model="a", targets=("x", "y"), shared_with=(("b", "z"),))
+    run_step(step, tmp_path)
+    current = components(step, tmp_path)
+    for model, target in (("a", "x"), ("a", "y"), ("b", "z")):
+        path = last_path(tmp_path, step, target, model)
+        assert json.loads(path.read_text()) == current, (model, target)
+    # so when manifest b alone changes the parameter, its new step is explained against that run
+    changed = make_step(tmp_path, {"suffix": "!"}, model="b", targets=("z",))
+    assert changed.id != step.id
+    assert why(changed, tmp_path) == "parameter changed: params.suffix: '?' -> '!'"
+
+
+# ---- what surrounds the rule while it runs -------------------------------------------------------
+
+def test_a_running_step_holds_its_rules_memory_reservation(tmp_path: Path):
+    write_source(tmp_path, "memory")
+    step = make_step(tmp_path)
+    run_step(step, tmp_path)
+    (entry,) = RUNS[0]["ledger"].values()
+    assert entry == {"pid": os.getpid(), "mib": 7, "step": "m/t/test_copy_upper"}
+    assert ledger(tmp_path) == {}
+
+
+def test_only_torch_steps_run_under_the_process_wide_torch_lock(tmp_path: Path):
+    write_source(tmp_path, "locks")
+    run_step(make_step(tmp_path), tmp_path)
+    run_step(make_step(tmp_path, rule=TORCH_RULE), tmp_path)
+    assert [(r["step"], r["torch_lock"]) for r in RUNS] == [("m/t/test_copy_upper", False), ("m/t/test_copy_upper_torch", True)]
+    assert not step_module._torch_lock.locked()
