@@ -42,7 +42,7 @@ class Calibrate(Rule):
         import onnx
 
         from kiln.native.calibration import Calibration
-        from kiln.runtime.data import batches
+        from kiln.runtime.data import batch_axis, batches, sample_count
         from kiln.runtime.onnx_graph import weight_layers, with_outputs
 
         model = onnx.load(str(inputs["model"][0]))
@@ -52,10 +52,11 @@ class Calibrate(Rule):
         sess = session(with_outputs(model, observed), optimize=False, threads=THREADS)
         calibration = Calibration(params.bins)
         samples = 0
+        axes = {spec["name"]: batch_axis(spec) for spec in params.inputs}
         for feed in batches(inputs["data"][0], inputs.get("source"), params.inputs, params.batch_size, params.max_length, params.max_samples):
-            for name, value in zip(observed, sess.run(observed, feed)):
+            for name, value in zip(observed, sess.run(observed, feed), strict=True):
                 calibration.update(name, value)
-            samples += len(next(iter(feed.values())))
+            samples += sample_count(feed, axes)  # along the batch axis, wherever the manifest puts it
         nan = {name: obs.nan_count for name, obs in calibration.observers.items() if obs.nan_count}
         if nan:
             raise StepError(ctx.step, f"the fp32 model gives NaN on the calibration data in {len(nan)} tensors (first {min(nan)!r}: {nan[min(nan)]} values)")

@@ -4,7 +4,9 @@ Chosen over onnxconverter-common, whose converter clamps weights above 1e4 by de
 BERT output fails to load in onnxruntime (a Cast type mismatch). Here weights are rounded to
 nearest fp16 and clamped only beyond the fp16 range (+-65504); model inputs and outputs stay fp32
 unless the manifest says otherwise; ops named in keep_fp32_ops (on top of onnxruntime's default
-list of ops without fp16 kernels) stay fp32.
+list of ops without fp16 kernels) stay fp32. The converter appends the Casts it puts on fp32
+inputs at the end of the node list; the graph is sorted before it is written (see
+kiln.runtime.onnx_graph.publish) so that consumers stricter than onnxruntime accept it.
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ class ConvertFp16Params(Params):
 @register
 class ConvertFp16(Rule):
     name = "convert_fp16"
-    version = 1
+    version = 2  # 2: nodes topologically sorted, the written file passes onnx's full checker
     tools = ("onnx", "onnxruntime")
     Params = ConvertFp16Params
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ConvertFp16Params, ctx: RunContext) -> dict[str, Any]:
         import onnx
         from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+        from kiln.runtime.onnx_graph import publish
 
         model = onnx.load(str(inputs["model"][0]))
         try:
@@ -41,6 +45,6 @@ class ConvertFp16(Rule):
             )
         except Exception as err:  # the converter raises plain Exceptions on unsupported graphs
             raise StepError(ctx.step, f"fp16 conversion failed: {one_line(err)}") from None
-        onnx.save(converted, str(outputs["model"]))
+        publish(converted, outputs["model"], ctx.step)
         kept = sum(1 for node in converted.graph.node if node.op_type in params.keep_fp32_ops)
         return {"nodes": len(converted.graph.node), "kept_fp32_nodes": kept}

@@ -31,9 +31,9 @@ class ConvertSklearn(Rule):
     Params = ConvertSklearnParams
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ConvertSklearnParams, ctx: RunContext) -> dict[str, Any]:
-        import onnx
         from skl2onnx import convert_sklearn
 
+        from kiln.runtime.onnx_graph import publish
         from kiln.sources.sklearn import load_estimator
 
         estimator = load_estimator(params.source, inputs["source"], ctx.root)
@@ -45,8 +45,7 @@ class ConvertSklearn(Rule):
             raise StepError(ctx.step, f"skl2onnx cannot convert {type(estimator).__name__}: {one_line(err)[:300]}") from None
         _rename_outputs(model, [t["name"] for t in params.outputs], ctx)
         _canonicalize(model)
-        onnx.checker.check_model(model)
-        onnx.save(model, str(outputs["model"]))
+        publish(model, outputs["model"], ctx.step)  # sorted, written, full-checked
         return {"estimator": type(estimator).__name__, "nodes": len(model.graph.node), "opset": params.opset}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kiln.errors import StepError, one_line
 from kiln.rules import TORCH_MODEL_MEMORY, Params, Rule, RunContext, register
 
 
@@ -35,20 +36,24 @@ class ExportOnnx(Rule):
         import onnx
         import torch
 
+        from kiln.runtime.onnx_graph import check_published
         from kiln.sources import model_and_example
 
         input_names = [t["name"] for t in params.inputs]
         output_names = [t["name"] for t in params.outputs]
         model, args = model_and_example(params.source, inputs["source"], params.inputs, params.outputs, ctx.root)
         dynamic_axes = {t["name"]: _axes(t) for t in params.inputs + params.outputs if _axes(t)}
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
-            torch.onnx.export(
-                model, args, str(outputs["model"]), input_names=input_names, output_names=output_names,
-                dynamic_axes=dynamic_axes, opset_version=params.opset,
-                do_constant_folding=params.constant_folding, dynamo=False,
-            )
-        onnx.checker.check_model(str(outputs["model"]))
+        try:  # only the exporter: a failure loading the model or its example names its own cause
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
+                torch.onnx.export(
+                    model, args, str(outputs["model"]), input_names=input_names, output_names=output_names,
+                    dynamic_axes=dynamic_axes, opset_version=params.opset,
+                    do_constant_folding=params.constant_folding, dynamo=False,
+                )
+        except Exception as err:  # torch.onnx raises many types (UnsupportedOperatorError, RuntimeError from the tracer...)
+            raise StepError(ctx.step, f"torch.onnx.export failed at opset {params.opset}: {type(err).__name__}: {one_line(err)[:400]}") from None
+        check_published(outputs["model"], ctx.step)  # with simplify = false this file is what is published
         graph = onnx.load(str(outputs["model"]), load_external_data=False).graph
         return {"nodes": len(graph.node), "opset": params.opset}
 

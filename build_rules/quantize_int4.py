@@ -5,6 +5,8 @@ whose packed weights, per-block scales and zero points come from kiln's native b
 A Gemm's bias moves to MatMulNBits' bias input. Activations stay fp32 at the graph level;
 accuracy_level 4 lets onnxruntime's CPU kernel quantize them to int8 blockwise inside the matmul.
 onnxruntime's MatMulNBitsQuantizer skips Gemm (most of a BERT after onnxsim), hence kiln's rewrite.
+A model with no weight layer left to rewrite fails the step (an fp32 model is never published as
+int4), naming the weight ops it does have; the written file passes onnx's full checker.
 """
 
 from __future__ import annotations
@@ -28,27 +30,39 @@ class QuantizeInt4Params(Params):
 @register
 class QuantizeInt4(Rule):
     name = "quantize_int4"
-    version = 1
+    version = 2  # 2: sorted graph, checked by onnx's full checker
     tools = ("onnx", "numpy")  # the packing is kiln's own kernel: kiln's version is in every key
     Params = QuantizeInt4Params
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: QuantizeInt4Params, ctx: RunContext) -> dict[str, Any]:
         import onnx
 
-        from kiln.runtime.onnx_graph import layers_to_quantize
+        from kiln.runtime.onnx_graph import layers_to_quantize, publish
 
         model = onnx.load(str(inputs["model"][0]))
         layers = layers_to_quantize(model, params.exclude_nodes, ctx.step)
         if not layers:
-            raise StepError(ctx.step, "the model has no MatMul/Gemm with a 2-D float weight initializer: nothing to quantize to int4")
+            raise StepError(ctx.step, nothing_to_quantize(model, params))
         packed = _pack_weights(model, layers, params)
         for layer in layers:
             _replace(model, layer, packed[(layer.weight, layer.transposed)], params)
         _drop_unused_initializers(model)
         if not any(op.domain == MS_DOMAIN for op in model.opset_import):
             model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
-        onnx.save(model, str(outputs["model"]))
-        return {"quantized_layers": len(layers), "block_size": params.block_size, "symmetric": params.symmetric}
+        publish(model, outputs["model"], ctx.step)
+        return {"quantized_layers": len(layers), "quantized_ops": {"MatMulNBits": len(layers)},
+                "block_size": params.block_size, "symmetric": params.symmetric}
+
+
+def nothing_to_quantize(model, params: QuantizeInt4Params) -> str:
+    """Why there is no layer for int4: what the graph has, and what to set."""
+    from kiln.runtime.onnx_graph import describe_census, weight_layers, weight_op_census
+
+    if weight_layers(model):
+        hint = f"options.exclude_nodes ({len(params.exclude_nodes)} nodes) leaves none of them"
+    else:
+        hint = "int4 rewrites top-level MatMul/Gemm layers with a 2-D float weight only; try precision = \"int8\" (dynamic reaches Conv, LSTM and If/Loop/Scan bodies)"
+    return f"int4 found no weight layer to quantize; the graph's ops with weights: {describe_census(weight_op_census(model.graph))}: {hint}"
 
 
 def _pack_weights(model, layers, params: QuantizeInt4Params) -> dict[tuple[str, bool], dict]:

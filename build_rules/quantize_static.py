@@ -5,7 +5,10 @@ Weights: per-channel symmetric int8. Activations: the input of every weight laye
 with an initializer B) gets QuantizeLinear/DequantizeLinear with the range this target's method
 derives from the calibration histograms; layer outputs stay fp32
 (OpTypesToExcludeOutputQuantization), so onnxruntime fuses each into an integer matmul with fp32
-output. Nodes named in exclude_nodes stay fp32 (per-layer fallback). Byte-deterministic.
+output. Nodes named in exclude_nodes stay fp32 (per-layer fallback). A model left with no weight
+layer to quantize, or a quantizer that wrote no int8 weight, fails the step: an fp32 model is never
+published as int8. The graph is sorted (the quantizer appends nodes out of order) and the written
+file passes onnx's full checker. Byte-deterministic.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ class QuantizeStaticParams(Params):
 @register
 class QuantizeStatic(Rule):
     name = "quantize_static"
-    version = 1
+    version = 2  # 2: sorted graph, checked by onnx's full checker; quantizing nothing fails
     tools = ("onnx", "onnxruntime", "numpy")
     Params = QuantizeStaticParams
 
@@ -37,14 +40,19 @@ class QuantizeStatic(Rule):
         import logging
 
         import onnx
-        from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
+        from onnxruntime.quantization.quant_utils import save_and_reload_model_with_shape_infer
 
         from kiln.native.calibration import Calibration
-        from kiln.runtime.onnx_graph import layers_to_quantize
+        from kiln.runtime.onnx_graph import ACTIVATION_QUANTIZERS, count_ops, layers_to_quantize, publish
 
         logging.getLogger("onnxruntime").setLevel(logging.WARNING)
-        model = load_model_with_shape_infer(inputs["model"][0])  # the quantizer reads activation dtypes from value_info
+        # The quantizer reads activation dtypes from value_info. Shape inference runs in a temporary
+        # folder: onnxruntime's path variant writes model-inferred.onnx beside the input, in another
+        # step's folder, where two static targets of one model would race on it.
+        model = save_and_reload_model_with_shape_infer(onnx.load(str(inputs["model"][0])))
         layers = layers_to_quantize(model, params.exclude_nodes, ctx.step, params.op_types)
+        if not layers:
+            raise StepError(ctx.step, nothing_to_quantize(model, params))
         calibration = Calibration.from_json(inputs["calibration"][0].read_text())
         activations = sorted({layer.activation for layer in layers})
         missing = [name for name in activations if name not in calibration.observers]
@@ -52,9 +60,33 @@ class QuantizeStatic(Rule):
             raise StepError(ctx.step, f"the calibration has no range for {missing[0]!r} ({len(missing)} tensors): it was made for another model")
         ranges = activation_ranges(calibration, activations, params)
         quantized = _quantize(model, ranges, [layer.node.name for layer in layers], params, ctx)
-        onnx.save(quantized, str(outputs["model"]))
+        if not int8_weights(quantized):
+            raise StepError(ctx.step, f"static int8 wrote no int8 weight for the {len(layers)} weight layers it was given: the artifact would be fp32")
+        publish(quantized, outputs["model"], ctx.step)
         return {"quantized_layers": len(layers), "excluded": len(params.exclude_nodes), "method": params.method,
+                "quantized_ops": count_ops(quantized.graph, ACTIVATION_QUANTIZERS),
                 "ranges": {name: [float(lo), float(hi)] for name, (lo, hi) in sorted(ranges.items())}}
+
+
+def nothing_to_quantize(model, params: QuantizeStaticParams) -> str:
+    """Why there is no layer for static int8: what the graph has, and what to set."""
+    from kiln.runtime.onnx_graph import describe_census, weight_layers, weight_op_census
+
+    census = weight_op_census(model.graph)
+    if weight_layers(model, params.op_types):
+        hint = f"options.exclude_nodes ({len(params.exclude_nodes)} nodes) leaves none of them"
+    else:
+        hint = ("static int8 quantizes top-level MatMul/Gemm layers with a 2-D weight only; "
+                "quantization = \"dynamic\" with options.op_types reaches Conv, LSTM, Attention and If/Loop/Scan bodies")
+    return f"static int8 has no weight layer to quantize with op_types {params.op_types}; the graph's ops with weights: {describe_census(census)}: {hint}"
+
+
+def int8_weights(model) -> int:
+    """How many DequantizeLinear nodes read an int8 initializer: the weights the quantizer wrote."""
+    import onnx
+
+    int8 = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8}
+    return sum(1 for node in model.graph.node if node.op_type == "DequantizeLinear" and node.input[0] in int8)
 
 
 def activation_ranges(calibration, names: list[str], params: QuantizeStaticParams) -> dict[str, tuple[float, float]]:

@@ -4,6 +4,10 @@ Every target's validation compares against this file, so the source model runs o
 matter how many targets there are, and changing a threshold reruns only the (fast) comparison. The
 model runs in its own framework, as its source kind says (kiln.sources.<kind>.run_reference).
 Layout (SafeTensors written by kiln.native.safetensors, deterministic bytes): "<batch>/in/<input>" and "<batch>/out/<output>".
+Where a tensor's batch axis is not axis 0 (or it has none), the metadata key "batch_axes" holds
+{"inputs": {name: axis or null}, "outputs": {...}} (kiln.runtime.data.batch_axis), which validate
+reads to cut rows and samples; files whose tensors are all batched on axis 0 carry no metadata, so
+their bytes are those this rule wrote before batch axes existed.
 """
 
 from __future__ import annotations
@@ -40,20 +44,49 @@ class ReferenceOutputs(Rule):
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ReferenceOutputsParams, ctx: RunContext) -> dict[str, Any]:
         from kiln.native.safetensors import save_file
-        from kiln.runtime.data import batches
+        from kiln.runtime.data import batch_axis, batches, sample_count
         from kiln.sources import source_kind
 
         feeds = batches(inputs["data"][0], inputs["source"], params.inputs, params.batch_size, params.max_length, params.max_samples)
         run = source_kind(params.source["kind"]).run_reference(feeds, inputs["source"], params.source, params.inputs, params.outputs, ctx)
+        axes = {"inputs": {t["name"]: batch_axis(t) for t in params.inputs}, "outputs": {t["name"]: batch_axis(t) for t in params.outputs}}
         tensors: dict = {}
         samples = 0
         for index, (feed, result) in enumerate(run):
             _require_finite(result, index, inputs["data"][0], ctx)
-            samples += len(next(iter(feed.values())))
+            count = sample_count(feed, axes["inputs"])
+            _require_declared_shapes(result, params.outputs, count, index, ctx)
+            samples += count
             tensors.update({f"{index:05d}/in/{name}": value for name, value in feed.items()})
             tensors.update({f"{index:05d}/out/{name}": value for name, value in result.items()})
-        save_file(tensors, str(outputs["outputs"]))
-        return {"samples": samples, "batches": index + 1}
+        save_file(tensors, str(outputs["outputs"]), metadata=batch_axes_metadata(axes))
+        # how the data was read (a pad token borrowed from eos) goes to the report
+        return {"samples": samples, "batches": index + 1, **source_kind(params.source["kind"]).data_facts(inputs["source"], inputs["data"][0])}
+
+
+def batch_axes_metadata(axes: dict[str, dict[str, int | None]]) -> dict[str, str] | None:
+    """None when every tensor is batched on axis 0 (the layout validate assumes without metadata)."""
+    import json
+
+    if all(axis == 0 for group in axes.values() for axis in group.values()):
+        return None
+    return {"batch_axes": json.dumps(axes, sort_keys=True)}
+
+
+def _require_declared_shapes(result: dict, specs: list[dict], samples: int, batch: int, ctx: RunContext) -> None:
+    """Each output has its declared rank, fixed sizes and, on its batch axis, one entry per sample:
+    metrics cut rows by that shape, so a wrong one would compare the wrong rows."""
+    from kiln.runtime.data import batch_axis
+
+    for spec in specs:
+        shape, got = spec.get("shape"), list(result[spec["name"]].shape)
+        if shape is None:
+            continue
+        axis = batch_axis(spec)
+        expected = [samples if i == axis else dim for i, dim in enumerate(shape)]
+        if len(got) != len(shape) or any(isinstance(want, int) and want != have for want, have in zip(expected, got, strict=True)):
+            where = f" with {samples} samples on axis {axis}" if axis is not None else ""
+            raise StepError(ctx.step, f"the source model's output {spec['name']!r} has shape {got} on batch {batch}; the manifest declares {shape}{where}")
 
 
 def _require_finite(result: dict, batch: int, data: Path, ctx: RunContext) -> None:

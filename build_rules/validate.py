@@ -11,7 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from kiln.errors import StepError
+from kiln.errors import StepError, one_line
 from kiln.rules import Params, Rule, RunContext, register
 from kiln.runtime.runners import Artifact, RuntimeUnavailable
 
@@ -49,6 +49,7 @@ class Validate(Rule):
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ValidateParams, ctx: RunContext) -> dict[str, Any]:
         from kiln.formats import target_format
+        from kiln.runtime.data import sample_count
         from kiln.runtime.metrics import OutputMetrics, failures
 
         fmt = target_format(params.format)
@@ -59,14 +60,16 @@ class Validate(Rule):
                                            params.inputs, ctx.root, params.device))
         except RuntimeUnavailable as err:
             return self._unvalidated(str(err), inputs, outputs, params, ctx)
+        axes = _batch_axes(inputs["reference"][0])
         first_feed = None
         for feed, expected in _reference_batches(inputs["reference"][0]):
             first_feed = feed if first_feed is None else first_feed
             got = run(feed)
-            samples += len(next(iter(feed.values())))
+            samples += sample_count(feed, axes["inputs"])
+            padding = _padding(feed, params.padding_mask, axes["inputs"])
             for name in params.outputs:
                 try:
-                    per_output[name].add(expected[name], got[name], feed.get(params.padding_mask) if params.padding_mask else None)
+                    per_output[name].add(expected[name], got[name], padding, axes["outputs"].get(name, 0))
                 except ValueError as err:
                     raise StepError(ctx.step, f"output {name!r}: {err}") from None
         metrics = {name: _select(m.summary(), params.metrics) for name, m in per_output.items()}
@@ -76,7 +79,7 @@ class Validate(Rule):
         if failed:
             raise StepError(ctx.step, "validation failed, artifact not published: " + "; ".join(failed), facts=report | {"passed": False})
         _publish(inputs, outputs, report | {"passed": True})
-        latency = fmt.latency(inputs["model"][0], first_feed) if first_feed else None
+        latency = _latency(fmt, inputs["model"][0], first_feed, axes["inputs"]) if first_feed else None
         return report | {"passed": True} | ({"latency": latency} if latency else {})
 
     @staticmethod
@@ -94,13 +97,46 @@ def _publish(inputs: dict[str, list[Path]], outputs: dict[str, Path], report: di
     """The artifact, its companions (OpenVINO's model.bin, TensorRT's timing cache: the model
     input's other files, in the order of the other output roles) and validation.json."""
     companions = [role for role in outputs if role not in ("artifact", "validation")]
-    for source, role in zip(inputs["model"], ["artifact", *companions]):
+    for source, role in zip(inputs["model"], ["artifact", *companions], strict=False):
         shutil.copyfile(source, outputs[role])
     outputs["validation"].write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
 
 
 def _select(summary: dict, wanted: list[str]) -> dict:
     return {k: v for k, v in summary.items() if k in wanted or k in ("rows", "nonfinite")}
+
+
+def _latency(fmt: Any, artifact: Path, feed: dict, axes: dict[str, int | None]) -> dict[str, Any] | None:
+    """The report-only latency on the first validation sample. It runs after publishing and can fail
+    nothing: when it cannot run, the report says why ({"skipped": reason})."""
+    from kiln.runtime.data import first_sample
+
+    try:
+        return fmt.latency(artifact, first_sample(feed, axes))
+    except Exception as err:  # onnxruntime raises its own types; a probe must never fail a validated target
+        return {"skipped": f"latency not measured: {one_line(err)}"}
+
+
+def _padding(feed: dict, mask: str | None, axes: dict[str, int | None]):
+    """The padding mask of this batch with its batch axis first, as the metrics cut rows."""
+    import numpy as np
+
+    if mask is None or mask not in feed or axes.get(mask, 0) is None:
+        return None
+    return np.moveaxis(feed[mask], axes.get(mask, 0), 0)
+
+
+def _batch_axes(path: Path) -> dict[str, dict[str, int | None]]:
+    """Where each input and output of the reference file has its samples (reference_outputs'
+    "batch_axes" metadata); a file without it has every tensor batched on axis 0, which is what a
+    name absent from these dicts means to their readers."""
+    import json
+
+    from kiln.native.safetensors import safe_open
+
+    with safe_open(str(path)) as f:
+        stored = (f.metadata() or {}).get("batch_axes")
+    return json.loads(stored) if stored else {"inputs": {}, "outputs": {}}
 
 
 def _reference_batches(path: Path):

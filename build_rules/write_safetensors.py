@@ -1,15 +1,26 @@
 """write_safetensors: the source model's weights (its state_dict) as a SafeTensors file, float32
 tensors cast to the target precision by kiln's native kernels, written by kiln's streaming writer.
-Names are the source architecture's state_dict keys, so `load_state_dict` (and transformers'
-from_pretrained, for a Hugging Face folder with this file beside its config) take the file as is.
+Names are the source architecture's state_dict keys, so `load_state_dict` takes the file as is.
+
+For a Hugging Face source the step also writes what `from_pretrained` needs beside the weights, so
+the published folder loads as it is (kiln.formats.safetensors.from_pretrained_files names them):
+config.json with `dtype` (and `torch_dtype`, where the source has it) set to the precision and
+`architectures` to the loaded class, as save_pretrained writes it; the folder's other files
+(tokenizer, processor, generation config...) copied unchanged. Tied weights are stored once, under
+the names transformers keeps (its own remove_tied_weights_from_state_dict, as save_pretrained does),
+so a tied T5 at fp16 is half its fp32 size, not as big.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 from kiln.rules import TORCH_MODEL_MEMORY, Params, Rule, RunContext, register
+
+TORCH_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 class WriteSafetensorsParams(Params):
@@ -20,7 +31,7 @@ class WriteSafetensorsParams(Params):
 @register
 class WriteSafetensors(Rule):
     name = "write_safetensors"
-    version = 1
+    version = 2  # 2: tied weights stored once; config.json and the tokenizer files beside the weights
     tools = ("torch", "transformers")
     Params = WriteSafetensorsParams
     memory_base_mib, memory_per_input = TORCH_MODEL_MEMORY
@@ -30,16 +41,50 @@ class WriteSafetensors(Rule):
         from kiln.sources import load_torch_model
 
         model = load_torch_model(params.source, inputs["source"], [], [], ctx.root).model
+        state = model.state_dict()
+        kept = without_tied_copies(model, dict(state))
         tensors = {}
         cast = 0
-        for key, tensor in model.state_dict().items():
+        for key, tensor in kept.items():
             array = tensor.detach().cpu().contiguous().numpy()
             if array.dtype.name == "float32" and params.precision != "fp32":
                 array = cast_weights(array, params.precision)
                 cast += 1
             tensors[key] = array
         safetensors.save_file(tensors, outputs["weights"], metadata={"format": "pt", "producer": "kiln", "precision": params.precision})
-        return {"tensors": len(tensors), "cast": cast, "precision": params.precision}
+        by_name = {p.name: p for p in inputs["source"]}
+        for name, out in outputs.items():
+            if name == "config.json":
+                write_config(by_name[name], out, model, params.precision)
+            elif name != "weights":
+                shutil.copyfile(by_name[name], out)
+        return {"tensors": len(tensors), "cast": cast, "precision": params.precision, "tied": len(state) - len(kept)}
+
+
+def without_tied_copies(model, state: dict) -> dict:
+    """A transformers model's state_dict as save_pretrained stores it: of tensors its tied-weight keys
+    declare shared, only the one from_pretrained loads (the others are tied to it on load). Any other
+    module's state_dict is kept whole: load_state_dict needs every key."""
+    import sys
+
+    transformers = sys.modules.get("transformers")  # not imported: the model cannot be one of its classes
+    if transformers is None or not isinstance(model, transformers.PreTrainedModel):
+        return state
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    return remove_tied_weights_from_state_dict(state, model)
+
+
+def write_config(source: Path, out: Path, model, precision: str) -> None:
+    """The source's config.json with the dtype the weights are stored in (from_pretrained's
+    dtype="auto" loads that) and the class the weights are the state_dict of, as save_pretrained sets
+    it; every other key as the source has it."""
+    config = json.loads(source.read_text(encoding="utf-8"))
+    config["dtype"] = TORCH_DTYPE_NAMES[precision]
+    if "torch_dtype" in config:  # read by transformers before 4.56; kept equal so no reader sees two dtypes
+        config["torch_dtype"] = config["dtype"]
+    config["architectures"] = [type(model).__name__]
+    out.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def cast_weights(array, precision: str):

@@ -1,6 +1,7 @@
 """A corpus of malformed manifests and data files, each run through a real `doit build` of a
 workspace that already holds a good build: each gives one line naming the file and the key (or
-tensor) at fault, exits non-zero, and leaves the workspace and the earlier artifacts as they were."""
+tensor) at fault (and, for a failed step, its log), no traceback, exits non-zero, and leaves the
+workspace and the earlier artifacts as they were."""
 
 from __future__ import annotations
 
@@ -132,6 +133,9 @@ def test_bad_input_fails_on_one_line_and_loses_nothing(built, case, change, code
         assert proc.returncode == code, (proc.returncode, proc.stdout[-800:], proc.stderr[-800:])
         lines = [line for line in (proc.stdout + proc.stderr).splitlines() if all(t in line for t in texts)]
         assert lines, f"no line holds {texts}:\n{proc.stdout[-1500:]}\n{proc.stderr[-1500:]}"
+        assert "Traceback" not in proc.stdout + proc.stderr
+        if code == 1:  # a step failed: its line names the step's log, which holds the traceback
+            assert "(log: build/.kiln/logs/" in lines[0] and (built.root / lines[0].rsplit("(log: ", 1)[1].rstrip(")")).is_file()
         assert {k: v for k, v in _snapshot(built.root).items() if k.startswith("build/")} == artifacts
     finally:
         for path in [*(built.root / "manifests").rglob("*"), built.root / "tinynet.py"]:

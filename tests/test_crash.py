@@ -1,10 +1,13 @@
 """Builds that are killed (SIGKILL to the whole process group, as a crash or a cancelled CI job) or
 that race each other: the artifacts that end up published are always a clean build's bytes, a
-rebuild finishes the work, and nothing partial or stale is left under build/."""
+rebuild finishes the work, and nothing partial or stale is left under build/. A rule that crashes
+(a plain exception, not a StepError) fails its step on one line that names the step's log, which
+holds the traceback and everything the rule printed, logged and warned; the terminal shows none of it."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -135,3 +138,42 @@ def test_two_builds_started_at_once_take_turns(tmp_path: Path, clean):
     assert sorted(ran)[0] == 0 and sorted(ran)[1] > 0  # the second found everything built by the first
     assert published(ws.root) == clean
     assert [line for line in ws.doit("build").stdout.splitlines() if line.startswith(".  ")] == []  # databases intact
+
+
+NOISY_BUG = """
+import logging
+import os
+import sys
+import warnings
+
+
+def build():
+    print("factory says hello")
+    warnings.warn("factory warning")
+    logging.getLogger("factory").warning("factory log record")
+    print("factory stderr", file=sys.stderr)
+    os.write(2, b"native noise\\n")
+    raise ValueError("the factory has a bug")
+"""
+
+
+def test_a_crashing_rule_prints_one_line_and_its_traceback_and_noise_go_to_the_log(tmp_path: Path):
+    ws = torch_workspace(tmp_path / "ws", '\n[targets.onnx_a]\nformat = "onnx"\n')
+    (ws.root / "tinynet.py").write_text(NOISY_BUG)
+    proc = ws.doit("build", check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # a failed step, not a crash of kiln (2)
+    terminal = proc.stdout + proc.stderr
+    for noise in ("Traceback", "factory says hello", "factory warning", "factory log record", "factory stderr", "native noise"):
+        assert noise not in terminal, noise
+    (line,) = [line for line in terminal.splitlines() if "the factory has a bug" in line]
+    log = line[line.index("(log: ") + len("(log: "):-1]
+    assert line == f"tiny/onnx_a/reference_outputs: ValueError: the factory has a bug (at tinynet.py:14) (log: {log})"
+    assert log.startswith("build/.kiln/logs/reference_outputs-") and log.endswith(".log")
+    text = (ws.root / log).read_text()
+    assert "Traceback (most recent call last)" in text and 'raise ValueError("the factory has a bug")' in text
+    for noise in ("factory says hello", "UserWarning: factory warning", "WARNING factory: factory log record", "factory stderr", "native noise"):
+        assert noise in text, noise
+    (failed,) = [s for s in ws.report("tiny")["steps"] if s["status"] == "failed"]
+    assert failed["log"] == log and failed["error"] == line.removesuffix(f" (log: {log})")
+    assert json.loads(next((ws.root / "build/.kiln/steps").glob("*.failed.json")).read_text())["log"] == log
+    assert leftovers(ws.root) == []

@@ -1,5 +1,6 @@
 """The `kiln` command: schema, check, plan, explain, build. Expected errors print one line and exit
-non-zero (2: bad manifest or input; 1: a step failed); anything else is a bug with a traceback."""
+non-zero (2: bad manifest or input; 1: a step failed, its traceback in the step's log); anything
+else is a bug with a traceback."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Errors a user can act on. Each prints as one line; anything else is a bug and keeps its traceback.
+"""Errors a user can act on. Each prints as one line. Any other exception inside a rule also fails
+its step with one line (the traceback goes to the step's log: kiln.execute.step); elsewhere it is a
+bug and keeps its traceback.
 
 Exit codes follow doit's split between user errors and crashes: 2 for a bad manifest or bad input
 (nothing was run), 1 for a step that failed (see kiln.execute.step).

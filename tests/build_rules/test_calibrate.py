@@ -37,7 +37,7 @@ def activations(tmp_path: Path, names: list[str], batch_size: int) -> dict[str, 
     x = np.load(tmp_path / "calib.npz")["X"]
     found = {n: [] for n in names}
     for start in range(0, len(x), batch_size):
-        for n, v in zip(names, sess.run(names, {"X": x[start : start + batch_size]})):
+        for n, v in zip(names, sess.run(names, {"X": x[start : start + batch_size]}), strict=True):
             found[n].append(v)
     return found
 
@@ -78,3 +78,24 @@ def test_a_model_without_weight_layers_has_nothing_to_calibrate(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "fp32.onnx"))
     with pytest.raises(StepError, match="no MatMul/Gemm node with a weight initializer"):
         calibrate(tmp_path)
+
+
+def test_max_samples_stops_inside_the_last_batch(tmp_path):
+    """40 samples, batches of 8, max_samples 13: the observers see samples 0..12 and no later one."""
+    rule = get_rule("calibrate")
+    tiny_onnx.tiny_model(tmp_path / "fp32.onnx")
+    data = tiny_onnx.data(tmp_path / "calib.npz")
+    params = rule.Params(inputs=tiny_onnx.INPUTS, batch_size=8, max_length=16, bins=256, max_samples=13)
+    out = tmp_path / "calibration.json"
+    info = rule().run({"model": [tmp_path / "fp32.onnx"], "data": [data]}, {"calibration": out}, params, RunContext(tmp_path, "test/calibrate"))
+    assert info["samples"] == 13
+    x = np.load(data)["X"]
+    expected = Calibration(256)  # x2 (fc1's input, X flattened) fed batch by batch, as the rule should
+    model = onnx.load(str(tmp_path / "fp32.onnx"))
+    model.graph.output.extend([onnx.helper.make_tensor_value_info("x2", onnx.TensorProto.FLOAT, None)])
+    for start in (0, 8):
+        (x2,) = session(model.SerializeToString(), optimize=False).run(["x2"], {"X": x[start:min(start + 8, 13)]})
+        expected.update("x2", x2)
+    got = Calibration.from_json(out.read_text())
+    assert (got["x2"].min, got["x2"].max) == (expected["x2"].min, expected["x2"].max)
+    assert np.array_equal(got["x2"].bins, expected["x2"].bins)

@@ -91,3 +91,22 @@ def test_script_mode_failure_names_the_fix(tmp_path: Path):
     out = proc.stdout + proc.stderr
     assert "torch.jit.script failed:" in out and 'mode = "trace" records one run instead' in out
     assert not (ws.root / "build/tiny/scripted").exists()
+
+
+BROKEN_FACTORY = '''
+def build():
+    raise ValueError("the tokenizer has no pad token")
+'''
+
+
+def test_a_source_that_fails_to_load_in_the_export_child_is_not_blamed_on_the_tracer(tmp_path: Path):
+    ws = torch_workspace(tmp_path / "ws", '\n[targets.traced]\nformat = "torchscript"\n')
+    (ws.root / "tinynet.py").write_text(BROKEN_FACTORY)
+    proc = ws.doit("build:tiny/traced/export_torchscript", check=False)  # the export alone: the reference would fail first
+    assert proc.returncode == 1
+    out = proc.stdout + proc.stderr
+    (line,) = [line for line in out.splitlines() if "the tokenizer has no pad token" in line]
+    assert line.startswith("tiny/traced/export_torchscript: ValueError: the tokenizer has no pad token (at tinynet.py:3) (log: build/.kiln/logs/")
+    assert "torch.jit" not in line and "Traceback" not in out
+    log = ws.root / line[line.index("(log: ") + 6:-1]
+    assert "Traceback (most recent call last)" in log.read_text()  # the child's, passed on into the step's log

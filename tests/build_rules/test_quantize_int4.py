@@ -80,3 +80,27 @@ def test_excluded_nodes_stay_fp32_and_bytes_are_reproducible(tmp_path):
 def test_unknown_excluded_node_is_named(tmp_path):
     with pytest.raises(StepError, match=r"options.exclude_nodes: 'fc9' is not a node of the model; weight layers it can exclude: fc1, fc2, fc2_again, fc3"):
         quantize(tmp_path, exclude_nodes=["fc9"])
+
+
+def test_the_int4_model_passes_the_full_checker_and_counts_its_layers(tmp_path):
+    rule = get_rule("quantize_int4")
+    out = tmp_path / "q4.onnx"
+    facts = rule().run({"model": [tiny_onnx.tiny_model(tmp_path / "fp32.onnx")]}, {"model": out}, rule.Params(), RunContext(tmp_path, "test/quantize_int4"))
+    onnx.checker.check_model(str(out), full_check=True)
+    assert facts["quantized_ops"] == {"MatMulNBits": 4}
+
+
+@pytest.mark.parametrize("model, found, hint", [
+    ("weightless", "none", "int4 rewrites top-level MatMul/Gemm layers with a 2-D float weight only"),
+    ("branch", r"MatMul: 2 \(2 inside If/Loop/Scan bodies\)", "int4 rewrites top-level MatMul/Gemm layers"),
+])
+def test_a_model_with_no_weight_layer_fails_naming_what_it_has(tmp_path, model, found, hint):
+    source = getattr(tiny_onnx, f"{model}_model")(tmp_path / "m.onnx")
+    rule = get_rule("quantize_int4")
+    with pytest.raises(StepError, match=f"^test/quantize_int4: int4 found no weight layer to quantize; the graph's ops with weights: {found}: {hint}"):
+        rule().run({"model": [source]}, {"model": tmp_path / "q4.onnx"}, rule.Params(), RunContext(tmp_path, "test/quantize_int4"))
+
+
+def test_excluding_every_layer_fails_instead_of_publishing_fp32(tmp_path):
+    with pytest.raises(StepError, match=r"options.exclude_nodes \(4 nodes\) leaves none of them"):
+        quantize(tmp_path, exclude_nodes=["fc1", "fc2", "fc2_again", "fc3"])

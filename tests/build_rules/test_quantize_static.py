@@ -75,3 +75,16 @@ def test_unknown_node_and_foreign_calibration_are_refused(tmp_path):
     foreign.write_text(Calibration(256).to_json())
     with pytest.raises(StepError, match=r"the calibration has no range for 'm2' \(4 tensors\): it was made for another model"):
         quantize(tmp_path, calibration=foreign)
+
+
+def test_the_qdq_model_passes_the_full_checker_and_counts_its_quantizers(tmp_path):
+    out, facts = quantize(tmp_path)
+    onnx.checker.check_model(str(out), full_check=True)
+    # 4 activations (Q + DQ each); DQs of 3 int8 weights (W2 is shared) and of the 2 Gemm biases (int32)
+    assert facts["quantized_ops"] == {"DequantizeLinear": 9, "QuantizeLinear": 4}
+
+
+def test_excluding_every_layer_fails_instead_of_publishing_fp32(tmp_path):
+    with pytest.raises(StepError, match=r"static int8 has no weight layer to quantize with op_types \['MatMul', 'Gemm'\]; the graph's ops with weights: "
+                       r"Gemm: 2, MatMul: 2: options.exclude_nodes \(4 nodes\) leaves none of them"):
+        quantize(tmp_path, exclude_nodes=["fc1", "fc2", "fc2_again", "fc3"])

@@ -62,3 +62,59 @@ def data(path: Path, samples: int = 40, seed: int = 1) -> Path:
 
 
 INPUTS = [{"name": "X", "dtype": "float32", "shape": ["batch", 4, K]}]
+
+
+def _save(nodes, inputs, outputs, inits, path: Path, name: str) -> Path:
+    graph = helper.make_graph(nodes, name, inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def branch_model(path: Path, op: str = "MatMul", seed: int = 0) -> Path:
+    """A model whose only weight ops sit inside an If: X -> If(sum(X) > 0) -> then: op(X, W_outer)
+    (the weight an initializer of the main graph), else: op(X, W_local) (the branch's own initializer).
+    op is "MatMul" (X[batch, K] -> Y[batch, N]) or "Conv" (X[batch, 3, 8, 8] -> Y[batch, 4, 8, 8], 3x3, pad 1).
+    The condition is computed, so the outer graph has no weight op an int8 quantizer could take."""
+    rng = np.random.default_rng(seed)
+    shape, x_dims, y_dims = {"MatMul": ((K, N), ["batch", K], ["batch", N]),
+                             "Conv": ((4, 3, 3, 3), ["batch", 3, 8, 8], ["batch", 4, 8, 8])}[op]
+    attrs = {"pads": [1, 1, 1, 1]} if op == "Conv" else {}
+
+    def branch(name: str, weight: str, local: list) -> onnx.GraphProto:
+        node = helper.make_node(op, ["X", weight], [f"{name}_y"], name=f"{name}_{op.lower()}", **attrs)
+        return helper.make_graph([node], name, [], [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, None)], local)
+
+    w_outer, w_local = (numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), n) for n in ("W_outer", "W_local"))
+    nodes = [
+        helper.make_node("ReduceSum", ["X"], ["total"], name="total", keepdims=0),
+        helper.make_node("Greater", ["total", "zero"], ["positive"], name="positive"),
+        helper.make_node("If", ["positive"], ["Y"], name="branch", then_branch=branch("then", "W_outer", []), else_branch=branch("else", "W_local", [w_local])),
+    ]
+    inits = [w_outer, numpy_helper.from_array(np.array(0, np.float32), "zero")]
+    return _save(nodes, [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_dims)],
+                 [helper.make_tensor_value_info("Y", TensorProto.FLOAT, y_dims)], inits, path, "branch")
+
+
+def weightless_model(path: Path) -> Path:
+    """X[batch, K] -> Relu -> Add(X) -> activation x activation MatMul: nothing an int8 quantizer can take."""
+    nodes = [
+        helper.make_node("Relu", ["X"], ["r"], name="relu"),
+        helper.make_node("Add", ["r", "X"], ["s"], name="add"),
+        helper.make_node("Transpose", ["s"], ["st"], name="transpose", perm=[1, 0]),
+        helper.make_node("MatMul", ["s", "st"], ["Y"], name="gram"),
+    ]
+    return _save(nodes, [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", K])],
+                 [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", "batch"])], [], path, "weightless")
+
+
+def lstm_model(path: Path, hidden: int = 16, seed: int = 0) -> Path:
+    """X[seq, batch, K] -> LSTM (weights W, R, B initializers) -> Y[seq, 1, batch, hidden]."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.2).astype(np.float32), n)
+             for n, s in (("W", (1, 4 * hidden, K)), ("R", (1, 4 * hidden, hidden)), ("B", (1, 8 * hidden)))]
+    nodes = [helper.make_node("LSTM", ["X", "W", "R", "B"], ["Y"], name="lstm", hidden_size=hidden)]
+    return _save(nodes, [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["seq", "batch", K])],
+                 [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["seq", 1, "batch", hidden])], inits, path, "lstm")

@@ -153,3 +153,61 @@ def test_paths_outside_the_workspace_are_refused_unless_allowed(tmp_path: Path):
     ws.edit('name = "tiny"', 'name = "tiny"\nallow_outside_workspace = true', name="tiny")
     raw = read_manifest(ws.manifest("tiny"))
     assert resolve(validate(raw), raw, ws.root).data_file == outside
+
+
+# ---- Hugging Face folders: text data needs their tokenizer; model_class must exist ----------------
+
+
+def _hf_folder_manifest(tmp_path: Path, tokenizer: bool, source_extra: str = "", calibration: bool = False) -> Path:
+    """manifests/m.toml over a tiny BERT folder manifests/hf (with or without tokenizer files) and text data."""
+    from sources import hf_models
+
+    hf_models.bert(tmp_path / "manifests" / "hf", tokenizer=tokenizer)
+    (tmp_path / "manifests" / "data").mkdir()
+    (tmp_path / "manifests" / "data" / "t.txt").write_text("kiln builds the model\n")
+    (tmp_path / "manifests" / "data" / "ids.npz").write_bytes(b"")
+    text = _hf_manifest(f'path = "hf"\n{source_extra}')
+    if calibration:
+        text = text.replace('data = "data/t.txt"', 'data = "data/ids.npz"') + '[calibration]\ndata = "data/t.txt"\n'
+    manifest = tmp_path / "manifests" / "m.toml"
+    manifest.write_text(text)
+    return manifest
+
+
+@pytest.mark.parametrize("calibration", [False, True], ids=["validation", "calibration"])
+def test_text_data_for_a_folder_without_tokenizer_files_fails_at_check_time(tmp_path: Path, calibration: bool):
+    raw = read_manifest(_hf_folder_manifest(tmp_path, tokenizer=False, calibration=calibration))
+    with pytest.raises(ManifestError) as caught:
+        resolve(validate(raw), raw, tmp_path)
+    message = str(caught.value)
+    key = "calibration.data" if calibration else "validation.data"
+    assert "\n" not in message and message.startswith(f"{raw.path}: {key}: 't.txt' is text, but the model folder ")
+    assert str(tmp_path / "manifests" / "hf") in message and "has no tokenizer (none of tokenizer.json, vocab.txt" in message
+
+
+def test_text_data_for_a_folder_with_its_tokenizer_resolves(tmp_path: Path):
+    raw = read_manifest(_hf_folder_manifest(tmp_path, tokenizer=True))
+    resolved = resolve(validate(raw), raw, tmp_path)
+    assert tmp_path / "manifests" / "hf" / "tokenizer.json" in resolved.source_files
+
+
+def test_kiln_check_rejects_text_data_without_a_tokenizer(tmp_path: Path):
+    from conftest import Workspace, _env
+
+    import subprocess
+    import sys
+
+    manifest = _hf_folder_manifest(tmp_path, tokenizer=False)
+    shutil.copy(Path(__file__).resolve().parents[2] / "dodo.py", tmp_path / "dodo.py")
+    proc = subprocess.run([sys.executable, "-m", "kiln.cli", "check", str(manifest)], cwd=tmp_path, capture_output=True, text=True, env=_env())
+    assert proc.returncode == 2 and "validation.data: 't.txt' is text, but the model folder" in proc.stderr
+    assert Workspace(tmp_path).files() == {}
+
+
+def test_a_model_class_transformers_does_not_have_fails_at_check_time(tmp_path: Path):
+    raw = read_manifest(_hf_folder_manifest(tmp_path, tokenizer=True, source_extra='model_class = "BertForTeaMaking"'))
+    with pytest.raises(ManifestError, match=r"m\.toml: source\.model_class: 'BertForTeaMaking' is not a class of transformers 5\."):
+        resolve(validate(raw), raw, tmp_path)
+    (tmp_path / "manifests" / "m.toml").write_text((tmp_path / "manifests" / "m.toml").read_text().replace("BertForTeaMaking", "BertForMaskedLM"))
+    raw = read_manifest(tmp_path / "manifests" / "m.toml")
+    assert resolve(validate(raw), raw, tmp_path).source_files

@@ -8,6 +8,7 @@ import copy
 import tomllib
 
 import pytest
+from pydantic import ValidationError
 
 from conftest import REPO
 from kiln.errors import ManifestError
@@ -56,7 +57,7 @@ BAD = [
     (_set("targets.onnx_fp16.options.keep_fp32_ops", ["Soft max"]), "targets.onnx_fp16.options.keep_fp32_ops[0]", "'Soft max' is not allowed"),
     (_set("targets.onnx_fp32.hardware", "tpu"), "targets.onnx_fp32.hardware", "'tpu' is not allowed; expected 'cpu'"),
     (_set("targets.onnx_fp32.optimise", True), "targets.onnx_fp32.optimise", "unknown key; allowed keys here: allow_unvalidated, format, hardware, opset, options, precision, thresholds"),
-    (_set("targets.onnx_fp32.options.simplfy", True), "targets.onnx_fp32.options.simplfy", "allowed keys here: accuracy_level, activation_type, block_size, calibration, constant_folding, exclude_nodes, keep_fp32_ops, keep_io_types, percentile, quantization, simplify, symmetric"),
+    (_set("targets.onnx_fp32.options.simplfy", True), "targets.onnx_fp32.options.simplfy", "allowed keys here: accuracy_level, activation_type, block_size, calibration, constant_folding, exclude_nodes, keep_fp32_ops, keep_io_types, op_types, percentile, quantization, simplify, symmetric"),
     (_set("targets.onnx_fp32.options.simplify", "yes"), "targets.onnx_fp32.options.simplify", "'yes' is not allowed; expected a valid boolean"),
     (_set("targets.onnx_fp32.thresholds", {"min_cosine": 1.5}), "targets.onnx_fp32.thresholds.min_cosine", "1.5 is not allowed"),
     (_set("targets", {}), "targets", "at least 1 item"),
@@ -64,7 +65,7 @@ BAD = [
     (_set("targets.t2", "onnx"), "targets.t2", "'onnx' is not allowed"),
     (_set("source.kind", "tensorflow"), "source.kind", "'tensorflow' is not allowed; expected one of 'huggingface', 'torch', 'onnx'"),
     (_set("source.path", DELETE), "source.path", "required key is missing"),
-    (_set("source.pth", "x"), "source.pth", "unknown key; allowed keys here: allow_pickle, kind, path, trust_remote_code"),
+    (_set("source.pth", "x"), "source.pth", "unknown key; allowed keys here: allow_pickle, kind, model_class, path, task, trust_remote_code"),
     (_set("source.allow_pickle", 1), "source.allow_pickle", "1 is not allowed; expected a valid boolean"),
     (_set("inputs.1.dtype", "int4"), "inputs[1].dtype", "'int4' is not allowed; expected 'float32'"),
     (_set("inputs.1.shape", ["batch", 0]), "inputs[1].shape[1]", "0 is not allowed"),
@@ -88,7 +89,25 @@ BAD = [
     (_set("targets.torchscript.mode", "compile"), "targets.torchscript.mode", "'compile' is not allowed; expected 'trace' or 'script'"),
     (_set("targets.torch_export.precision", "fp16"), "targets.torch_export.precision", "'fp16' is not allowed; expected 'fp32'"),
     (_set("targets.torch_export.mode", "trace"), "targets.torch_export.mode", "unknown key; allowed keys here: allow_unvalidated, format, hardware, precision, thresholds"),
+    # batch axes: the axis named "batch" holds the samples; inputs without it are fed whole
+    (_set("inputs.0.shape", ["batch", "batch"]), "inputs[0].shape", "['batch', 'batch'] is not allowed; expected 'batch' on one axis at most"),
+    (_set("outputs.0.shape", ["batch", "sequence", "batch"]), "outputs[0].shape", "expected 'batch' on one axis at most"),
+    (_set("inputs.1.shape", ["sequence", "batch"]), "inputs[1].shape", "['sequence', 'batch'] is not allowed; expected 'batch' on axis 0: validation.data is text"),
+    (lambda d: _unbatched(d, npz=False), "validation.batch_size", "32 is not allowed; expected no batch_size: no input's shape names a 'batch' axis"),
+    (lambda d: _unbatched(d, npz=True), "validation.padding_mask", "'attention_mask' is not allowed; expected a batched input (its shape names 'batch'): []"),
+    (lambda d: (_unbatched(d, npz=True), d["validation"].pop("padding_mask"), d["validation"].__setitem__("max_samples", 5)), "validation.max_samples", "expected no max_samples"),
+    (lambda d: (_unbatched(d, npz=True), d["validation"].pop("padding_mask"), d["calibration"].__setitem__("batch_size", 8)), "calibration.batch_size", "expected no batch_size"),
 ]
+
+
+def _unbatched(data: dict, npz: bool) -> None:
+    """Every input fixed at one sample (no "batch" axis); with npz, the data settings that only
+    batching uses are left unset."""
+    for tensor in data["inputs"]:
+        tensor["shape"] = [1, "sequence"]
+    if npz:
+        data["validation"]["data"], data["calibration"]["data"] = "data/x.npz", "data/c.npz"
+        del data["validation"]["batch_size"], data["calibration"]["batch_size"]
 
 
 @pytest.mark.parametrize("mutate,key,text", BAD, ids=[case[1] + ":" + case[2][:20] for case in BAD])
@@ -109,6 +128,29 @@ def test_the_default_manifest_is_valid():
     assert spec.inputs[0].dynamic_axes == {0: "batch", 1: "sequence"}
 
 
+STATEFUL = {
+    "model": {"name": "cell"}, "source": {"kind": "torch", "factory": "cell:build"},
+    "inputs": [{"name": "x", "shape": ["batch", 4]}, {"name": "state", "shape": [2, "batch", 8]}, {"name": "scale", "shape": []}],
+    "outputs": [{"name": "y", "shape": ["batch", 4]}, {"name": "new_state", "shape": [2, "batch", 8]}],
+    "targets": {"onnx_fp32": {"format": "onnx"}},
+    "validation": {"data": "data/cell.npz", "batch_size": 4, "max_samples": 8},
+}
+
+
+def test_a_stateful_manifest_with_a_scalar_input_is_valid():
+    spec = validate(RawManifest(REPO / "manifests/cell.toml", copy.deepcopy(STATEFUL)))
+    assert [t.batch_axis for t in spec.inputs] == [0, 1, None]
+    assert [t.batch_axis for t in spec.outputs] == [0, 1]
+
+
+def test_a_manifest_without_batched_inputs_is_valid_when_no_batch_setting_is_given():
+    data = copy.deepcopy(GOOD)
+    _unbatched(data, npz=True)
+    del data["validation"]["padding_mask"]
+    spec = validate(RawManifest(REPO / "manifests/bert.toml", data))
+    assert all(t.batch_axis is None for t in spec.inputs)
+
+
 def test_thresholds_layer_precision_defaults_then_validation_then_target():
     data = copy.deepcopy(GOOD)
     data["validation"]["thresholds"] = {"min_cosine": 0.999}
@@ -121,7 +163,7 @@ def test_thresholds_layer_precision_defaults_then_validation_then_target():
 
 def test_spec_is_frozen():
     spec = validate(RawManifest(REPO / "manifests/bert.toml", GOOD))
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):  # pydantic's frozen_instance error
         spec.model.name = "other"
 
 

@@ -242,3 +242,26 @@ def test_a_build_interrupted_in_a_step_does_not_report_it_as_ran(ws: Workspace, 
     report = ws.report("c")
     assert {s["step"]: s["status"] for s in report["steps"]}["c/fp32/validate"] != "ran"
     assert not report["ok"]
+
+
+# ---- what a failure prints ------------------------------------------------------------------------
+
+def test_a_failed_step_prints_its_one_line_and_nothing_of_doits_failure_report():
+    from doit.exceptions import TaskError, UnmetDependency
+
+    from kiln.execute.step import StepFailed
+
+    out = io.StringIO()
+    reporter = reporter_for([])(out, {})
+    reporter.initialize([], [])
+    line = "m/t/export_onnx: ValueError: boom (at model.py:3) (log: build/.kiln/logs/export_onnx-1.log)"
+    failing, waiting, broken = task("m/t/export_onnx"), task("m/t/validate"), task("m/t/calibrate")
+    failing.executed = True  # doit's failure dump (captured output) is for executed tasks
+    reporter.add_failure(failing, StepFailed(line))
+    reporter.add_failure(waiting, UnmetDependency("build:m/t/export_onnx"))
+    reporter.add_failure(broken, TaskError("PythonAction Error"))  # kiln itself broke outside a rule: doit's report, as before
+    reporter.complete_run()
+    lines = out.getvalue().splitlines()
+    assert lines[:2] == [line, "m/t/validate: not run: m/t/export_onnx failed"]
+    assert "TaskError - taskid:build:m/t/calibrate" in lines and not any("TaskFailed" in x or "<stdout>" in x for x in lines)
+    assert reporter.statuses == {"m/t/export_onnx": "failed", "m/t/validate": "failed", "m/t/calibrate": "failed"}

@@ -7,16 +7,23 @@ output, which changes only once the rule has returned; a rerun of an up-to-date 
 forced; with the cache on, a step whose key is cached is restored without running the rule; a
 StepError fails doit's task, writes the failure file and leaves no temp file, no empty output folder,
 and the earlier output and record as they were (a later success removes the failure file); any other
-exception propagates and leaves no temp file; a rule that does not write an output is a bug
-(RuntimeError); the "last run" baseline is written for every (model, target) that shares the step;
-a running step holds its rule's memory reservation (released on failure too) and, for torch rules,
-the process-wide torch lock."""
+exception fails the step the same way, on one line "<step>: <type>: <message> (at <file:line>) (log:
+<path>)" with its traceback in the step's log (KeyboardInterrupt still stops the build); a rule that
+does not write an output fails its step; what a rule prints, logs and warns (and, in the main thread,
+what is written to file descriptors 1 and 2) goes to the log, not the terminal, and steps run in
+threads keep their logs apart; the "last run" baseline is written for every (model, target) that
+shares the step; a running step holds its rule's memory reservation (released on failure too) and,
+for torch rules, the process-wide torch lock."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import sys
+import threading
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,7 +36,7 @@ from kiln.execute import step as step_module
 from kiln.execute.step import run_step
 from kiln.plan.steps import Step, identity
 from kiln.rules import Params, Rule, RunContext, register
-from kiln.state.records import failure_path, last_path, read_record, record_path
+from kiln.state.records import failure_path, last_path, log_path, read_record, record_path
 from kiln.state.uptodate import components, is_up_to_date, step_key, why
 
 RULE = "test_copy_upper"
@@ -47,8 +54,9 @@ RUNS: list[dict[str, Any]] = []
 @register
 class CopyUpper(Rule):
     """Writes its input upper-cased (plus the suffix) to every output role. The input's text steers
-    it: "step error" -> StepError, "crash" -> ValueError (both after writing part of the output),
-    "skip:<role>" -> does not write that role."""
+    it: "step error" -> StepError, "crash" -> ValueError, "interrupt" -> KeyboardInterrupt (all after
+    writing part of the output), "skip:<role>" -> does not write that role, "noise" -> prints, logs,
+    warns and writes to file descriptor 2 as libraries do, first."""
 
     name: ClassVar[str] = RULE
     version: ClassVar[int] = 1
@@ -64,16 +72,29 @@ class CopyUpper(Rule):
             "step": ctx.step, "root": ctx.root, "outputs": dict(outputs), "torch_lock": step_module._torch_lock.locked(),
             "ledger": json.loads(ledger.read_text()) if ledger.exists() else {},
         })
+        if "noise" in text:
+            make_noise(text)
         for role, path in outputs.items():
             if f"skip:{role}" in text:
                 continue
-            if "step error" in text or "crash" in text:
+            if "step error" in text or "crash" in text or "interrupt" in text:
                 path.write_text("half an out")
                 if "step error" in text:
                     raise StepError(ctx.step, "the text says no", facts={"lines": text.count("\n") + 1})
+                if "interrupt" in text:
+                    raise KeyboardInterrupt
                 raise ValueError("a bug in the rule")
             path.write_text(text.upper() + params.suffix)
         return {"chars": len(text)}
+
+
+def make_noise(tag: str) -> None:
+    """What libraries do while a rule runs: print, log through a logger, warn, and write to fd 2 from native code."""
+    print(f"printed {tag}")
+    logging.getLogger("some.library").warning("logged %s", tag)
+    warnings.warn(f"warned {tag}", UserWarning, stacklevel=1)
+    sys.stderr.write(f"stderr {tag}\n")
+    os.write(2, f"fd2 {tag}\n".encode())
 
 
 @register
@@ -236,13 +257,24 @@ def test_a_failed_rerun_keeps_the_earlier_output_and_record_until_a_good_one(tmp
     assert step.outputs["text"].read_text() == "FIXED" and not failure_path(tmp_path, step).exists()
 
 
-def test_any_other_exception_propagates_and_leaves_no_temp(tmp_path: Path):
+def test_any_other_exception_fails_the_step_on_one_line_with_its_traceback_in_the_log(tmp_path: Path):
     write_source(tmp_path, "crash")
     step = make_step(tmp_path)
-    with pytest.raises(ValueError, match="a bug in the rule"):
-        run_step(step, tmp_path)
+    result = run_step(step, tmp_path)
+    assert isinstance(result, TaskFailed)
+    log = f"build/.kiln/logs/{step.id}.log"
+    here = Path(__file__).name
+    line = result.get_msg().strip()
+    assert "\n" not in line and line.startswith("m/t/test_copy_upper: ValueError: a bug in the rule (at ") and line.endswith(f") (log: {log})")
+    assert here in line  # where the bug is: the rule's file and line
+    assert result.kiln_line == line  # what kiln.engine.reporter prints
+    failure = json.loads(failure_path(tmp_path, step).read_text())
+    assert failure["error"] == line.removesuffix(f" (log: {log})") and failure["log"] == log
+    text = (tmp_path / log).read_text()
+    assert text.startswith("m/t/test_copy_upper: test_copy_upper v1, not built yet\n")
+    assert "Traceback (most recent call last):" in text and 'raise ValueError("a bug in the rule")' in text and text.rstrip().endswith("ValueError: a bug in the rule")
     assert temps_under(tmp_path) == [] and not step.outputs["text"].parent.exists()
-    assert read_record(tmp_path, step) is None and not failure_path(tmp_path, step).exists()
+    assert read_record(tmp_path, step) is None
     assert ledger(tmp_path) == {}
 
 
@@ -252,44 +284,109 @@ def test_an_exception_in_a_rerun_keeps_the_earlier_output(tmp_path: Path):
     run_step(step, tmp_path)
     good = read_record(tmp_path, step).data
     write_source(tmp_path, "crash now")
-    with pytest.raises(ValueError):
-        run_step(step, tmp_path)
+    assert isinstance(run_step(step, tmp_path), TaskFailed)
     assert step.outputs["text"].read_text() == "GOOD" and read_record(tmp_path, step).data == good
     assert temps_under(tmp_path) == []
 
 
-def test_a_rule_that_does_not_write_its_output_is_a_bug(tmp_path: Path):
+def test_keyboard_interrupt_still_stops_the_build_and_leaves_no_temp(tmp_path: Path):
+    write_source(tmp_path, "interrupt")
+    step = make_step(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        run_step(step, tmp_path)
+    assert temps_under(tmp_path) == [] and not failure_path(tmp_path, step).exists()
+    assert "KeyboardInterrupt" in log_path(tmp_path, step).read_text()
+
+
+def test_a_rule_that_does_not_write_its_output_fails_its_step(tmp_path: Path):
     write_source(tmp_path, "skip:text")
     step = make_step(tmp_path)
-    with pytest.raises(RuntimeError, match="rule test_copy_upper did not write its output 'text'"):
-        run_step(step, tmp_path)
+    result = run_step(step, tmp_path)
+    assert isinstance(result, TaskFailed)
+    assert "m/t/test_copy_upper: RuntimeError: rule test_copy_upper did not write its output 'text'" in result.get_msg()
     assert read_record(tmp_path, step) is None and not step.outputs["text"].exists()
+    assert not step.outputs["text"].parent.exists()  # no empty output folder
 
 
-def test_a_rule_that_writes_only_one_of_two_outputs_is_a_bug_and_publishes_neither(tmp_path: Path):
+def test_a_rule_that_writes_only_one_of_two_outputs_publishes_neither_and_leaves_no_temp(tmp_path: Path):
     write_source(tmp_path, "skip:copy")
     step = make_step(tmp_path, roles=("text", "copy"))
-    with pytest.raises(RuntimeError, match="did not write its output 'copy'"):
-        run_step(step, tmp_path)
+    result = run_step(step, tmp_path)
+    assert isinstance(result, TaskFailed) and "did not write its output 'copy'" in result.get_msg()
     assert not step.outputs["text"].exists() and read_record(tmp_path, step) is None
-
-
-
-def test_a_rule_that_writes_only_one_of_two_outputs_leaves_no_temp(tmp_path: Path):
-    write_source(tmp_path, "skip:copy")
-    step = make_step(tmp_path, roles=("text", "copy"))
-    with pytest.raises(RuntimeError):
-        run_step(step, tmp_path)
     assert temps_under(tmp_path) == []
 
 
+# ---- what a rule prints goes to its log -----------------------------------------------------------
 
-def test_a_rule_that_writes_nothing_leaves_no_empty_output_folder(tmp_path: Path):
-    write_source(tmp_path, "skip:text")
+def test_what_a_rule_prints_logs_and_warns_goes_to_its_log_not_the_terminal(tmp_path: Path, capfd):
+    write_source(tmp_path, "noise one")
     step = make_step(tmp_path)
-    with pytest.raises(RuntimeError):
-        run_step(step, tmp_path)
-    assert not step.outputs["text"].parent.exists()
+    run_step(step, tmp_path)
+    out, err = capfd.readouterr()
+    assert "noise one" not in out + err
+    log = log_path(tmp_path, step).read_text()
+    for line in ("printed noise one", "WARNING some.library: logged noise one", "UserWarning: warned noise one", "stderr noise one", "fd2 noise one"):
+        assert line in log, line
+    assert sys.stdout is not None and not type(sys.stdout).__name__.startswith("_Routed")  # the streams are given back
+    print("after the step")
+    os.write(2, b"fd2 after the step\n")
+    out, err = capfd.readouterr()
+    assert "after the step" in out and "fd2 after the step" in err
+    assert [h for h in logging.getLogger().handlers if type(h).__name__.startswith("_Routed")] == []
+    assert not type(warnings.showwarning).__name__.startswith("_Routed")
+    assert "after the step" not in log_path(tmp_path, step).read_text()
+
+
+def test_a_rerun_replaces_the_log_and_a_failed_one_keeps_the_output_in_it(tmp_path: Path):
+    write_source(tmp_path, "noise first")
+    step = make_step(tmp_path)
+    run_step(step, tmp_path)
+    write_source(tmp_path, "noise second, then a step error")
+    result = run_step(step, tmp_path)
+    log = log_path(tmp_path, step).read_text()
+    assert "noise first" not in log and "printed noise second" in log and "StepError" in log
+    assert result.get_msg().strip() == f"m/t/test_copy_upper: the text says no (log: build/.kiln/logs/{step.id}.log)"
+
+
+def test_steps_running_in_threads_keep_their_python_output_apart(tmp_path: Path, capfd, monkeypatch):
+    """doit -P thread / kiln build -n N: file descriptors are process-wide, so only Python-level
+    output is captured there, routed by the thread that wrote it."""
+    steps = []
+    for name in ("a", "b"):
+        root = tmp_path / name
+        write_source(root, f"noise from {name}")
+        steps.append((root, make_step(root)))
+    barrier = threading.Barrier(2)
+    original = make_noise
+
+    def together(tag):  # both rules make their noise while both steps are running
+        barrier.wait(timeout=10)
+        original(tag)
+        barrier.wait(timeout=10)
+
+    errors = []
+
+    def run(root, step):
+        try:
+            run_step(step, root)
+        except BaseException as err:  # noqa: BLE001 - reported by the main thread
+            errors.append(err)
+
+    monkeypatch.setattr(sys.modules[__name__], "make_noise", together)
+    threads = [threading.Thread(target=run, args=pair) for pair in steps]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    for (root, step), (name, other) in zip(steps, (("a", "b"), ("b", "a")), strict=True):
+        log = log_path(root, step).read_text()
+        assert f"printed noise from {name}" in log and f"logged noise from {name}" in log and f"warned noise from {name}" in log
+        assert f"stderr noise from {name}" in log
+        assert f"noise from {other}" not in log
+    out, err = capfd.readouterr()
+    assert "printed noise" not in out and "logged noise" not in err
 
 
 # ---- shared steps: every owner's baseline ---------------------------------------------------------

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from kiln.errors import StepError
-from kiln.runtime.data import array_batches, example_inputs, load_arrays, read_text_lines
+from kiln.runtime.data import array_batches, batch_axis, example_inputs, first_sample, load_arrays, read_text_lines, sample_count
 
 IDS = {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]}
 MASK = {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "sequence"]}
@@ -56,12 +56,97 @@ def test_max_samples_cuts_the_data(tmp_path: Path):
     assert sum(len(b["features"]) for b in array_batches(path, [FEATURES], 4, max_samples=100)) == 10
 
 
-@pytest.mark.xfail(strict=True, reason="bug: array_batches slices the last batch as a[start:start + batch_size] without "
-                   "stopping at max_samples, so max_samples=5 with batch_size=4 yields 8 samples (text_batches cuts first)")
 def test_max_samples_cuts_inside_the_last_batch(tmp_path: Path):
     path = _npz(tmp_path / "d.npz", features=np.arange(10 * 6, dtype=np.float32).reshape(10, 6))
     got = list(array_batches(path, [FEATURES], batch_size=4, max_samples=5))
     assert [len(b["features"]) for b in got] == [4, 1]
+    assert got[1]["features"][0, 0] == 4 * 6  # the fifth sample
+
+
+# ---- batch axes: where the shape names "batch"; inputs without it go whole into every batch ----
+
+X = {"name": "x", "dtype": "float32", "shape": ["batch", 4]}
+STATE = {"name": "state", "dtype": "float32", "shape": [2, "batch", 8]}
+SCALE = {"name": "scale", "dtype": "float32", "shape": []}
+
+
+def _stateful(path: Path, samples: int = 10) -> tuple[Path, dict[str, np.ndarray]]:
+    arrays = {"x": np.arange(samples * 4, dtype=np.float32).reshape(samples, 4),
+              "state": np.arange(2 * samples * 8, dtype=np.float32).reshape(2, samples, 8),
+              "scale": np.array(0.5, np.float32)}
+    return _npz(path, **arrays), arrays
+
+
+def test_an_input_batched_on_axis_1_is_split_on_axis_1(tmp_path: Path):
+    path, arrays = _stateful(tmp_path / "d.npz")
+    got = list(array_batches(path, [X, STATE, SCALE], batch_size=4, max_samples=None))
+    assert [b["state"].shape for b in got] == [(2, 4, 8), (2, 4, 8), (2, 2, 8)]
+    assert [b["x"].shape for b in got] == [(4, 4), (4, 4), (2, 4)]
+    assert np.array_equal(np.concatenate([b["state"] for b in got], axis=1), arrays["state"])
+    assert np.array_equal(got[1]["state"], arrays["state"][:, 4:8])  # samples 4..7 of both layers
+    assert all(b["state"].flags.c_contiguous for b in got)
+    assert list(got[0]) == ["x", "state", "scale"]  # the manifest's order
+
+
+def test_a_scalar_input_goes_whole_into_every_batch_as_a_0d_array(tmp_path: Path):
+    path, _ = _stateful(tmp_path / "d.npz")
+    got = list(array_batches(path, [X, STATE, SCALE], batch_size=4, max_samples=None))
+    assert all(b["scale"].shape == () and b["scale"].dtype == np.float32 and b["scale"] == 0.5 for b in got)
+
+
+def test_max_samples_counts_along_the_batch_axis(tmp_path: Path):
+    path, arrays = _stateful(tmp_path / "d.npz")
+    got = list(array_batches(path, [X, STATE, SCALE], batch_size=4, max_samples=6))
+    assert [b["state"].shape[1] for b in got] == [4, 2] and [len(b["x"]) for b in got] == [4, 2]
+    assert np.array_equal(got[1]["state"], arrays["state"][:, 4:6])
+
+
+def test_without_a_batched_input_the_file_is_one_feed(tmp_path: Path):
+    fixed = {"name": "image", "dtype": "float32", "shape": [1, 3, 5]}
+    path = _npz(tmp_path / "d.npz", image=np.ones((1, 3, 5), np.float32), scale=np.array(2.0))
+    (feed,) = array_batches(path, [fixed, SCALE], batch_size=1, max_samples=None)
+    assert feed["image"].shape == (1, 3, 5) and feed["scale"].shape == ()
+
+
+def test_sample_counts_are_compared_along_each_batch_axis(tmp_path: Path):
+    path = _npz(tmp_path / "d.npz", x=np.ones((10, 4), np.float32), state=np.ones((2, 9, 8), np.float32), scale=np.array(1.0))
+    message = _step_error(path, [X, STATE, SCALE])
+    assert "different sample counts" in message and "'x': 10" in message and "'state': 9" in message
+
+
+def test_a_state_whose_batch_axis_has_the_samples_of_axis_0_is_refused(tmp_path: Path):
+    """[samples, 2, 8] for a [2, batch, 8] input: axis 0 is not the declared 2 layers."""
+    path = _npz(tmp_path / "d.npz", x=np.ones((10, 4), np.float32), state=np.ones((10, 2, 8), np.float32), scale=np.array(1.0))
+    assert "input 'state': axis 0 is 10, expected 2" in _step_error(path, [X, STATE, SCALE])
+
+
+def test_a_scalar_input_given_an_array_names_the_tensor_and_ranks(tmp_path: Path):
+    path = _npz(tmp_path / "d.npz", x=np.ones((10, 4), np.float32), state=np.ones((2, 10, 8), np.float32), scale=np.ones(10))
+    assert "input 'scale': shape [10] has rank 1, expected rank 0 []" in _step_error(path, [X, STATE, SCALE])
+
+
+def test_batch_axis_is_where_the_shape_names_batch():
+    assert batch_axis(STATE) == 1 and batch_axis(X) == 0
+    assert batch_axis(SCALE) is None and batch_axis({"name": "w", "shape": [3, "sequence"]}) is None
+    assert batch_axis({"name": "anything"}) == 0  # no shape: the data's first axis
+
+
+def test_the_runtime_batch_name_is_the_schemas():
+    from kiln.runtime import data
+    from kiln.schema import fields
+
+    assert data.BATCH == fields.BATCH == "batch"
+
+
+def test_sample_count_and_first_sample_follow_the_batch_axes():
+    feed = {"x": np.zeros((3, 4)), "state": np.arange(2 * 3 * 8).reshape(2, 3, 8), "scale": np.array(1.0)}
+    axes = {"x": 0, "state": 1, "scale": None}
+    assert sample_count(feed, axes) == 3
+    assert sample_count({"scale": np.array(1.0)}, {"scale": None}) == 1
+    assert sample_count({"ids": np.zeros((5, 2))}, {}) == 5  # a name without an axis: axis 0
+    first = first_sample(feed, axes)
+    assert first["x"].shape == (1, 4) and first["scale"].shape == ()
+    assert np.array_equal(first["state"], feed["state"][:, :1]) and first["state"].flags.c_contiguous
 
 
 def test_a_npy_file_feeds_a_single_input(tmp_path: Path):
@@ -224,6 +309,12 @@ def test_a_named_axis_has_one_size_across_inputs():
     assert sized["input_ids"].shape == sized["attention_mask"].shape == (2, 5)
 
 
+def test_the_example_batch_size_goes_on_the_batch_axis():
+    got = example_inputs([{"name": "frames", "dtype": "float32", "shape": ["sequence", "batch", 3]}, STATE, SCALE])
+    assert got["frames"].shape == (8, 2, 3) and got["state"].shape == (2, 2, 8)
+    assert got["scale"].shape == () and got["scale"].dtype == np.float32
+
+
 def test_example_values_respect_range_and_dtype():
     got = example_inputs([
         {"name": "ids", "dtype": "int64", "shape": [4, 50], "range": [3, 7]},
@@ -238,3 +329,38 @@ def test_example_values_respect_range_and_dtype():
     assert got["flag"].dtype == np.bool_ and got["flag"].any() and not got["flag"].all()
     assert got["x"].dtype == np.float32 and 10.0 <= got["x"].min() and got["x"].max() < 10.5
     assert got["y"].dtype == np.float16 and -1.0 <= got["y"].min() and got["y"].max() <= 1.0 and got["y"].std() > 0.1
+
+
+# ---- text batches: a tokenizer that does not read the text ---------------------------------
+
+
+def _wordpiece(folder: Path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sources"))
+    from hf_models import wordpiece_tokenizer
+    from transformers import AutoTokenizer
+
+    wordpiece_tokenizer(folder)
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def test_text_the_tokenizer_reads_gives_its_batches(tmp_path: Path):
+    from kiln.runtime.data import text_batches
+
+    data = tmp_path / "words.txt"
+    data.write_text("kiln builds the model\nzzz qqq the text\n")
+    feeds = list(text_batches(data, _wordpiece(tmp_path / "tok"), [IDS, MASK], 8, 16, None))
+    assert len(feeds) == 1 and feeds[0]["input_ids"].shape[0] == 2
+
+
+def test_text_whose_every_word_is_unknown_to_the_tokenizer_is_refused(tmp_path: Path):
+    """The reference and the artifact would agree on [UNK] [UNK] ...: nothing real is validated."""
+    from kiln.runtime.data import text_batches
+
+    data = tmp_path / "foreign.txt"
+    data.write_text("zzz qqq\nxxyyzz wwvv\n")
+    with pytest.raises(StepError) as caught:
+        list(text_batches(data, _wordpiece(tmp_path / "tok"), [IDS, MASK], 1, 16, None))
+    message = str(caught.value)
+    assert message.startswith(f"{data}: ") and "'[UNK]'" in message and "4 word tokens" in message and "\n" not in message

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from kiln.runtime.metrics import OutputMetrics, failures, row_cosines
 
@@ -50,3 +51,41 @@ def test_padding_rows_are_left_out_of_token_outputs_only():
     pooled = OutputMetrics()
     pooled.add(ref[:, 0], out[:, 0], mask)  # [batch, hidden]: the mask does not apply
     assert pooled.summary()["rows"] == 2
+
+
+# ---- batch axes: rows never mix samples; outputs without a batch axis compare whole ------------
+
+
+def test_rows_of_an_output_batched_on_its_last_axis_are_its_samples():
+    """[4, batch]: a row is one sample's 4 values, not one feature across the batch."""
+    ref = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    out = ref.copy()
+    out[:, 1] = -out[:, 1]  # sample 1 flipped: its cosine is -1, the others 1
+    m = OutputMetrics()
+    m.add(ref, out, batch_axis=1)
+    summary = m.summary()
+    assert summary["rows"] == 3
+    assert np.isclose(summary["min_cosine"], -1.0) and np.isclose(summary["mean_cosine"], 1 / 3)
+
+
+def test_padding_follows_the_output_batch_axis():
+    """An output [sequence, batch, hidden] is masked by attention_mask [batch, sequence]."""
+    ref = np.ones((3, 2, 4), np.float32)
+    out = ref.copy()
+    out[2, 1] = -1.0  # sample 1's last position, which is padding
+    mask = np.array([[1, 1, 1], [1, 1, 0]])
+    m = OutputMetrics()
+    m.add(ref, out, mask, batch_axis=1)
+    assert m.summary()["rows"] == 5 and m.summary()["min_cosine"] == 1.0 and m.summary()["max_abs_diff"] == 0
+
+
+def test_an_output_without_a_batch_axis_is_compared_whole():
+    m = OutputMetrics()
+    m.add(np.array(2.0, np.float32), np.array(2.5, np.float32), np.ones((1, 1)), batch_axis=None)
+    summary = m.summary()
+    assert summary["rows"] == 1 and summary["max_abs_diff"] == 0.5
+
+
+def test_a_batch_axis_the_output_does_not_have_is_a_value_error():
+    with pytest.raises(ValueError, match="shape \\[3\\] has no axis 1, where the manifest puts the batch"):
+        OutputMetrics().add(np.ones((3,), np.float32), np.ones((3,), np.float32), batch_axis=1)

@@ -150,7 +150,9 @@ def _ids_model(path: Path) -> Path:
     return path
 
 
-def test_onnx_latency_runs_the_first_sample_at_batch_1_with_dynamic_axes_at_sequence(tmp_path: Path, monkeypatch):
+def test_onnx_latency_runs_the_feed_it_is_given_without_resizing_it(tmp_path: Path, monkeypatch):
+    """validate passes the first validation sample; the probe invents no shape (the old one forced
+    dynamic axes to 128, which a model with a fixed internal size cannot run)."""
     fed: list[dict] = []
     real = runners.session
 
@@ -166,13 +168,16 @@ def test_onnx_latency_runs_the_first_sample_at_batch_1_with_dynamic_axes_at_sequ
             return self.inner.run(names, feed)
 
     monkeypatch.setattr(runners, "session", Spy)
-    feed = {"ids": np.array([[1, 2, 3], [7, 8, 9]], np.int64), "mask": np.array([[0.5, 0.25, 1.0], [9, 9, 9]], np.float32)}
-    result = onnx_latency(_ids_model(tmp_path / "m.onnx"), feed, runs=3, threads=1, sequence=7)
+    feed = {"ids": np.array([[1, 2, 3]], np.int64), "mask": np.array([[0.5, 0.25, 1.0]], np.float32), "unused": np.zeros(2)}
+    result = onnx_latency(_ids_model(tmp_path / "m.onnx"), feed, runs=3, threads=1)
     assert set(result) == {"median_ms", "p10_ms", "runs", "threads", "shape"}
     assert result["runs"] == 3 and result["threads"] == 1
-    assert result["shape"] == {"ids": [1, 7], "mask": [1, 3]}
+    assert result["shape"] == {"ids": [1, 3], "mask": [1, 3]}  # the data's own sequence length
     assert isinstance(result["median_ms"], float) and isinstance(result["p10_ms"], float)
     assert len(fed) == 5 + 3  # warm-ups, then the timed runs
-    shaped = fed[-1]
-    assert shaped["ids"].dtype == np.int64 and shaped["ids"].tolist() == [[1, 2, 3, 1, 2, 3, 1]]  # the first sample, repeated
-    assert shaped["mask"].dtype == np.float32 and shaped["mask"].tolist() == [[0.5, 0.25, 1.0]]
+    assert sorted(fed[-1]) == ["ids", "mask"] and fed[-1]["ids"] is feed["ids"] and fed[-1]["mask"] is feed["mask"]
+
+
+def test_onnx_latency_names_an_input_the_feed_lacks(tmp_path: Path):
+    with pytest.raises(ValueError, match="the validation data has no input 'mask'"):
+        onnx_latency(_ids_model(tmp_path / "m.onnx"), {"ids": np.ones((1, 3), np.int64)}, runs=1, threads=1)

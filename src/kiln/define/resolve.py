@@ -1,9 +1,10 @@
 """Where a manifest's names lead on disk: the disk-touching stage between spec and plan.
 
 resolve() finds the source's files (through its kind, kiln.sources; `pkg:<package>/<subdir>` inside
-an installed package included), checks that data files exist and that optional extras are
-installed, and records what kiln.fresh must re-check later (a listed folder, symlinks, sys.path
-lookups). Every problem is a ManifestError naming the manifest key.
+an installed package included), checks that data files exist and that the source can read them
+(text needs a tokenizer), that optional extras are installed, and records what kiln.fresh must
+re-check later (a listed folder, symlinks, sys.path lookups). Every problem is a ManifestError
+naming the manifest key.
 """
 
 from __future__ import annotations
@@ -78,9 +79,13 @@ def resolve(spec: Spec, raw: RawManifest, root: Path) -> Resolved:
     lookups = _lookups(spec, raw, root)
     kind = source_kind(spec.source.kind)
     files = kind.files(spec.source, resolver)
+    data = _data_file(spec, resolver, "validation")
+    for key, path in (("validation.data", data), ("calibration.data", calibration)):
+        if path is not None:
+            kind.check_data(path, files, resolver, key)  # e.g. text data needs a real tokenizer in the folder
     folder = kind.listed_folder(files)
     listed = (folder, os.stat(folder).st_mtime_ns) if folder is not None else None  # at planning, not at the end
-    return Resolved(files, _data_file(spec, resolver, "validation"), calibration, listed, _aliases(spec, raw), lookups)
+    return Resolved(files, data, calibration, listed, _aliases(spec, raw), lookups)
 
 
 def _path_texts(spec: Spec) -> list[str]:

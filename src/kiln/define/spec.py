@@ -16,7 +16,7 @@ from typing import Annotated, Any, Union
 from pydantic import Field, ValidationError, model_validator
 
 from kiln.formats import FORMATS, target_format
-from kiln.schema.fields import NAME, PRECISION_DEFAULTS, CalibrationData, CrossError, ModelInfo, Strict, TensorSpec, Thresholds, Validation
+from kiln.schema.fields import BATCH, NAME, PRECISION_DEFAULTS, CalibrationData, CrossError, ModelInfo, Strict, TensorSpec, Thresholds, Validation
 from kiln.schema.manifest import RawManifest
 from kiln.schema.messages import manifest_error
 from kiln.sources import SOURCES, source_kind
@@ -55,6 +55,7 @@ class Spec(Strict):
         inputs = [t.name for t in self.inputs]
         if self.validation.padding_mask is not None and self.validation.padding_mask not in inputs:
             raise CrossError("validation.padding_mask", self.validation.padding_mask, f"one of the inputs: {inputs}")
+        self._check_batch_axes()
         known = {o.name for o in self.outputs}
         for name in self.validation.outputs or []:
             if name not in known:
@@ -63,6 +64,24 @@ class Spec(Strict):
             if metric not in self.validation.metrics:
                 raise CrossError("validation.metrics", self.validation.metrics, f"a list including {metric!r}, which a threshold gates on")
         return self
+
+    def _check_batch_axes(self) -> None:
+        """What the batch axis rule (the axis named "batch" holds the samples; inputs without it are
+        fed whole) makes impossible: batch settings with nothing to batch, a padding mask without
+        samples to mask, text data for an input whose samples are not on axis 0."""
+        batched = [t.name for t in self.inputs if t.batch_axis is not None]
+        tables = [("validation", self.validation)] + ([("calibration", self.calibration)] if self.calibration else [])
+        for table, settings in tables:
+            for key in ("batch_size", "max_samples"):
+                if not batched and key in settings.model_fields_set:
+                    raise CrossError(f"{table}.{key}", getattr(settings, key), f"no {key}: no input's shape names a {BATCH!r} axis, so the data is fed whole as one sample (name the axis that holds the samples \"{BATCH}\" to batch it)")
+            if settings.data.endswith(".txt"):
+                for i, tensor in enumerate(self.inputs):
+                    if tensor.batch_axis not in (0, None):
+                        raise CrossError(f"inputs[{i}].shape", tensor.shape, f"{BATCH!r} on axis 0: {table}.data is text, which the tokenizer turns into [batch, sequence] arrays")
+        mask = self.validation.padding_mask
+        if mask is not None and mask not in batched:
+            raise CrossError("validation.padding_mask", mask, f"a batched input (its shape names {BATCH!r}): {batched}")
 
     def thresholds_keys(self) -> set[str]:
         keys = {k for k, v in self.validation.thresholds.model_dump().items() if v is not None}

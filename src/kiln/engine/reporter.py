@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, ClassVar
 
+from doit.exceptions import UnmetDependency
 from doit.reporter import ConsoleReporter
 
 from kiln.execute.resources import lock_workspace
@@ -45,8 +46,18 @@ class KilnReporter(ConsoleReporter):
         self.statuses[_step_name(task)] = UP_TO_DATE
 
     def add_failure(self, task, fail):
-        super().add_failure(task, fail)
+        """A step that failed prints the one line kiln.execute.step made of it ("<step>: <cause> (log:
+        <path>)"): the traceback and the rule's output are in that log, not on the terminal. A step
+        not run because one it needs failed says so on one line too. Anything else (a failure of
+        kiln itself outside a rule) keeps doit's report with its traceback."""
         self.statuses[_step_name(task)] = FAILED
+        line = getattr(fail, "kiln_line", None)
+        if line is not None:
+            self.write(line + "\n")
+        elif isinstance(fail, UnmetDependency):
+            self.write(f"{_step_name(task)}: not run: {', '.join(_step_name_of(n) for n in fail.message.split())} failed\n")
+        else:
+            super().add_failure(task, fail)
 
     def complete_run(self):
         try:
@@ -82,4 +93,8 @@ def reporter_for(plans: list[Plan]) -> type[KilnReporter]:
 
 
 def _step_name(task) -> str:
-    return task.name.split(":", 1)[1] if ":" in task.name else task.name
+    return _step_name_of(task.name)
+
+
+def _step_name_of(task_name: str) -> str:
+    return task_name.split(":", 1)[1] if ":" in task_name else task_name

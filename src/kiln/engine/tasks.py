@@ -48,6 +48,10 @@ def to_task(step: Step, plan: Plan, names: dict[str, str]) -> dict[str, Any]:
         "task_dep": [f"{TASK}:{names[d]}" for d in step.deps],
         "targets": [str(p) for p in step.outputs.values()],
         "clean": True,
+        # The step writes its own output to its log (kiln.execute.step); doit must not swap sys.stdout
+        # around it, which under -P thread would undo the per-thread routing of other steps.
+        "io": {"capture": False},
+        "verbosity": 0,
     }
 
 

@@ -5,11 +5,16 @@ one task per step (kiln.engine.tasks)."""
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import os
+import sys
 import threading
 import time
+import traceback
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from doit.exceptions import TaskFailed
 
@@ -17,11 +22,12 @@ from kiln.base.digests import digest, remember
 from kiln.base.fsio import write_json_atomic
 from kiln.base.paths import relative
 from kiln.base.temps import sweep_stale_temps, temp_path
-from kiln.errors import StepError
+from kiln.errors import StepError, one_line
 from kiln.execute.resources import reserve
 from kiln.rules import RunContext, get_rule
+from kiln.runtime.child import raised_at
 from kiln.state.cache import Cache
-from kiln.state.records import failure_path, last_path, write_record
+from kiln.state.records import failure_path, last_path, log_path, write_record
 from kiln.state.uptodate import components, reason, step_key
 
 if TYPE_CHECKING:
@@ -37,6 +43,7 @@ def run_step(step: Step, root: Path):
     """doit action: restore the step's outputs from the cache when its key is there, else run the
     rule into temp files and rename them into place; then write the record."""
     started = time.monotonic()
+    sweep_stale_temps(log_path(root, step).parent)  # a killed run's log, even when this run restores from the cache
     current = components(step, root)
     key = step_key(current)
     why = reason(step, root, current) or "forced (doit -a or an explicit request)"
@@ -66,8 +73,9 @@ def run_step(step: Step, root: Path):
 
 
 def _execute(step: Step, root: Path, why: str, started: float):
-    """Run the rule into temp files and rename them into place. Returns the rule's facts, or
-    doit's TaskFailed for a StepError (recorded in the failure file); no temp file survives."""
+    """Run the rule into temp files and rename them into place, with what it prints, logs and warns
+    going to the step's log (_captured). Returns the rule's facts, or a StepFailed for any exception
+    (recorded in the failure file, the traceback in the log); no temp file survives."""
     rule = get_rule(step.rule)
     params = rule.Params.model_validate(step.params)
     temps = {role: temp_path(path) for role, path in step.outputs.items()}
@@ -76,26 +84,223 @@ def _execute(step: Step, root: Path, why: str, started: float):
     created = [p.parent for p in temps.values() if not p.parent.exists()]
     for folder in created:
         folder.mkdir(parents=True, exist_ok=True)
+    log = log_path(root, step)
+    _wrap_streams()  # now, not once the locks below are taken: doit -P thread has just put its own sys.stdout in place
     try:
         with reserve(root, step, rule.memory_mib(step.params, _input_bytes(step))), \
-                _torch_lock if "torch" in rule.tools_for(step.params) else contextlib.nullcontext():
+                _torch_lock if "torch" in rule.tools_for(step.params) else contextlib.nullcontext(), \
+                _captured(log, f"{step.name}: {step.rule} v{rule.version}, {why}"):
             info = rule().run({r: list(f) for r, f in step.inputs.items()}, temps, params, RunContext(root, step.name)) or {}
-        missing = [role for role, path in temps.items() if not path.exists()]
-        if missing:
-            raise RuntimeError(f"rule {step.rule} did not write its output {missing[0]!r}")
+            missing = [role for role, path in temps.items() if not path.exists()]
+            if missing:
+                raise RuntimeError(f"rule {step.rule} did not write its output {missing[0]!r}")
     except BaseException as err:  # no temp output may stay behind, whatever went wrong
         for path in temps.values():
             path.unlink(missing_ok=True)
         for folder in created:  # a failed target leaves no empty build/<model>/<target>/ behind
             if folder.exists() and not any(folder.iterdir()):
                 folder.rmdir()
-        if not isinstance(err, StepError):
+        if not isinstance(err, Exception):  # KeyboardInterrupt, SystemExit: the build stops
             raise
-        write_json_atomic(failure_path(root, step), {"step": step.name, "reason": why, "error": str(err), "facts": err.facts, "seconds": round(time.monotonic() - started, 3)})
-        return TaskFailed(str(err))
+        error = f"{step.name}: {_cause(err, step, root)}"
+        facts = err.facts if isinstance(err, StepError) else {}
+        write_json_atomic(failure_path(root, step), {"step": step.name, "reason": why, "error": error, "log": relative(log, root),
+                                                     "facts": facts, "seconds": round(time.monotonic() - started, 3)})
+        return StepFailed(f"{error} (log: {relative(log, root)})")
     for role, temp in temps.items():
         os.replace(temp, step.outputs[role])
     return info
+
+
+class StepFailed(TaskFailed):
+    """doit's failure for a step: its message is the one line the terminal shows
+    (kiln.engine.reporter prints `kiln_line` alone, without doit's traceback and captured output)."""
+
+    def __init__(self, line: str):
+        super().__init__(line)
+        self.kiln_line = line
+
+
+def _cause(err: Exception, step: Step, root: Path) -> str:
+    """The failure as one line. A StepError is the rule's own words (naming the file or tensor); any
+    other exception is its type and message, and where it was raised outside installed libraries
+    (the line of the user's factory or of the rule), so a bug is findable from the line alone."""
+    if isinstance(err, StepError):
+        return one_line(err.problem if err.step == step.name else str(err))
+    where = raised_at(err, root)
+    return f"{type(err).__name__}: {one_line(err)[:400] or 'no message'}" + (f" (at {where})" if where else "")
+
+
+# ---- what a rule prints, logs and warns goes to its step's log ----------------------------------
+#
+# Where a step runs in the process's main thread (doit's default and its -n worker processes, which
+# run one task at a time each), nothing else runs steps in this process, so file descriptors 1 and 2
+# are pointed at the log for the rule's duration: that catches what C/C++ libraries print (onnxsim,
+# onnxruntime, OpenVINO) and Python handlers bound to the original stderr at import (transformers'
+# logger). Under doit -P thread (and `kiln build -n N`) several steps share the process and a
+# descriptor is process-wide, so redirecting it would mix their logs and hide the build's own output:
+# there only Python-level output is captured, routed by thread (sys.stdout/sys.stderr writes,
+# warnings, logging records that reach the root logger); what C++ code writes to fd 1/2 stays on the
+# terminal. Serialising thread builds to get it too would throw away the parallelism they are for.
+
+_logs: dict[int, TextIO] = {}  # thread ident -> the log of the step that thread runs
+_logs_lock = threading.RLock()
+
+
+class _RoutedStream(io.TextIOBase):
+    """Stands in for sys.stdout / sys.stderr: a thread running a step writes to its log, any other
+    thread where the stream went before. It stays valid after the step (a library may have kept a
+    reference to it, as tqdm and logging handlers do)."""
+
+    def __init__(self, fallback):
+        super().__init__()
+        self.fallback = fallback
+
+    def _target(self):
+        return _logs.get(threading.get_ident()) or self.fallback
+
+    def write(self, text: str) -> int:
+        self._target().write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self._target().flush()
+
+    def isatty(self) -> bool:
+        target = self._target()
+        return target is self.fallback and bool(getattr(target, "isatty", lambda: False)())
+
+    def fileno(self) -> int:
+        try:
+            return self._target().fileno()
+        except AttributeError:  # doit's capturing Writer has none
+            raise io.UnsupportedOperation("fileno") from None
+
+    @property
+    def encoding(self):  # type: ignore[override]
+        return getattr(self._target(), "encoding", "utf-8")
+
+
+class _RoutedRecords(logging.Handler):
+    """On the root logger while steps run: a record goes to the log of the step its thread runs."""
+
+    def __init__(self):
+        super().__init__(logging.NOTSET)
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        self.users = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        log = _logs.get(record.thread or 0)
+        if log is not None:
+            log.write(self.format(record) + "\n")
+
+
+_records = _RoutedRecords()
+
+
+class _RoutedWarnings:
+    """warnings.showwarning while steps run: a warning raised in a thread running a step is written to
+    its log, any other goes where it went before (whoever had replaced showwarning keeps it)."""
+
+    def __init__(self):
+        self.users = 0
+        self.before = None
+
+    def __call__(self, message, category, filename, lineno, file=None, line=None):
+        log = _logs.get(threading.get_ident())
+        if log is None or file is not None:
+            return self.before(message, category, filename, lineno, file, line)
+        log.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+_warnings = _RoutedWarnings()
+
+
+@contextlib.contextmanager
+def _captured(log: Path, header: str):
+    """Run the body with this thread's output going to `log` (written as a temp file and renamed into
+    place when the body ends, however it ends); an exception's traceback is written there too."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temps(log.parent)
+    temp = temp_path(log)
+    try:
+        with open(temp, "w", encoding="utf-8", errors="backslashreplace", buffering=1) as stream:
+            stream.write(header + "\n")
+            try:
+                with _routed(stream), _descriptors(stream) if threading.current_thread() is threading.main_thread() else contextlib.nullcontext():
+                    yield
+            except BaseException:
+                stream.write("\n" + traceback.format_exc())
+                raise
+    finally:
+        os.replace(temp, log)
+
+
+@contextlib.contextmanager
+def _routed(stream: TextIO):
+    """sys.stdout, sys.stderr, warnings and root logging records of this thread -> stream. The
+    routing is installed by the first step to start and removed by the last to end, never while
+    another thread's step runs (doit -P thread also swaps sys.stdout around each task: whatever it
+    put there is wrapped again when a step starts)."""
+    me = threading.get_ident()
+    with _logs_lock:
+        _logs[me] = stream
+        if _records.users == 0:
+            logging.getLogger().addHandler(_records)
+            _warnings.before, warnings.showwarning = warnings.showwarning, _warnings
+        _records.users += 1
+    _wrap_streams()
+    try:
+        yield
+    finally:
+        with _logs_lock:
+            _logs.pop(me, None)
+            _records.users -= 1
+            if _records.users == 0:
+                logging.getLogger().removeHandler(_records)
+                if warnings.showwarning is _warnings:  # else a rule replaced it since: leave theirs
+                    warnings.showwarning = _warnings.before
+                sys.stdout, sys.stderr = (s.fallback if isinstance(s, _RoutedStream) else s for s in (sys.stdout, sys.stderr))
+
+
+def _wrap_streams() -> None:
+    """Make sys.stdout and sys.stderr routing streams (kept when they are already)."""
+    with _logs_lock:
+        sys.stdout, sys.stderr = (s if isinstance(s, _RoutedStream) else _RoutedStream(s) for s in (sys.stdout, sys.stderr))
+
+
+@contextlib.contextmanager
+def _descriptors(stream: TextIO):
+    """File descriptors 1 and 2 -> stream's file, then back (only where this thread is the process's
+    only step: see above). Buffers are flushed on both sides so nothing lands on the wrong side."""
+    try:
+        os.fstat(1), os.fstat(2)
+    except OSError:  # a process without stdout/stderr descriptors: nothing to redirect
+        yield
+        return
+    saved = [os.dup(1), os.dup(2)]
+    _flush_all()
+    try:
+        os.dup2(stream.fileno(), 1)
+        os.dup2(stream.fileno(), 2)
+        yield
+    finally:
+        _flush_all()
+        for fd, copy in zip((1, 2), saved, strict=True):
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
+def _flush_all() -> None:
+    """Python's own std streams and C's stdio buffers (printf output waits there when fd 1 is not a terminal)."""
+    import ctypes
+
+    for stream in (sys.__stdout__, sys.__stderr__):
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.flush()
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).fflush(None)
 
 
 def _input_bytes(step: Step) -> int:

@@ -20,6 +20,10 @@ if TYPE_CHECKING:
     from kiln.plan.steps import Step
 
 
+# What dynamic int8 quantizes unless options.op_types says otherwise (see build_rules/quantize_dynamic.py).
+DYNAMIC_OP_TYPES = ["Attention", "LSTM", "MatMul"]
+
+
 class OnnxOptions(ExportOptions):
     keep_io_types: bool = Field(True, description="fp16: keep the model's float inputs and outputs fp32")
     keep_fp32_ops: list[Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")]] = Field([], description="fp16: op types to keep in fp32, e.g. [\"Softmax\"]")
@@ -28,6 +32,9 @@ class OnnxOptions(ExportOptions):
     percentile: float = Field(99.999, gt=0.0, le=100.0, description="int8 static, calibration = 'percentile': the share of |x| kept inside the range")
     activation_type: Literal["uint8", "int8"] = Field("uint8", description="int8 static: activation type (uint8 is asymmetric, the fast path on x86 CPUs)")
     exclude_nodes: list[Annotated[str, Field(min_length=1)]] = Field([], description="int8/int4: graph node names left in fp32 (per-layer fallback for sensitive layers)")
+    op_types: list[Literal["MatMul", "Conv", "LSTM", "Attention"]] = Field(
+        DYNAMIC_OP_TYPES, min_length=1,
+        description="int8 dynamic: op types whose weights become int8, inside If/Loop/Scan bodies too (MatMul covers Gemm; Conv runs slower than fp32 on CPU, so it is left out by default)")
     block_size: int = Field(32, description="int4: weights per quantization block along K (16, 32, 64, 128 or 256)")
     symmetric: bool = Field(False, description="int4: symmetric blocks (no zero points); false stores a zero point per block")
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(4, description="int4: MatMulNBits accuracy_level (4: int8 activations in the kernel, fastest on CPU; 0: fp32 activations)")
@@ -43,9 +50,10 @@ class OnnxOptions(ExportOptions):
 OPTION_PRECISIONS: dict[str, tuple[str, ...]] = {
     "keep_io_types": ("fp16",), "keep_fp32_ops": ("fp16",), "quantization": ("int8",),
     "calibration": ("int8",), "percentile": ("int8",), "activation_type": ("int8",),
-    "exclude_nodes": ("int8", "int4"), "block_size": ("int4",), "symmetric": ("int4",), "accuracy_level": ("int4",),
+    "exclude_nodes": ("int8", "int4"), "op_types": ("int8",), "block_size": ("int4",), "symmetric": ("int4",), "accuracy_level": ("int4",),
 }
 STATIC_ONLY_OPTIONS = ("calibration", "percentile", "activation_type")
+DYNAMIC_ONLY_OPTIONS = ("op_types",)
 
 
 class OnnxTarget(TargetBase):
@@ -66,6 +74,8 @@ class Onnx(TargetFormat):
         for option in sorted(options.model_fields_set):
             if option in STATIC_ONLY_OPTIONS and options.quantization != "static":
                 raise CrossError(f"targets.{name}.options.{option}", getattr(options, option), f"no {option} with quantization = \"{options.quantization}\" (it applies to quantization = \"static\" only)")
+            if option in DYNAMIC_ONLY_OPTIONS and options.quantization != "dynamic":
+                raise CrossError(f"targets.{name}.options.{option}", getattr(options, option), f"no {option} with quantization = \"{options.quantization}\" (it applies to quantization = \"dynamic\" only: static int8 quantizes MatMul/Gemm)")
         if target.precision == "int8" and options.quantization == "static" and spec.calibration is None:
             raise CrossError(f"targets.{name}.options.quantization", "static", "a [calibration] table naming the calibration data (or quantization = \"dynamic\")")
 
@@ -79,7 +89,7 @@ class Onnx(TargetFormat):
         elif target.precision != "fp32":  # one conversion step from the fp32 model
             rule, params = {
                 "fp16": ("convert_fp16", {"keep_io_types": options.keep_io_types, "keep_fp32_ops": sorted(options.keep_fp32_ops)}),
-                "int8": ("quantize_dynamic", {"per_channel": True, "op_types": ["MatMul"]} | excluded(target)),
+                "int8": ("quantize_dynamic", {"per_channel": True, "op_types": sorted(set(options.op_types))} | excluded(target)),
                 "int4": ("quantize_int4", {"block_size": options.block_size, "symmetric": options.symmetric,
                                            "accuracy_level": options.accuracy_level} | excluded(target)),
             }[target.precision]

@@ -12,30 +12,92 @@ import json
 import os
 import subprocess
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
+from kiln.base.paths import relative
 from kiln.errors import StepError, one_line
+
+# How a child tells its parent why it failed: one line on stderr, after its traceback. The parent
+# takes the last such line, so whatever else the child printed (warnings, progress bars, a
+# library's own messages after the error) never becomes the step's error.
+_REPORT = "kiln-child-error: "
 
 
 def run_in_child(step: str, target: str, job: dict[str, Any], failure: str, hint: str = "") -> None:
-    """Call `module:function` (which reads `job` with read_job) in a fresh interpreter; on a non-zero
-    exit raise StepError "<failure>: <the child's last stderr line><hint>"."""
+    """Call `module:function` (which reads `job` with read_job) in a fresh interpreter. What the child
+    prints is passed on to this process's stdout/stderr (the step's log: kiln.execute.step). On
+    failure raise StepError with the child's own error: "<failure>: <error><hint>" when the tool
+    failed (the function called fail()), the error alone when something else did (loading the source,
+    reading the data: a tokenizer problem is not a "torch.jit.trace failed"), and how the child died
+    when it reported nothing (a signal, a crash in native code)."""
     module, function = target.split(":")
-    code = f"from {module} import {function}; {function}()"
+    code = f"from kiln.runtime.child import report_errors; report_errors(); from {module} import {function}; {function}()"
     proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(job), capture_output=True, text=True,
                           env=os.environ | {"PYTHONHASHSEED": "0"})
+    sys.stdout.write(proc.stdout)
+    sys.stderr.write(proc.stderr)
     if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
-        raise StepError(step, f"{failure}: {last[:400]}{hint}")
+        raise StepError(step, child_error(proc.returncode, proc.stderr, failure, hint))
+
+
+def child_error(returncode: int, stderr: str, failure: str, hint: str = "") -> str:
+    """The one-line cause of a failed child, from its last report (see run_in_child)."""
+    reports = [line[len(_REPORT):] for line in stderr.splitlines() if line.startswith(_REPORT)]
+    if reports:
+        report = json.loads(reports[-1])
+        return f"{failure}: {report['error']}{hint}" if report["tool"] else report["error"]
+    if returncode < 0:
+        import signal
+
+        died = f"was killed by {signal.Signals(-returncode).name}"
+    else:
+        died = f"exited with code {returncode}"
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    return f"{failure}: the child process {died}" + (f"; its last output: {one_line(lines[-1])[:300]}" if lines else "")
+
+
+def report_errors() -> None:
+    """In the child, first: an exception the job lets out is reported as the step's error (its
+    traceback printed first, for the step's log); fail() reports the tool's own failures. A hook,
+    not a wrapper around the job: a wrapper's frame would enter the Python stacks that traced
+    TorchScript records, changing its bytes."""
+    sys.excepthook = lambda kind, err, tb: _report(err, tool=False)  # the interpreter then exits with 1
 
 
 def read_job() -> dict[str, Any]:
     return json.loads(sys.stdin.read())
 
 
-def fail(err: BaseException) -> None:
-    """In the child: exit 1 with the error on one line (the parent quotes it)."""
-    sys.exit(f"{type(err).__name__}: {one_line(err)}")
+def fail(err: BaseException) -> NoReturn:
+    """In the child, where the tool itself (the tracer, the exporter, the converter) raised: exit 1,
+    and the parent's error reads "<failure>: <this error>"."""
+    _report(err, tool=True)
+    sys.exit(1)
+
+
+def _report(err: BaseException, tool: bool) -> None:
+    import traceback
+
+    traceback.print_exception(err, file=sys.stderr)
+    if isinstance(err, StepError):
+        error = one_line(err)
+    else:
+        where = raised_at(err, Path.cwd())
+        error = f"{type(err).__name__}: {one_line(err)[:400] or 'no message'}" + (f" (at {where})" if where and not tool else "")
+    print(_REPORT + json.dumps({"tool": tool, "error": error}), file=sys.stderr, flush=True)
+
+
+def raised_at(err: BaseException, root: Path) -> str | None:
+    """file:line of the innermost frame of err's traceback that is neither the standard library nor an
+    installed package (the user's factory, a kiln rule): where to look, on one line. Workspace-relative
+    when the file is in the workspace."""
+    import sysconfig
+    import traceback
+
+    library = tuple({sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")})
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith((*library, "<"))]
+    return f"{relative(frames[-1].filename, root)}:{frames[-1].lineno}" if frames else None
 
 
 def portable_code_paths(root, model) -> None:

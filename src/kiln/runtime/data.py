@@ -37,9 +37,30 @@ def read_text_lines(path: Path, max_samples: int | None) -> list[str]:
 
 def text_batches(path: Path, tokenizer: Any, inputs: list[dict], batch_size: int, max_length: int, max_samples: int | None) -> Iterator[dict[str, np.ndarray]]:
     lines = read_text_lines(path, max_samples)
+    words = unknown = 0
     for start in range(0, len(lines), batch_size):
         encoded = tokenizer(lines[start : start + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="np")
+        counted = _word_tokens(encoded, tokenizer)
+        words, unknown = words + counted[0], unknown + counted[1]
         yield {spec["name"]: _take(encoded, spec, path) for spec in inputs}
+    if not words or unknown == words:
+        # A tokenizer that does not fit the text (or a stand-in made from config.json) turns every
+        # word into one token: the source and the artifact then agree on garbage and validation
+        # would pass by accident.
+        what = "no tokens but special ones" if not words else f"the unknown token {tokenizer.unk_token!r} for every one of its {words} word tokens"
+        raise StepError(str(path), f"the model's tokenizer gives {what}: it does not read this text, so nothing real would be validated; check the tokenizer files of the model folder")
+
+
+def _word_tokens(encoded: Any, tokenizer: Any) -> tuple[int, int]:
+    """(tokens that are not special or padding, how many of them are the unknown token)."""
+    ids = np.asarray(encoded["input_ids"]) if "input_ids" in encoded else None
+    if ids is None:
+        return 1, 0  # not a token-id tokenizer: nothing to count, nothing to refuse
+    unk = tokenizer.unk_token_id
+    real = ~np.isin(ids, [i for i in tokenizer.all_special_ids if i != unk])  # [CLS], [SEP], padding...
+    if "attention_mask" in encoded:
+        real &= np.asarray(encoded["attention_mask"]) != 0
+    return int(real.sum()), int((real & (ids == unk)).sum()) if unk is not None else 0
 
 
 def _take(encoded: Any, spec: dict, path: Path) -> np.ndarray:
@@ -48,15 +69,68 @@ def _take(encoded: Any, spec: dict, path: Path) -> np.ndarray:
     return np.ascontiguousarray(encoded[spec["name"]].astype(spec["dtype"]))
 
 
+# The dynamic axis name that marks where the samples of a tensor lie (README: manifest reference).
+BATCH = "batch"
+
+
+def batch_axis(spec: dict) -> int | None:
+    """The axis holding the samples of an input or output: where its shape names `batch`; axis 0
+    when the manifest gives no shape (the data's first axis, as text data is tokenized); None when
+    the shape has no `batch` (a scalar, a fixed tensor, a state with a fixed leading dim): such an
+    input is fed whole to every batch, such an output compared whole."""
+    shape = spec.get("shape")
+    if shape is None:
+        return 0
+    return shape.index(BATCH) if BATCH in shape else None
+
+
+def sample_count(feed: dict[str, np.ndarray], axes: dict[str, int | None]) -> int:
+    """Samples in one batch, along the batch axis of its batched inputs (axes: input -> batch axis
+    or None; a name it lacks is batched on axis 0); a feed without a batched input is one sample."""
+    for name, value in feed.items():
+        axis = axes.get(name, 0)
+        if axis is not None:
+            return int(value.shape[axis])
+    return 1
+
+
+def first_sample(feed: dict[str, np.ndarray], axes: dict[str, int | None]) -> dict[str, np.ndarray]:
+    """The first sample of a batch as the model takes it: batched inputs cut to 1 on their batch
+    axis (axes as in sample_count), the others whole."""
+    return {name: contiguous(value if (axis := axes.get(name, 0)) is None else _cut(value, axis, 0, 1)) for name, value in feed.items()}
+
+
+def contiguous(array: np.ndarray) -> np.ndarray:
+    """A C-contiguous array of the same shape (np.ascontiguousarray turns a 0-d array into 1-d)."""
+    return array if array.flags.c_contiguous else np.array(array, order="C")
+
+
+def _cut(array: np.ndarray, axis: int, start: int, stop: int) -> np.ndarray:
+    return array[(slice(None),) * axis + (slice(start, stop),)]
+
+
 def array_batches(path: Path, inputs: list[dict], batch_size: int, max_samples: int | None) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of `batch_size` samples cut along each input's batch axis; unbatched inputs go whole
+    into every batch; without a batched input the file is one feed."""
     arrays = load_arrays(path, inputs)
-    count = len(next(iter(arrays.values())))
+    axes = {spec["name"]: batch_axis(spec) for spec in inputs}
+    whole = {name: contiguous(a) for name, a in arrays.items() if axes[name] is None}
+    batched = {name: a for name, a in arrays.items() if axes[name] is not None}
+    if not batched:
+        yield whole
+        return
+    name, array = next(iter(batched.items()))
+    count = array.shape[axes[name]]
     count = min(count, max_samples) if max_samples else count
     for start in range(0, count, batch_size):
-        yield {name: np.ascontiguousarray(a[start : start + batch_size]) for name, a in arrays.items()}
+        stop = min(start + batch_size, count)  # the last batch ends at max_samples, not past it
+        feed = {name: contiguous(_cut(a, axes[name], start, stop)) for name, a in batched.items()} | whole
+        yield {spec["name"]: feed[spec["name"]] for spec in inputs}  # in the manifest's order
 
 
 def load_arrays(path: Path, inputs: list[dict]) -> dict[str, np.ndarray]:
+    """The inputs' arrays from a .npz (or a .npy for a one-input model), checked against the
+    manifest: rank, fixed axes, dtype, and one sample count along every batched input's batch axis."""
     try:
         loaded = np.load(path, allow_pickle=False)
         # an .npz reads each array when asked: a pickled one or a damaged member fails here
@@ -73,13 +147,13 @@ def load_arrays(path: Path, inputs: list[dict]) -> dict[str, np.ndarray]:
     for spec in inputs:
         if spec["name"] not in found:
             raise StepError(str(path), f"input {spec['name']!r} is missing; the file has {sorted(found)}")
-        if found[spec["name"]].ndim == 0:
-            raise StepError(str(path), f"input {spec['name']!r} is a scalar; expected an array whose first axis is the samples")
+        if found[spec["name"]].ndim == 0 and spec.get("shape") is None:
+            raise StepError(str(path), f"input {spec['name']!r} is a scalar; expected an array whose first axis is the samples (or give the input shape = [] to feed it whole)")
         arrays[spec["name"]] = _check_array(found[spec["name"]], spec, path)
-    counts = {name: len(a) for name, a in arrays.items()}
-    if len(set(counts.values())) != 1:
-        raise StepError(str(path), f"inputs have different sample counts {counts}; the first axis must match")
-    if not next(iter(counts.values())):
+    counts = {spec["name"]: arrays[spec["name"]].shape[axis] for spec in inputs if (axis := batch_axis(spec)) is not None}
+    if len(set(counts.values())) > 1:
+        raise StepError(str(path), f"inputs have different sample counts {counts} along their batch axes; every batched input must hold the same samples")
+    if counts and not next(iter(counts.values())):
         raise StepError(str(path), "validation data is empty: 0 samples")
     return arrays
 
@@ -97,15 +171,16 @@ def _check_array(array: np.ndarray, spec: dict, path: Path) -> np.ndarray:
 
 
 def example_inputs(inputs: list[dict], seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, np.ndarray]:
-    """Seeded example inputs for export: dynamic axes get small sizes, values follow `range`."""
+    """Seeded example inputs for export: dynamic axes get small sizes, values follow `range`; a
+    scalar input (shape []) is a 0-d array."""
     rng = np.random.default_rng(seed)
     sizes = dict(sizes or {})
     out = {}
     for spec in inputs:
         shape = []
-        for axis, dim in enumerate(spec.get("shape") or []):
-            # A named axis has one size across all inputs: 2 if it leads (a batch), else 8.
-            shape.append(dim if isinstance(dim, int) else sizes.setdefault(dim, 2 if axis == 0 else 8))
+        for dim in spec.get("shape") or []:
+            # A named axis has one size across all inputs: 2 for the batch (wherever it is), else 8.
+            shape.append(dim if isinstance(dim, int) else sizes.setdefault(dim, 2 if dim == BATCH else 8))
         low, high = spec.get("range") or ((0, 2) if "int" in spec["dtype"] or spec["dtype"] == "bool" else (-1.0, 1.0))
         if "int" in spec["dtype"] or spec["dtype"] == "bool":
             values = rng.integers(int(low), int(high), size=shape)
@@ -115,11 +190,30 @@ def example_inputs(inputs: list[dict], seed: int = 0, sizes: dict[str, int] | No
     return out
 
 
-def load_tokenizer(folder: Path):
-    """The tokenizer of a Hugging Face model folder (text data is tokenized with the source's own)."""
+# A folder holds a real tokenizer when it has one of these (same list as
+# kiln.sources.huggingface.TOKENIZER_FILES, which resolving checks; runtime cannot import sources).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
+
+
+def load_tokenizer(folder: Path, facts: dict | None = None):
+    """The tokenizer of a Hugging Face model folder (text data is tokenized with the source's own).
+
+    Only a folder with tokenizer files has one: transformers would otherwise build a tokenizer of
+    special tokens from config.json, and every word would become [UNK]. Batches of texts of several
+    lengths need padding: a tokenizer without a pad token (GPT-2 style) pads with its eos token,
+    and `facts` (the step's facts, for the report) says so."""
     import os
 
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise StepError(str(folder), f"text data needs the model's tokenizer, but the folder has none of {', '.join(TOKENIZER_FILES)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at build time
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise StepError(str(folder), "the tokenizer has no pad token and no eos token to pad batches of texts with; set pad_token in tokenizer_config.json")
+        tokenizer.pad_token = tokenizer.eos_token
+        if facts is not None:
+            facts["pad_token"] = "eos (the tokenizer had none)"
+    return tokenizer

@@ -2,7 +2,9 @@
 
 Per output: max_abs_diff and max_rel_diff (native kernel, exact), and the cosine similarity of each
 row along the last axis (one per token for last_hidden_state, one per sample for pooled outputs),
-summarized as mean_cosine and min_cosine over all rows of all batches.
+summarized as mean_cosine and min_cosine over all rows of all batches. An output's batch axis is
+moved first before rows are cut, so a row never mixes samples (a state [2, batch, 8] gives one row
+per layer per sample); an output without a batch axis is compared whole.
 """
 
 from __future__ import annotations
@@ -30,13 +32,15 @@ class OutputMetrics:
     nonfinite: int = 0
     cosines: list[np.ndarray] = field(default_factory=list)
 
-    def add(self, ref: np.ndarray, out: np.ndarray, padding: np.ndarray | None = None) -> None:
-        """padding: optional mask over the leading axes (e.g. attention_mask [batch, sequence]);
-        rows where it is 0 are padding, whose values no caller uses, and are left out."""
-        ref32 = np.ascontiguousarray(ref, dtype=np.float32)
-        out32 = np.ascontiguousarray(out, dtype=np.float32)
-        if ref32.shape != out32.shape:
-            raise ValueError(f"shape {list(out32.shape)} differs from the reference's {list(ref32.shape)}")
+    def add(self, ref: np.ndarray, out: np.ndarray, padding: np.ndarray | None = None, batch_axis: int | None = 0) -> None:
+        """padding: optional mask over the leading axes, batch first (e.g. attention_mask [batch,
+        sequence]); rows where it is 0 are padding, whose values no caller uses, and are left out.
+        batch_axis: where the output's samples lie (None: it has none; padding then does not apply)."""
+        if np.shape(ref) != np.shape(out):
+            raise ValueError(f"shape {list(np.shape(out))} differs from the reference's {list(np.shape(ref))}")
+        ref32, out32 = (_batch_first(np.asarray(a, dtype=np.float32), batch_axis) for a in (ref, out))
+        if batch_axis is None:
+            padding = None
         if padding is not None and ref32.ndim > padding.ndim and ref32.shape[: padding.ndim] == padding.shape:
             keep = padding.reshape(-1) != 0
             ref32 = np.ascontiguousarray(ref32.reshape(keep.size, -1)[keep])
@@ -54,6 +58,13 @@ class OutputMetrics:
             "mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()),
             "rows": int(cos.size), "nonfinite": int(self.nonfinite),
         }
+
+
+def _batch_first(array: np.ndarray, batch_axis: int | None) -> np.ndarray:
+    if batch_axis is not None and batch_axis >= array.ndim:
+        raise ValueError(f"shape {list(array.shape)} has no axis {batch_axis}, where the manifest puts the batch")
+    moved = np.moveaxis(array, batch_axis, 0) if batch_axis else array
+    return np.require(moved, requirements="C")  # keeps a 0-d array 0-d
 
 
 def row_cosines(ref: np.ndarray, out: np.ndarray) -> np.ndarray:

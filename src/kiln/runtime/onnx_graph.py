@@ -1,17 +1,24 @@
-"""Which nodes of an ONNX graph quantization touches: MatMul / Gemm whose B is a 2-D float weight.
+"""ONNX graph facts the rules share.
 
-Calibration observes their activation inputs, static int8 puts Q/DQ around them, int4 rewrites
-them to MatMulNBits. Attention-score MatMuls (both inputs computed) are not weight layers and stay
-fp32 in every scheme here.
+Which nodes quantization touches: MatMul / Gemm whose B is a 2-D float weight. Calibration observes
+their activation inputs, static int8 puts Q/DQ around them, int4 rewrites them to MatMulNBits.
+Attention-score MatMuls (both inputs computed) are not weight layers and stay fp32 in every scheme
+here. Which weight ops a graph holds, subgraphs included, and which quantized ops a rule wrote: how a
+quantizing rule proves it quantized something. And publishing: every ONNX a rule writes is
+topologically sorted (subgraphs too) and passes onnx's full checker, which onnxruntime does not need
+but other consumers (polygraphy, TensorRT's parser, onnx tools) do.
 """
 
 from __future__ import annotations
 
+import heapq
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import onnx
 
-from kiln.errors import StepError
+from kiln.errors import StepError, one_line
 
 FLOAT = onnx.TensorProto.FLOAT
 
@@ -80,3 +87,140 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
     present = {o.name for o in model.graph.output}
     model.graph.output.extend(onnx.helper.make_tensor_value_info(n, FLOAT, None) for n in names if n not in present)
     return model.SerializeToString()
+
+
+# Op types onnxruntime's int8 quantizers can give integer weights, and the input holding the weight.
+WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1, "LSTM": 1, "Attention": 1}
+# Ops a quantizer writes that carry quantized weights (what "it quantized something" means), and
+# the activation quantizers that feed them.
+QUANTIZED_WEIGHT_OPS = ("MatMulInteger", "ConvInteger", "DynamicQuantizeLSTM", "QAttention", "DynamicQuantizeMatMul", "MatMulNBits")
+ACTIVATION_QUANTIZERS = ("DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear")
+
+
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The bodies of an If / Loop / Scan (or any node with graph attributes)."""
+    found = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            found.append(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            found.extend(attr.graphs)
+    return found
+
+
+def outer_reads(graph: onnx.GraphProto) -> set[str]:
+    """Names the graph's nodes (and their subgraphs) read but the graph does not define: values an
+    If / Loop / Scan body takes from the enclosing scope."""
+    defined = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    defined |= {t.values.name for t in graph.sparse_initializer}
+    reads: set[str] = set()
+    for node in graph.node:
+        defined.update(node.output)
+        reads.update(node.input)
+        for sub in subgraphs(node):
+            reads |= outer_reads(sub)
+    return reads - defined - {""}
+
+
+def _node_reads(node: onnx.NodeProto) -> set[str]:
+    """A node's inputs plus what its subgraphs read from this scope: an If must come after them too."""
+    reads = set(node.input)
+    for sub in subgraphs(node):
+        reads |= outer_reads(sub)
+    return reads - {""}
+
+
+def sort_graph(graph: onnx.GraphProto) -> bool:
+    """Order the nodes topologically, in place, subgraphs first. Stable: among the nodes that are
+    ready, the earliest in the original order goes first, so a sorted graph keeps its order and the
+    same input always gives the same bytes. Nodes left on a cycle keep their order at the end, for
+    the checker to name. Returns whether anything moved."""
+    moved = False
+    for node in graph.node:
+        for sub in subgraphs(node):
+            moved |= sort_graph(sub)
+    nodes = list(graph.node)
+    producer: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        for name in node.output:
+            if name:
+                producer.setdefault(name, i)
+    users: list[list[int]] = [[] for _ in nodes]
+    waiting = [0] * len(nodes)
+    for i, node in enumerate(nodes):
+        for j in {producer[name] for name in _node_reads(node) if name in producer} - {i}:
+            users[j].append(i)
+            waiting[i] += 1
+    ready = [i for i, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for user in users[i]:
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                heapq.heappush(ready, user)
+    if order == list(range(len(nodes))):
+        return moved
+    placed = set(order)
+    order += [i for i in range(len(nodes)) if i not in placed]
+    ordered = [onnx.NodeProto.FromString(nodes[i].SerializeToString()) for i in order]  # copies: the field is cleared next
+    del graph.node[:]
+    graph.node.extend(ordered)
+    return True
+
+
+def weight_op_census(graph: onnx.GraphProto, op_types=tuple(WEIGHT_INPUT), outer: frozenset[str] = frozenset(), inside: bool = False) -> dict[str, list[int]]:
+    """op type -> [count, count inside If/Loop/Scan bodies] of the nodes whose weight input (B of
+    MatMul/Gemm, W of Conv/LSTM, the weights of Attention) is a float initializer of the node's
+    graph or of an enclosing one: the ops an int8 quantizer could rewrite."""
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    visible = outer | {t.name for t in graph.initializer if t.data_type in floats}
+    census: dict[str, list[int]] = {}
+    for node in graph.node:
+        index = WEIGHT_INPUT.get(node.op_type)
+        if node.op_type in op_types and index is not None and len(node.input) > index and node.input[index] in visible:
+            counts = census.setdefault(node.op_type, [0, 0])
+            counts[0] += 1
+            counts[1] += inside
+        for sub in subgraphs(node):
+            for op, (total, nested) in weight_op_census(sub, op_types, frozenset(visible), True).items():
+                counts = census.setdefault(op, [0, 0])
+                counts[0] += total
+                counts[1] += nested
+    return dict(sorted(census.items()))
+
+
+def describe_census(census: dict[str, list[int]]) -> str:
+    """'Conv: 4 (4 inside If/Loop/Scan bodies), MatMul: 1', or 'none'."""
+    parts = [f"{op}: {total}" + (f" ({nested} inside If/Loop/Scan bodies)" if nested else "") for op, (total, nested) in census.items()]
+    return ", ".join(parts) or "none"
+
+
+def count_ops(graph: onnx.GraphProto, op_types) -> dict[str, int]:
+    """How many nodes of each of op_types the graph holds, subgraphs included (sorted by op type)."""
+    counts: Counter[str] = Counter()
+    for node in graph.node:
+        if node.op_type in op_types:
+            counts[node.op_type] += 1
+        for sub in subgraphs(node):
+            counts.update(count_ops(sub, op_types))
+    return dict(sorted(counts.items()))
+
+
+def check_published(path: Path, step: str) -> None:
+    """Fail the step unless the written file passes onnx.checker.check_model(full_check=True). Given
+    the path, not the proto: a model over 2 GB cannot be serialized into one protobuf, and the
+    checker then reads its external data files itself."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as err:  # ValidationError, InferenceError, and plain errors from the C++ side
+        raise StepError(step, f"the ONNX it wrote fails onnx.checker.check_model(full_check=True): {one_line(err)[:400]}") from None
+
+
+def publish(model: onnx.ModelProto, path: Path, step: str) -> None:
+    """Sort the graph, write it, and check the written file with the full checker."""
+    sort_graph(model.graph)
+    onnx.save(model, str(path))
+    check_published(path, step)

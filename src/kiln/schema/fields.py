@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 TENSOR_NAME = r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,127}$"
@@ -36,8 +36,14 @@ class ModelInfo(Strict):
     allow_outside_workspace: bool = Field(False, description="let the manifest's file paths (source, data) point outside the workspace; pkg: paths are always allowed")
 
 
+# The dynamic axis name that marks where a tensor's samples lie (kiln.runtime.data.BATCH, which
+# rules use at run time, is the same name; README: manifest reference, inputs).
+BATCH = "batch"
+
+
 class TensorSpec(Strict):
-    """A model input or output. Shape entries: an int (fixed) or a name (a dynamic axis)."""
+    """A model input or output. Shape entries: an int (fixed) or a name (a dynamic axis). The axis
+    named "batch" holds the samples; a tensor whose shape lacks it is fed (or compared) whole."""
 
     name: str = Field(pattern=TENSOR_NAME)
     dtype: Literal[DTYPES] = "float32"  # type: ignore[valid-type]
@@ -50,6 +56,19 @@ class TensorSpec(Strict):
     @property
     def dynamic_axes(self) -> dict[int, str]:
         return {i: d for i, d in enumerate(self.shape or []) if isinstance(d, str)}
+
+    @property
+    def batch_axis(self) -> int | None:
+        """Where the samples lie: the axis named "batch"; 0 without a shape; None for a shape without it."""
+        if self.shape is None:
+            return 0
+        return self.shape.index(BATCH) if BATCH in self.shape else None
+
+    @model_validator(mode="after")
+    def _one_batch_axis(self) -> "TensorSpec":
+        if (self.shape or []).count(BATCH) > 1:
+            raise CrossError("shape", self.shape, f"{BATCH!r} on one axis at most: it names the axis that holds the samples")
+        return self
 
 
 class Thresholds(Strict):

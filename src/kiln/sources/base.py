@@ -4,10 +4,11 @@ A source kind says
 - definition: its [source] table (`Source`, a pydantic model), the optional extra it needs, which
   targets it can give (`check_target`) and what else it demands of the manifest (`check_spec`);
 - resolving: the files whose bytes define the model (`files`, through a Resolver that knows the
-  manifest and the workspace), the paths and factory the manifest names;
+  manifest and the workspace), the paths and factory the manifest names, and whether those files
+  can read the data files (`check_data`);
 - planning: the step that makes its fp32 ONNX (`onnx_step`);
 - running: its reference outputs on the validation data, in its own framework (`run_reference`),
-  and which tools key that step (`reference_tools`).
+  which tools key that step (`reference_tools`) and facts about how the data was read (`data_facts`).
 Torch-based kinds (kiln.sources.torch_kind) also load an nn.Module and its export example.
 """
 
@@ -74,6 +75,11 @@ class SourceKind(ABC):
         """A folder whose listing gave the files (a new file there changes the model), or None."""
         return None
 
+    def check_data(self, data: Path, files: tuple[Path, ...], resolver: Resolver, key: str) -> None:
+        """Raise resolver.error(key, ...) for a data file (validation or calibration) this source's
+        files cannot read: text data for a folder without a tokenizer. Any data by default."""
+        return None
+
     # ---- planning -----------------------------------------------------------------------------
 
     @abstractmethod
@@ -86,6 +92,11 @@ class SourceKind(ABC):
     def run_reference(self, feeds: Iterator[dict], files: list[Path], source: dict, inputs: list[dict],
                       outputs: list[dict], ctx: RunContext) -> Iterator[tuple[dict, dict]]:
         """Yield (feed, outputs by name) per batch, from the original model in its own framework."""
+
+    def data_facts(self, files: list[Path], data: Path) -> dict[str, Any]:
+        """Facts for the reference step's report about how the data was read (a pad token borrowed
+        from eos); none by default."""
+        return {}
 
 
 def check_pickle(path: Path, allowed: bool, resolver: Resolver, key: str) -> None:

@@ -3,7 +3,8 @@ manifests share it), read through StepRecord.
 
 A record is written (atomically) only after a step's outputs are in place, so a crash leaves
 either the old record or none, and the step reruns. Failures go to a separate file, so the
-record of the last good build, and the artifacts it names, stay valid.
+record of the last good build, and the artifacts it names, stay valid. What a run printed goes to
+its log, build/.kiln/logs/<step id>.log (log_path).
 
     {"step": name, "id": id, "key": sha256 of the components,
      "components": {"rule", "version", "params", "inputs": {role: [[file name, sha256], ...]}, "tools": {name: version}, ["hardware": {...}]},
@@ -105,4 +106,11 @@ def last_path(root: Path, step: Step, target: str, model: str | None = None) -> 
 
 
 def failure_path(root: Path, step: Step) -> Path:
+    """Why the step's last run failed: {"step", "reason", "error" (the one line), "log", "facts", "seconds"}."""
     return record_path(root, step).with_suffix(".failed.json")
+
+
+def log_path(root: Path, step: Step) -> Path:
+    """What the step's last run printed, logged and warned, and the traceback of a failure
+    (kiln.execute.step): one file per step id, replaced by each run."""
+    return state_dir(root) / "logs" / f"{step.id}.log"

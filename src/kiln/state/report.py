@@ -30,6 +30,8 @@ def step_entry(plan: Plan, step, status: str) -> dict[str, Any]:
     if status == FAILED:
         failure = read_json(failure_path(plan.root, step)) or {}
         entry |= {"why": failure.get("reason"), "error": failure.get("error", "see doit's output"), "seconds": failure.get("seconds"), "facts": failure.get("facts")}
+        if failure.get("log"):
+            entry["log"] = failure["log"]  # the traceback and what the rule printed
         return entry
     record = read_record(plan.root, step)
     if record is None:
@@ -48,7 +50,7 @@ def step_entry(plan: Plan, step, status: str) -> dict[str, Any]:
 def build_report(plan: Plan, statuses: dict[str, str], seconds: float) -> dict[str, Any]:
     steps = [step_entry(plan, s, statuses.get(s.name, NOT_RUN)) for s in plan.steps]
     artifacts = []
-    for step, entry in zip(plan.steps, steps):
+    for step, entry in zip(plan.steps, steps, strict=True):
         if step.publishes:
             info = entry.get("info") or entry.get("facts") or {}
             artifact = {"target": step.targets[0], "status": entry["status"], "metrics": info.get("metrics"), "thresholds": info.get("thresholds"), "passed": info.get("passed")}
