@@ -39,13 +39,12 @@ class Calibrate(Rule):
     memory_base_mib = 1536  # one batch of every observed activation, plus onnxruntime's arena
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: CalibrateParams, ctx: RunContext) -> dict[str, Any]:
-        import onnx
 
         from kiln.native.calibration import Calibration
         from kiln.runtime.data import batch_axis, batches, sample_count
-        from kiln.runtime.onnx_graph import weight_layers, with_outputs
+        from kiln.runtime.onnx_graph import load, weight_layers, with_outputs
 
-        model = onnx.load(str(inputs["model"][0]))
+        model = load(inputs["model"][0])
         observed = sorted({layer.activation for layer in weight_layers(model, params.op_types)})
         if not observed:
             raise StepError(ctx.step, f"the model has no {'/'.join(params.op_types)} node with a weight initializer: nothing to calibrate or quantize")

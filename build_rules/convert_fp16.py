@@ -21,6 +21,7 @@ from kiln.rules import Params, Rule, RunContext, register
 class ConvertFp16Params(Params):
     keep_io_types: bool = True
     keep_fp32_ops: list[str] = []
+    external_data: bool = False  # the model and the "data" output keep their tensors in one external file
 
 
 @register
@@ -34,17 +35,25 @@ class ConvertFp16(Rule):
         import onnx
         from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-        from kiln.runtime.onnx_graph import publish
+        from kiln.runtime.onnx_graph import load_external_data, publish
 
-        model = onnx.load(str(inputs["model"][0]))
+        path = inputs["model"][0]
+        if params.external_data:
+            # The converter's own shape inference serializes the whole model (protobuf's 2 GB cap), so
+            # it runs here on the proto without its weights (small tensors stay inline, shapes need no
+            # values), and the weights are loaded after it.
+            model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
+            load_external_data(model, path.parent)
+        else:
+            model = onnx.load(str(path))
         try:
             converted = convert_float_to_float16(
                 model, keep_io_types=params.keep_io_types,
                 op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(params.keep_fp32_ops)),
-                max_finite_val=65504.0, min_positive_val=5.96e-08,
+                max_finite_val=65504.0, min_positive_val=5.96e-08, disable_shape_infer=params.external_data,
             )
         except Exception as err:  # the converter raises plain Exceptions on unsupported graphs
             raise StepError(ctx.step, f"fp16 conversion failed: {one_line(err)}") from None
-        publish(converted, outputs["model"], ctx.step)
+        publish(converted, outputs["model"], ctx.step, outputs["data"] if params.external_data else None)
         kept = sum(1 for node in converted.graph.node if node.op_type in params.keep_fp32_ops)
         return {"nodes": len(converted.graph.node), "kept_fp32_nodes": kept}

@@ -29,6 +29,7 @@ class QuantizeDynamicParams(Params):
     per_channel: bool = True
     op_types: list[str] = DEFAULT_OP_TYPES
     exclude_nodes: list[str] = []
+    external_data: bool = False  # the model and the "data" output keep their tensors in one external file
 
 
 @register
@@ -40,29 +41,36 @@ class QuantizeDynamic(Rule):
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: QuantizeDynamicParams, ctx: RunContext) -> dict[str, Any]:
         import logging
+        import tempfile
 
         import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        from kiln.runtime.onnx_graph import ACTIVATION_QUANTIZERS, QUANTIZED_WEIGHT_OPS, count_ops, layers_to_quantize, publish
+        from kiln.runtime.onnx_graph import ACTIVATION_QUANTIZERS, QUANTIZED_WEIGHT_OPS, count_ops, layers_to_quantize, load, publish
 
         logging.getLogger("onnxruntime").setLevel(logging.WARNING)
-        model = onnx.load(str(inputs["model"][0]))
+        model = load(inputs["model"][0])
         layers_to_quantize(model, params.exclude_nodes, ctx.step)  # checks the names, and names nameless nodes
-        try:
-            # The proto, not the path: the quantizer then sees the names kiln gave nameless nodes, and
-            # writes its shape-inferred copy to a temporary folder, not beside another step's output.
-            quantize_dynamic(
-                model, str(outputs["model"]), op_types_to_quantize=params.op_types, per_channel=params.per_channel,
-                weight_type=QuantType.QInt8, nodes_to_exclude=excluded_names(model, params.exclude_nodes), extra_options={"EnableSubgraph": True},
-            )
-        except Exception as err:  # onnxruntime.quantization raises assorted plain exceptions
-            raise StepError(ctx.step, f"dynamic int8 quantization failed: {one_line(err)}") from None
-        quantized = onnx.load(str(outputs["model"]))
+        # The quantizer writes into a private folder: with external data it puts its own data file
+        # beside the model it saves, which must not land in the step's folder.
+        with tempfile.TemporaryDirectory(dir=outputs["model"].parent, prefix=".kiln-quantize-") as tmp:
+            written = Path(tmp) / "model.onnx"
+            try:
+                # The proto, not the path: the quantizer then sees the names kiln gave nameless nodes, and
+                # writes its shape-inferred copy to a temporary folder, not beside another step's output.
+                quantize_dynamic(
+                    model, str(written), op_types_to_quantize=params.op_types, per_channel=params.per_channel,
+                    weight_type=QuantType.QInt8, nodes_to_exclude=excluded_names(model, params.exclude_nodes),
+                    use_external_data_format=params.external_data, extra_options={"EnableSubgraph": True},
+                )
+            except Exception as err:  # onnxruntime.quantization raises assorted plain exceptions
+                raise StepError(ctx.step, f"dynamic int8 quantization failed: {one_line(err)}") from None
+            quantized = onnx.load(str(written))
         weight_ops = count_ops(quantized.graph, QUANTIZED_WEIGHT_OPS)
         if not weight_ops:
             raise StepError(ctx.step, nothing_quantized(model, params))
-        publish(quantized, outputs["model"], ctx.step)
+        del model  # the fp32 weights: only the quantized copy is written
+        publish(quantized, outputs["model"], ctx.step, outputs["data"] if params.external_data else None)
         return {"quantized_ops": weight_ops | count_ops(quantized.graph, ACTIVATION_QUANTIZERS), "nodes": len(quantized.graph.node)}
 
 

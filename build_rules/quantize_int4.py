@@ -25,6 +25,7 @@ class QuantizeInt4Params(Params):
     symmetric: bool = False
     accuracy_level: int = 4
     exclude_nodes: list[str] = []
+    external_data: bool = False  # the model and the "data" output keep their tensors in one external file
 
 
 @register
@@ -37,9 +38,9 @@ class QuantizeInt4(Rule):
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: QuantizeInt4Params, ctx: RunContext) -> dict[str, Any]:
         import onnx
 
-        from kiln.runtime.onnx_graph import layers_to_quantize, publish
+        from kiln.runtime.onnx_graph import layers_to_quantize, load, publish
 
-        model = onnx.load(str(inputs["model"][0]))
+        model = load(inputs["model"][0])
         layers = layers_to_quantize(model, params.exclude_nodes, ctx.step)
         if not layers:
             raise StepError(ctx.step, nothing_to_quantize(model, params))
@@ -49,7 +50,7 @@ class QuantizeInt4(Rule):
         _drop_unused_initializers(model)
         if not any(op.domain == MS_DOMAIN for op in model.opset_import):
             model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
-        publish(model, outputs["model"], ctx.step)
+        publish(model, outputs["model"], ctx.step, outputs["data"] if params.external_data else None)
         return {"quantized_layers": len(layers), "quantized_ops": {"MatMulNBits": len(layers)},
                 "block_size": params.block_size, "symmetric": params.symmetric}
 

@@ -27,6 +27,7 @@ class QuantizeStaticParams(Params):
     per_channel: bool = True
     op_types: list[str] = ["MatMul", "Gemm"]
     exclude_nodes: list[str] = []
+    external_data: bool = False  # the model and the "data" output keep their tensors in one external file
 
 
 @register
@@ -39,17 +40,16 @@ class QuantizeStatic(Rule):
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: QuantizeStaticParams, ctx: RunContext) -> dict[str, Any]:
         import logging
 
-        import onnx
         from onnxruntime.quantization.quant_utils import save_and_reload_model_with_shape_infer
 
         from kiln.native.calibration import Calibration
-        from kiln.runtime.onnx_graph import ACTIVATION_QUANTIZERS, count_ops, layers_to_quantize, publish
+        from kiln.runtime.onnx_graph import ACTIVATION_QUANTIZERS, count_ops, layers_to_quantize, load, publish
 
         logging.getLogger("onnxruntime").setLevel(logging.WARNING)
         # The quantizer reads activation dtypes from value_info. Shape inference runs in a temporary
         # folder: onnxruntime's path variant writes model-inferred.onnx beside the input, in another
         # step's folder, where two static targets of one model would race on it.
-        model = save_and_reload_model_with_shape_infer(onnx.load(str(inputs["model"][0])))
+        model = save_and_reload_model_with_shape_infer(load(inputs["model"][0]))
         layers = layers_to_quantize(model, params.exclude_nodes, ctx.step, params.op_types)
         if not layers:
             raise StepError(ctx.step, nothing_to_quantize(model, params))
@@ -62,7 +62,7 @@ class QuantizeStatic(Rule):
         quantized = _quantize(model, ranges, [layer.node.name for layer in layers], params, ctx)
         if not int8_weights(quantized):
             raise StepError(ctx.step, f"static int8 wrote no int8 weight for the {len(layers)} weight layers it was given: the artifact would be fp32")
-        publish(quantized, outputs["model"], ctx.step)
+        publish(quantized, outputs["model"], ctx.step, outputs["data"] if params.external_data else None)
         return {"quantized_layers": len(layers), "excluded": len(params.exclude_nodes), "method": params.method,
                 "quantized_ops": count_ops(quantized.graph, ACTIVATION_QUANTIZERS),
                 "ranges": {name: [float(lo), float(hi)] for name, (lo, hi) in sorted(ranges.items())}}

@@ -37,3 +37,11 @@ def test_sweep_deletes_dead_writers_temps_and_keeps_live_ones(tmp_path: Path):
     not_ours.write_text("someone else's")
     sweep_stale_temps(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other_thread.name, not_ours.name])
+
+
+def test_final_name_is_the_name_a_temp_file_is_renamed_to():
+    from kiln.base.temps import final_name, temp_path
+
+    assert final_name(temp_path(Path("/x/model.onnx.data"))) == "model.onnx.data"
+    assert final_name(temp_path(Path("/x/model.onnx"), "part")) == "model.onnx"
+    assert final_name(Path("/x/model.onnx.data")) == "model.onnx.data"

@@ -211,3 +211,44 @@ def test_a_model_class_transformers_does_not_have_fails_at_check_time(tmp_path: 
     (tmp_path / "manifests" / "m.toml").write_text((tmp_path / "manifests" / "m.toml").read_text().replace("BertForTeaMaking", "BertForMaskedLM"))
     raw = read_manifest(tmp_path / "manifests" / "m.toml")
     assert resolve(validate(raw), raw, tmp_path).source_files
+
+
+# ---- text data is cut to the positions the model has -------------------------------------------
+
+
+def test_a_max_length_set_above_the_models_positions_fails_at_check_time(tmp_path: Path):
+    """hf_models' tiny BERT has 64 positions: 65 tokens would crash it on the first long text."""
+    manifest = _hf_folder_manifest(tmp_path, tokenizer=True)
+    manifest.write_text(manifest.read_text().replace('data = "data/t.txt"', 'data = "data/t.txt"\nmax_length = 65'))
+    raw = read_manifest(manifest)
+    with pytest.raises(ManifestError) as caught:
+        resolve(validate(raw), raw, tmp_path)
+    assert str(caught.value) == f"{raw.path}: validation.max_length: 65 tokens is more than the source model has positions for (64, from its config.json); set validation.max_length = 64 or less"
+
+
+def test_the_default_max_length_is_cut_to_the_models_positions(tmp_path: Path):
+    from kiln.plan.chains import plan
+
+    raw = read_manifest(_hf_folder_manifest(tmp_path, tokenizer=True))
+    spec = validate(raw)
+    resolved = resolve(spec, raw, tmp_path)
+    assert spec.validation.max_length == 128 and resolved.text_positions == 64
+    (reference,) = [s for s in plan(spec, resolved, raw.path, tmp_path).steps if s.rule == "reference_outputs"]
+    assert reference.params["max_length"] == 64
+
+
+@pytest.mark.parametrize(("config", "positions"), [
+    ({"model_type": "bert", "max_position_embeddings": 512}, 512),
+    ({"model_type": "gpt2", "n_positions": 1024}, 1024),
+    ({"model_type": "roberta", "max_position_embeddings": 514, "pad_token_id": 1}, 512),
+    ({"model_type": "t5", "n_positions": 512}, None),
+    ({"model_type": "llama", "max_position_embeddings": 4096, "rope_theta": 10000.0}, None),
+    ({"model_type": "bert", "max_position_embeddings": 512, "position_embedding_type": "relative_key"}, None),
+])
+def test_max_positions_reads_learned_absolute_positions_only(tmp_path: Path, config: dict, positions):
+    import json
+
+    from kiln.sources.huggingface import max_positions
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert max_positions(tmp_path / "config.json") == positions

@@ -118,3 +118,47 @@ def test_openvino_converts_the_shared_onnx_and_publishes_both_files():
     assert validate_step.outputs["artifact"] == ROOT / "build/bert/openvino_fp16/model.xml"
     assert validate_step.outputs["weights"] == ROOT / "build/bert/openvino_fp16/model.bin"
     assert [s.params for s in p.steps if s.rule == "convert_openvino"] == [{"compress_to_fp16": False}, {"compress_to_fp16": True}]
+
+
+def _plan_with_source_bytes(size: int, external_data=None):
+    """bert's plan as if its source files held `size` bytes (external_data: set on onnx_int8)."""
+    import copy
+    import dataclasses
+
+    from kiln.define.spec import validate
+    from kiln.plan.chains import plan
+    from kiln.schema.manifest import RawManifest
+    from workspaces import GOOD
+
+    data = copy.deepcopy(GOOD)
+    if external_data is not None:
+        data["targets"]["onnx_int8"].setdefault("options", {})["external_data"] = external_data
+    resolved = dataclasses.replace(RESOLVED, source_bytes=size)
+    return plan(validate(RawManifest(ROOT / "manifests/bert.toml", data)), resolved, ROOT / "manifests/bert.toml", ROOT)
+
+
+def test_external_data_auto_turns_on_above_the_threshold_for_every_onnx_step_of_the_chain():
+    from kiln.plan.chains import EXTERNAL_DATA_AUTO_BYTES
+
+    small, big = _plan_with_source_bytes(EXTERNAL_DATA_AUTO_BYTES), _plan_with_source_bytes(EXTERNAL_DATA_AUTO_BYTES + 1)
+    assert [s.id for s in small.steps] == [s.id for s in make_plan().steps]  # at the threshold: nothing changes
+    chain = [s for s in big.steps if "onnx_int8" in s.targets]
+    assert [s.rule for s in chain] == ["reference_outputs", "export_onnx", "quantize_dynamic", "validate"]  # no onnxsim
+    _, export, quantize, publish = chain
+    for step in (export, quantize):
+        assert step.params["external_data"] is True and step.outputs["data"].name == "model.onnx.data"
+    assert quantize.inputs["model"] == (export.outputs["model"], export.outputs["data"])  # the data's digest keys it
+    assert publish.inputs["model"] == (quantize.outputs["model"], quantize.outputs["data"])
+    assert publish.outputs["data"] == ROOT / "build/bert/onnx_int8/model.onnx.data"
+    ir = next(s for s in big.steps if s.rule == "convert_openvino")
+    assert ir.inputs["model"][1].name == "model.onnx.data"
+
+
+def test_external_data_false_overrides_auto_and_true_forces_it():
+    from kiln.plan.chains import EXTERNAL_DATA_AUTO_BYTES
+
+    off = _plan_with_source_bytes(EXTERNAL_DATA_AUTO_BYTES * 2, external_data=False)
+    assert "data" not in next(s for s in off.steps if s.rule == "quantize_dynamic").outputs
+    on = _plan_with_source_bytes(0, external_data=True)
+    assert next(s for s in on.steps if s.rule == "quantize_dynamic").params["external_data"] is True
+    assert "external_data" not in next(s for s in on.steps if s.rule == "convert_fp16").params  # other targets keep theirs

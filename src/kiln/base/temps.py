@@ -14,12 +14,20 @@ import threading
 from pathlib import Path
 
 _TEMP = re.compile(r"^\..+\.kiln-(\d+)-\d+(?:\.[a-z]+)?\.tmp$")
+_FINAL = re.compile(r"^\.(.+)\.kiln-\d+-\d+(?:\.[a-z]+)?\.tmp$")
 _SWEPT: set[str] = set()
 
 
 def temp_path(path: Path, tag: str = "") -> Path:
     """Where to write `path` before renaming it into place: unique to this process and thread."""
     return path.with_name(f".{path.name}.kiln-{os.getpid()}-{threading.get_ident()}{'.' + tag if tag else ''}.tmp")
+
+
+def final_name(path: Path) -> str:
+    """The name a temp file will be renamed to (`path`'s own name when it is no temp file): what a
+    file must call a companion it refers to, such as an ONNX model's external data file."""
+    match = _FINAL.match(path.name)
+    return match.group(1) if match else path.name
 
 
 def sweep_stale_temps(folder: Path) -> None:

@@ -33,6 +33,8 @@ class Resolved:
     listed_folder: tuple[Path, int] | None = None
     aliases: tuple[tuple[Path, Path], ...] = ()  # (path as the manifest names it, the file it resolved to) where they differ: symlinks
     lookups: tuple[tuple[str, str, tuple[Path, ...], str], ...] = ()  # (kind, name, folders first on sys.path, what was found): kiln.base.locate
+    text_positions: int | None = None  # how many tokens the source model has positions for (text data is cut to fit)
+    source_bytes: int = 0  # the source files' total size: decides options.external_data = "auto" at plan time
 
 
 class ManifestResolver:
@@ -80,12 +82,22 @@ def resolve(spec: Spec, raw: RawManifest, root: Path) -> Resolved:
     kind = source_kind(spec.source.kind)
     files = kind.files(spec.source, resolver)
     data = _data_file(spec, resolver, "validation")
-    for key, path in (("validation.data", data), ("calibration.data", calibration)):
+    positions = kind.text_positions(files)
+    for table, path in (("validation", data), ("calibration", calibration)):
         if path is not None:
-            kind.check_data(path, files, resolver, key)  # e.g. text data needs a real tokenizer in the folder
+            kind.check_data(path, files, resolver, f"{table}.data")  # e.g. text data needs a real tokenizer in the folder
+            _check_max_length(getattr(spec, table), table, path, positions, resolver)
     folder = kind.listed_folder(files)
     listed = (folder, os.stat(folder).st_mtime_ns) if folder is not None else None  # at planning, not at the end
-    return Resolved(files, data, calibration, listed, _aliases(spec, raw), lookups)
+    source_bytes = sum(os.stat(path).st_size for path in files)
+    return Resolved(files, data, calibration, listed, _aliases(spec, raw), lookups, text_positions=positions, source_bytes=source_bytes)
+
+
+def _check_max_length(table, name: str, data: Path, positions: int | None, resolver: ManifestResolver) -> None:
+    """A max_length the manifest sets above the model's positions would crash the model on a long
+    text; the default is cut to fit instead (kiln.plan.chains.Planner.max_length)."""
+    if data.suffix == ".txt" and positions is not None and "max_length" in table.model_fields_set and table.max_length > positions:
+        raise resolver.error(f"{name}.max_length", f"{table.max_length} tokens is more than the source model has positions for ({positions}, from its config.json); set {name}.max_length = {positions} or less")
 
 
 def _path_texts(spec: Spec) -> list[str]:

@@ -93,10 +93,10 @@ class Onnx(TargetFormat):
                 "int4": ("quantize_int4", {"block_size": options.block_size, "symmetric": options.symmetric,
                                            "accuracy_level": options.accuracy_level} | excluded(target)),
             }[target.precision]
-            model_step = planner.add(name, rule, params, {"model": (model,)}, {"model": "model.onnx"}, [model_step])
+            model_step = planner.onnx_step(name, target, rule, params, model, model_step)
         if model_step is not None:
             model = model_step.outputs["model"]
-        planner.validate(name, target, model, model_step, reference)
+        planner.validate(name, target, model, model_step, reference, planner.onnx_companions(model, model_step))
 
     def open_runner(self, artifact: Artifact) -> Runner:
         try:
@@ -121,14 +121,14 @@ def quantize_static_step(planner: Planner, name: str, target: Any, model: Path, 
     and TensorRT alike) -> quantize_static (ranges from the calibration by this target's method)."""
     calibration = planner.spec.calibration
     calibrate = planner.add(name, "calibrate", {
-        "inputs": planner.inputs, "batch_size": calibration.batch_size, "max_length": calibration.max_length,
+        "inputs": planner.inputs, "batch_size": calibration.batch_size, "max_length": planner.max_length(calibration),
         "max_samples": calibration.max_samples, "bins": calibration.bins, "op_types": ["MatMul", "Gemm"],
-    }, {"model": (model,), "data": (planner.resolved.calibration_file,)} | planner.tokenizer(planner.resolved.calibration_file),
+    }, {"model": planner.onnx_files(model, model_step), "data": (planner.resolved.calibration_file,)} | planner.tokenizer(planner.resolved.calibration_file),
         {"calibration": "calibration.json"}, [model_step])
     options = target.options
     params = {"method": options.calibration, "activation_type": activation_type, "per_channel": True,
               "op_types": ["MatMul", "Gemm"]} | excluded(target)
     if options.calibration == "percentile":
         params["percentile"] = options.percentile
-    return planner.add(name, "quantize_static", params, {"model": (model,), "calibration": (calibrate.outputs["calibration"],)},
-                       {"model": "model.onnx"}, [model_step, calibrate])
+    return planner.onnx_step(name, target, "quantize_static", params, model, model_step,
+                             {"calibration": (calibrate.outputs["calibration"],)}, [model_step, calibrate])

@@ -36,7 +36,7 @@ class Openvino(TargetFormat):
     def chain(self, planner: Planner, name: str, target: OpenvinoTarget) -> None:
         reference = planner.reference(name)
         model, model_step = planner.fp32_onnx(name, target)
-        ir = planner.add(name, "convert_openvino", {"compress_to_fp16": target.precision == "fp16"}, {"model": (model,)},
+        ir = planner.add(name, "convert_openvino", {"compress_to_fp16": target.precision == "fp16"}, {"model": planner.onnx_files(model, model_step)},
                          {"model": "model.xml", "weights": "model.bin"}, [model_step])
         planner.validate(name, target, ir.outputs["model"], ir, reference, {"weights": ir.outputs["weights"]})
 

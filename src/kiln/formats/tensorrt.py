@@ -83,14 +83,14 @@ class Tensorrt(TargetFormat):
         model, model_step = planner.fp32_onnx(name, target)
         options = target.options
         if target.precision == "fp16":
-            model_step = planner.add(name, "convert_fp16", {"keep_io_types": True, "keep_fp32_ops": sorted(options.keep_fp32_ops)},
-                                     {"model": (model,)}, {"model": "model.onnx"}, [model_step])
+            model_step = planner.onnx_step(name, target, "convert_fp16", {"keep_io_types": True, "keep_fp32_ops": sorted(options.keep_fp32_ops)},
+                                           model, model_step)
         elif target.precision == "int8":
             model_step = quantize_static_step(planner, name, target, model, model_step, activation_type="int8")
         model = model_step.outputs["model"] if model_step is not None else model
         params = {"device": target.device, "inputs": planner.inputs, "profile": {k: list(v) for k, v in sorted(target.profile.items())},
                   "workspace_mib": options.workspace_mib, "optimization_level": options.optimization_level, "tf32": options.tf32}
-        engine = planner.add(name, "build_tensorrt", params, {"model": (model,)},
+        engine = planner.add(name, "build_tensorrt", params, {"model": planner.onnx_files(model, model_step)},
                              {"engine": "model.engine", "timing_cache": "timing.cache"}, [model_step])
         planner.validate(name, target, engine.outputs["engine"], engine, reference, {"timing_cache": engine.outputs["timing_cache"]})
 

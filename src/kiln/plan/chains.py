@@ -18,6 +18,13 @@ from kiln.plan.steps import PUBLISH_RULE, Plan, Step, identity
 from kiln.sources import source_kind
 
 
+# options.external_data = "auto" turns external data on when the source's files exceed this. Below
+# protobuf's 2 GiB limit with room to spare: the fp32 export also holds the graph and the constants
+# the exporter folds, so a source just under 2 GiB can give an ONNX just over it.
+EXTERNAL_DATA_AUTO_BYTES = 3 << 29  # 1.5 GiB
+EXTERNAL_DATA_FILE = "model.onnx.data"  # the one data file beside model.onnx; its name is recorded in the proto
+
+
 def plan(spec: Spec, resolved: Resolved, manifest: Path, root: Path) -> Plan:
     planner = Planner(spec, resolved, root)
     for target_name in spec.targets:
@@ -47,7 +54,7 @@ class Planner:
         validation = self.spec.validation
         params = {
             "source": self.source_params, "inputs": self.inputs, "outputs": self.outputs,
-            "batch_size": validation.batch_size, "max_length": validation.max_length, "max_samples": validation.max_samples,
+            "batch_size": validation.batch_size, "max_length": self.max_length(validation), "max_samples": validation.max_samples,
         }
         inputs = {"source": self.resolved.source_files, "data": (self.resolved.data_file,)}
         return self.add(name, "reference_outputs", params, inputs, {"outputs": "reference.safetensors"})
@@ -57,10 +64,51 @@ class Planner:
         source file itself), then onnxsim where the target asks and the source allows; shared by
         every target that asks for the same opset and options."""
         model, model_step = self.source.onnx_step(self, name, target)
-        if self.source.simplify_onnx and target.options.simplify:
-            model_step = self.add(name, "simplify_onnx", {}, {"model": (model,)}, {"model": "model.onnx"}, [model_step])
+        # onnxsim is not run on external-data models (docs/design.md); export_onnx's facts say so
+        if self.source.simplify_onnx and target.options.simplify and not self.external_data(target):
+            model_step = self.add(name, "simplify_onnx", {}, {"model": self.onnx_files(model, model_step)}, {"model": "model.onnx"}, [model_step])
             model = model_step.outputs["model"]
         return model, model_step
+
+    def external_data(self, target) -> bool:
+        """Whether every ONNX of this target's chain is written with its tensors in model.onnx.data.
+        Decided here, at plan time, because a step's output files are fixed roles known before it runs."""
+        wanted = target.options.external_data
+        return self.resolved.source_bytes > EXTERNAL_DATA_AUTO_BYTES if wanted == "auto" else wanted
+
+    def onnx_outputs(self, target) -> tuple[dict, dict]:
+        """(params to add, output roles) of a step writing an ONNX model in this target's chain. The
+        param is there only when external data is on, so every other step keeps its id."""
+        if self.external_data(target):
+            return {"external_data": True}, {"model": "model.onnx", "data": EXTERNAL_DATA_FILE}
+        return {}, {"model": "model.onnx"}
+
+    def onnx_files(self, model: Path, model_step: Step | None) -> tuple[Path, ...]:
+        """An ONNX model and the external data files it reads: the step input that carries them all,
+        so a changed data file changes every key downstream. A source ONNX file comes with the data
+        files its source kind resolved beside it."""
+        if model_step is not None:
+            return (model, model_step.outputs["data"]) if "data" in model_step.outputs and model_step.outputs["model"] == model else (model,)
+        files = self.resolved.source_files
+        return files if files and files[0] == model else (model,)
+
+    def onnx_step(self, name: str, target, rule: str, params: dict, model: Path, model_step: Step | None,
+                  inputs: dict | None = None, deps: list[Step | None] | None = None) -> Step:
+        """A step turning the ONNX model (with its data files) into another ONNX model of this target's chain."""
+        more_params, outputs = self.onnx_outputs(target)
+        inputs = {"model": self.onnx_files(model, model_step)} | (inputs or {})
+        return self.add(name, rule, params | more_params, inputs, outputs, [model_step] if deps is None else deps)
+
+    def onnx_companions(self, model: Path, model_step: Step | None) -> dict[str, Path]:
+        """The external data files published beside an ONNX artifact, by role: data, data_2, ..."""
+        return {("data" if i == 0 else f"data_{i + 1}"): p for i, p in enumerate(self.onnx_files(model, model_step)[1:])}
+
+    def max_length(self, table) -> int:
+        """How many tokens text data is cut to: the table's max_length, and no more than the model has
+        positions for (a max_length set above that is refused by resolve; the default of 128 is cut
+        to fit a model with fewer)."""
+        positions = self.resolved.text_positions
+        return min(table.max_length, positions) if positions else table.max_length
 
     def tokenizer(self, data: Path) -> dict[str, tuple[Path, ...]]:
         """Text data is tokenized with the source's tokenizer, whose files are then inputs too."""

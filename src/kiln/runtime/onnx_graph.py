@@ -12,12 +12,15 @@ but other consumers (polygraphy, TensorRT's parser, onnx tools) do.
 from __future__ import annotations
 
 import heapq
+import os
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 
+from kiln.base.temps import final_name
 from kiln.errors import StepError, one_line
 
 FLOAT = onnx.TensorProto.FLOAT
@@ -219,8 +222,75 @@ def check_published(path: Path, step: str) -> None:
         raise StepError(step, f"the ONNX it wrote fails onnx.checker.check_model(full_check=True): {one_line(err)[:400]}") from None
 
 
-def publish(model: onnx.ModelProto, path: Path, step: str) -> None:
-    """Sort the graph, write it, and check the written file with the full checker."""
+def publish(model: onnx.ModelProto, path: Path, step: str, data: Path | None = None) -> None:
+    """Sort the graph, write it, and check the written file with the full checker. With `data`, every
+    tensor of 1 KiB or more goes to that one file (external data) instead: see save_external."""
     sort_graph(model.graph)
-    onnx.save(model, str(path))
-    check_published(path, step)
+    if data is None:
+        onnx.save(model, str(path))
+        check_published(path, step)
+    else:
+        save_external(model, path, data, step)
+
+
+# Tensors smaller than this stay inside the model file (onnx's own default): shapes and scalars
+# that shape inference and the checker read without opening the data file.
+EXTERNAL_MIN_BYTES = 1024
+
+
+def save_external(model: onnx.ModelProto, path: Path, data: Path, step: str) -> None:
+    """Write the model to `path` and its tensors to the single file `data`, the proto naming that file
+    by its final name (data may be a temp file the step runner renames later), and check it.
+
+    onnx.save writes the data file beside the model under the location the proto records, so both are
+    written into a private folder under their final names, checked there (the checker reads the data
+    it would publish, never an older file of the same name), then moved onto the given paths. Tensors
+    are written in graph order by onnx, so the same model gives the same bytes. The proto is changed
+    in place (its tensors then point into the file)."""
+    location = final_name(data)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".kiln-onnx-") as tmp:
+        staged = Path(tmp) / final_name(path)
+        if staged.name == location:
+            raise StepError(step, f"an ONNX model and its external data cannot share the name {location!r}")
+        try:
+            onnx.save(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=location, size_threshold=EXTERNAL_MIN_BYTES, convert_attribute=False)
+        except Exception as err:  # protobuf's own errors (a graph whose structure alone is over 2 GB)
+            raise StepError(step, f"cannot write the ONNX model with external data: {one_line(err)[:300]}") from None
+        staged_data = Path(tmp) / location
+        if not staged_data.exists():  # no tensor reached the threshold: an empty data file keeps the layout
+            staged_data.touch()
+        os.chmod(staged_data, staged.stat().st_mode & 0o777)  # onnx creates it 0600; readable as the model is
+        check_published(staged, step)
+        os.replace(staged, path)
+        os.replace(staged_data, data)
+
+
+def load(path: Path) -> onnx.ModelProto:
+    """An ONNX file with its external data, for a rule to convert. Not onnx.load: onnx (1.17+) refuses
+    a data file with several hard links (a guard against a crafted model reading other files), and
+    kiln's step cache hard-links every output it stores, so each step's model.onnx.data has two."""
+    model = onnx.load(str(path), load_external_data=False)
+    load_external_data(model, path.parent)
+    return model
+
+
+def load_external_data(model: onnx.ModelProto, folder: Path) -> None:
+    """Read every external tensor of `model` into the proto from its file in `folder`. Only a plain file
+    name beside the model is followed (what kiln writes), so nothing outside the folder is read."""
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    for tensor in _get_all_tensors(model):
+        if not uses_external_data(tensor):
+            continue
+        info = ExternalDataInfo(tensor)
+        if Path(info.location).name != info.location or info.location in ("", ".", ".."):
+            raise ValueError(f"tensor {tensor.name!r}: external data location {info.location!r} is not a file name beside the model")
+        with open(folder / info.location, "rb") as f:
+            f.seek(info.offset or 0)
+            data = f.read(info.length) if info.length else f.read()
+        if info.length and len(data) != info.length:
+            raise ValueError(f"tensor {tensor.name!r}: {info.location} ends before its {info.length} bytes at offset {info.offset}")
+        tensor.raw_data = data
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]

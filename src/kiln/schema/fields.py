@@ -105,6 +105,10 @@ class ExportOptions(Strict):
 
     simplify: bool = Field(True, description="run onnxsim after the ONNX export")
     constant_folding: bool = Field(True, description="torch.onnx.export do_constant_folding")
+    external_data: bool | Literal["auto"] = Field(
+        "auto", description="write every ONNX of this target's chain as model.onnx + model.onnx.data (all tensors in one file; "
+                            "needed over protobuf's 2 GB limit); 'auto': when the source's files exceed 1.5 GiB (a factory "
+                            "source without a weights file counts as small); onnxsim is not run on such models")
 
 
 class TargetBase(Strict):

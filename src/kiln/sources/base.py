@@ -80,6 +80,10 @@ class SourceKind(ABC):
         files cannot read: text data for a folder without a tokenizer. Any data by default."""
         return None
 
+    def text_positions(self, files: tuple[Path, ...]) -> int | None:
+        """How many tokens of text the model has positions for (None: no fixed limit, or no text)."""
+        return None
+
     # ---- planning -----------------------------------------------------------------------------
 
     @abstractmethod

@@ -99,6 +99,27 @@ class HuggingFaceSource(Strict):
         return {key: value for key, value in data.items() if key not in ("task", "model_class") or value is not None}
 
 
+# Models whose learned positions start after the padding index (RoBERTa's family): of
+# max_position_embeddings, pad_token_id + 1 are never a token's position.
+OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "xmod", "data2vec-text", "longformer", "mpnet", "esm")
+
+
+def max_positions(config_file: Path) -> int | None:
+    """How many tokens the model's learned absolute positions cover (config.json's n_positions or
+    max_position_embeddings); None for relative or rotary positions (T5, Llama...), no hard limit."""
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return None  # loading the model reports a broken config with its own words
+    for key in ("n_positions", "max_position_embeddings"):
+        if isinstance(config.get(key), int) and config.get("position_embedding_type", "absolute") == "absolute" \
+                and not {"rope_theta", "rope_scaling", "rope_parameters"} & set(config) and config.get("model_type") not in ("t5", "mt5", "umt5", "longt5"):
+            pad = config.get("pad_token_id")
+            offset = (pad if isinstance(pad, int) else 1) + 1 if config.get("model_type") in OFFSET_POSITIONS else 0
+            return config[key] - offset
+    return None
+
+
 class HuggingFace(TorchKind):
     kind = "huggingface"
     Source = HuggingFaceSource
@@ -133,6 +154,9 @@ class HuggingFace(TorchKind):
         folder = files[0].parent
         if data.suffix == ".txt" and not has_tokenizer(folder):
             raise resolver.error(key, f"{data.name!r} is text, but the model folder {str(folder)!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); add the tokenizer files the model was trained with, or give .npz arrays named after the inputs")
+
+    def text_positions(self, files: tuple[Path, ...]) -> int | None:
+        return max_positions(files[0].parent / "config.json")
 
     # ---- running ------------------------------------------------------------------------------
 

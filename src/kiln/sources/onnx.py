@@ -30,7 +30,11 @@ class Onnx(SourceKind):
     Source = OnnxSource
 
     def files(self, source: OnnxSource, resolver: Resolver) -> tuple[Path, ...]:
-        return (resolver.file(source.path, "source.path"),)
+        """The ONNX file, then the external data files its tensors are stored in (a model over 2 GB,
+        or one saved with save_as_external_data): their bytes are the weights, so they key every
+        step and are published beside an artifact that is the source file itself."""
+        model = resolver.file(source.path, "source.path")
+        return (model, *external_data_files(model, resolver))
 
     def onnx_step(self, planner: Planner, name: str, target: Any) -> tuple[Path, Step | None]:
         return planner.resolved.source_files[0], None
@@ -41,3 +45,25 @@ class Onnx(SourceKind):
         sess = session(files[0], optimize=False)
         for feed in feeds:
             yield feed, dict(zip(output_names, sess.run(output_names, feed)))
+
+
+def external_data_files(model: Path, resolver: Resolver) -> list[Path]:
+    """The files beside `model` that its external tensors name, in name order. Only plain file names
+    beside the model are accepted: kiln publishes them next to the artifact under the same names."""
+    import onnx  # at planning, only for an ONNX source: the graph is read, not the weights
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    try:
+        proto = onnx.load(str(model), load_external_data=False)
+    except Exception as err:  # a damaged file: protobuf's DecodeError and friends
+        raise resolver.error("source.path", f"{model.name!r} is not a readable ONNX model: {' '.join(str(err).split())[:200]}") from None
+    names = sorted({ExternalDataInfo(t).location for t in _get_all_tensors(proto) if uses_external_data(t)})
+    files = []
+    for name in names:
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise resolver.error("source.path", f"{model.name!r} keeps tensors in {name!r}; kiln takes external data files only beside the model, by plain file name")
+        path = model.parent / name
+        if not path.is_file():
+            raise resolver.error("source.path", f"{model.name!r} keeps tensors in {name!r}, which is not beside it ({path} does not exist)")
+        files.append(path)
+    return files

@@ -47,6 +47,8 @@ class Sklearn(SourceKind):
         if target.format != "onnx" or target.precision != "fp32":
             key, value = ("format", target.format) if target.format != "onnx" else ("precision", target.precision)
             raise CrossError(f"targets.{name}.{key}", value, "format = \"onnx\" with precision = \"fp32\" for a sklearn source (skl2onnx's ai.onnx.ml operators have no fp16/int8 form and no OpenVINO or TensorRT kernels)")
+        if target.options.external_data is True:
+            raise CrossError(f"targets.{name}.options.external_data", True, "\"auto\" or false for a sklearn source (skl2onnx writes the model in one file; an estimator's ONNX is far below the 2 GB limit)")
 
     def check_spec(self, spec: Any) -> None:
         if len(spec.inputs) != 1:

@@ -67,10 +67,11 @@ class TorchKind(SourceKind):
         return model, tuple(torch.from_numpy(example[name]) for name in names)
 
     def onnx_step(self, planner: Planner, name: str, target: Any) -> tuple[Path, Step | None]:
+        external, outputs = planner.onnx_outputs(target)
         step = planner.add(name, "export_onnx", {
             "source": planner.source_params, "inputs": planner.inputs, "outputs": planner.outputs,
             "opset": target.opset, "constant_folding": target.options.constant_folding,
-        }, {"source": planner.resolved.source_files}, {"model": "model.onnx"})
+        } | external, {"source": planner.resolved.source_files}, outputs)
         return step.outputs["model"], step
 
     def run_reference(self, feeds: Iterator[dict], files: list[Path], source: dict, inputs: list[dict],
