@@ -26,7 +26,7 @@ class ValidateParams(Params):
     outputs: list[str]
     thresholds: dict[str, float | None]
     padding_mask: str | None = None  # an input whose zeros mark padding rows, left out of the metrics
-    # Formats run in torch (safetensors) need the source architecture; ONNX ones do not, and leave
+    # Formats run in torch (safetensors, pytorch) need the source architecture; ONNX ones do not, and leave
     # these unset so a source change reaches them only through their model input.
     source: dict[str, Any] | None = None
     inputs: list[dict[str, Any]] | None = None

@@ -11,7 +11,8 @@ import pytest
 
 from conftest import example_workspace
 
-TINYCNN_TARGETS = {"onnx_fp32": 1e-5, "onnx_fp16": 1e-2, "openvino_fp32": 1e-5, "openvino_fp16": 1e-2, "torchscript": 0.0, "torch_export": 0.0}
+TINYCNN_TARGETS = {"onnx_fp32": 1e-5, "onnx_fp16": 1e-2, "openvino_fp32": 1e-5, "openvino_fp16": 1e-2, "torchscript": 0.0, "torch_export": 0.0,
+                   "pytorch_fp16": 1e-2}
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,8 @@
 The registry (FORMATS): names, order (the manifest's target union), tags, validation tools and the
 import-time check that catches a format added without them; the validate rule's tool list. Each
 format's open_runner on tiny artifacts made here: ONNX in onnxruntime, the same model's OpenVINO IR,
-TorchScript and torch.export programs; TensorRT without a GPU.
+TorchScript and torch.export programs; a torch.save'd state_dict in its source architecture;
+TensorRT without a GPU.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from kiln.formats.base import TargetFormat
 from kiln.runtime.runners import Artifact, RuntimeUnavailable
 from kiln.schema.fields import TargetBase
 
-NAMES = ("onnx", "safetensors", "torchscript", "torch_export", "openvino", "tensorrt")
+NAMES = ("onnx", "safetensors", "torchscript", "torch_export", "openvino", "tensorrt", "pytorch")
 STEP = "m/t/validate"
 
 
@@ -58,7 +59,8 @@ def test_the_validate_step_is_keyed_by_the_format_runtime_and_numpy(fmt: TargetF
 def test_validation_tools_are_the_runtimes_the_artifacts_run_in():
     tools = {fmt.format: fmt.validation_tools for fmt in FORMATS}
     assert tools == {"onnx": ("onnxruntime",), "safetensors": ("torch", "transformers"), "torchscript": ("torch",),
-                     "torch_export": ("torch",), "openvino": ("openvino",), "tensorrt": ("tensorrt",)}
+                     "torch_export": ("torch",), "openvino": ("openvino",), "tensorrt": ("tensorrt",),
+                     "pytorch": ("torch", "transformers")}
 
 
 class _FakeTarget(TargetBase):
@@ -233,6 +235,58 @@ def test_a_damaged_torch_program_is_a_step_error(tmp_path: Path, kind: str):
     with pytest.raises(StepError) as caught:
         target_format(kind).open_runner(Artifact(path, ["y"], STEP, inputs=[{"name": "x"}]))
     assert str(caught.value).startswith(f"{STEP}: torch cannot load model.pt2: ") and "\n" not in str(caught.value)
+
+
+# ---- state_dict files (format = "pytorch") ------------------------------------------------------
+
+TWO_INPUTS_FACTORY = '''
+import torch
+
+
+class TwoInputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+
+    def forward(self, a, b):
+        h = self.net(a)
+        return h - b, h.sum(-1)
+
+
+def build():
+    return TwoInputs().eval()
+'''
+
+
+def _state_dict_artifact(tmp_path: Path, state: dict) -> Artifact:
+    """A torch factory source (the same network as _TwoInputs) and a state_dict saved beside it."""
+    (tmp_path / "twoinputs.py").write_text(TWO_INPUTS_FACTORY)
+    torch.save(state, tmp_path / "model.pt")
+    source = {"kind": "torch", "factory": "twoinputs:build", "weights": None, "allow_pickle": False}
+    return Artifact(tmp_path / "model.pt", ["diff", "total"], STEP, source, [tmp_path / "twoinputs.py"],
+                    [{"name": "a", "dtype": "float32"}, {"name": "b", "dtype": "float32"}], tmp_path)
+
+
+def test_the_pytorch_runner_runs_the_source_architecture_with_the_files_fp16_weights(tmp_path: Path):
+    module = _TwoInputs().eval()
+    half = {key: value.half() for key, value in module.state_dict().items()}
+    a = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
+    b = np.random.default_rng(1).standard_normal((2, 2)).astype(np.float32)
+    got = target_format("pytorch").open_runner(_state_dict_artifact(tmp_path, half))({"b": b, "a": a})
+    module.load_state_dict({key: value.float() for key, value in half.items()})  # the weights as a CPU user widens them
+    with torch.no_grad():
+        diff, total = module(torch.from_numpy(a), torch.from_numpy(b))
+    assert list(got) == ["diff", "total"] and got["diff"].dtype == np.float32  # widened to the model's dtype, not run in fp16
+    assert np.array_equal(got["diff"], diff.numpy()) and np.array_equal(got["total"], total.numpy())
+
+
+def test_the_pytorch_runner_refuses_a_state_dict_missing_a_key(tmp_path: Path):
+    state = _TwoInputs().state_dict()
+    del state["net.2.bias"]
+    with pytest.raises(StepError) as caught:
+        target_format("pytorch").open_runner(_state_dict_artifact(tmp_path, state))
+    assert str(caught.value) == f"{STEP}: the state_dict in model.pt does not fit the source architecture: missing ['net.2.bias'] (1 keys)"
 
 
 # ---- TensorRT ---------------------------------------------------------------------------------

@@ -11,11 +11,12 @@ import typing
 from kiln.formats.base import TargetFormat
 from kiln.formats.onnx import Onnx
 from kiln.formats.openvino import Openvino
+from kiln.formats.pytorch import Pytorch
 from kiln.formats.safetensors import Safetensors
 from kiln.formats.tensorrt import Tensorrt
 from kiln.formats.torch_program import TorchExport, Torchscript
 
-FORMATS: tuple[TargetFormat, ...] = (Onnx(), Safetensors(), Torchscript(), TorchExport(), Openvino(), Tensorrt())
+FORMATS: tuple[TargetFormat, ...] = (Onnx(), Safetensors(), Torchscript(), TorchExport(), Openvino(), Tensorrt(), Pytorch())
 _BY_NAME = {fmt.format: fmt for fmt in FORMATS}
 
 
