@@ -10,8 +10,12 @@ params only, and every static target of the model shares it whatever its method.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from kiln.errors import StepError
 from kiln.runtime.onnxrt import session
@@ -40,15 +44,24 @@ class Calibrate(Rule):
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: CalibrateParams, ctx: RunContext) -> dict[str, Any]:
 
-        from kiln.native.calibration import Calibration
-        from kiln.runtime.data import batch_axis, batches, sample_count
-        from kiln.runtime.onnx_graph import load, weight_layers, with_outputs
+        import onnx
 
-        model = load(inputs["model"][0])
+        from kiln.runtime.onnx_graph import weight_layers
+
+        # The graph without its weights: weight_layers reads initializer shapes and types only, and
+        # a model over 2 GB could not be serialized whole for the session anyway (observing_session).
+        model = onnx.load(str(inputs["model"][0]), load_external_data=False)
         observed = sorted({layer.activation for layer in weight_layers(model, params.op_types)})
         if not observed:
             raise StepError(ctx.step, f"the model has no {'/'.join(params.op_types)} node with a weight initializer: nothing to calibrate or quantize")
-        sess = session(with_outputs(model, observed), optimize=False, threads=THREADS)
+        with observing_session(model, inputs["model"], observed, outputs["calibration"].parent) as sess:
+            return self._observe(sess, observed, inputs, outputs, params, ctx)
+
+    @staticmethod
+    def _observe(sess, observed: list[str], inputs: dict[str, list[Path]], outputs: dict[str, Path], params: CalibrateParams, ctx: RunContext) -> dict[str, Any]:
+        from kiln.native.calibration import Calibration
+        from kiln.runtime.data import batch_axis, batches, sample_count
+
         calibration = Calibration(params.bins)
         samples = 0
         axes = {spec["name"]: batch_axis(spec) for spec in params.inputs}
@@ -62,3 +75,28 @@ class Calibrate(Rule):
         outputs["calibration"].write_text(calibration.to_json() + "\n")
         return {"tensors": len(observed), "samples": samples, "bins": params.bins}
 
+
+@contextlib.contextmanager
+def observing_session(model, files: list[Path], observed: list[str], scratch: Path) -> Iterator[Any]:
+    """An onnxruntime session of `model` with the observed tensors added as outputs. A model whose
+    weights are in external data files (model.onnx + model.onnx.data) gets its changed graph written
+    into a private folder beside hard links to those files (a copy where links are not possible), so
+    onnxruntime reads the weights from disk: never one serialized protobuf, which cannot exceed 2 GB."""
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    from kiln.runtime.onnx_graph import with_outputs
+
+    locations = {ExternalDataInfo(t).location for t in _get_all_tensors(model) if uses_external_data(t)}
+    if not locations:
+        yield session(with_outputs(model, observed), optimize=False, threads=THREADS)
+        return
+    with tempfile.TemporaryDirectory(dir=scratch, prefix=".kiln-calibrate-") as tmp:
+        for name in sorted(locations):
+            source = files[0].parent / name
+            try:
+                os.link(source, Path(tmp) / name)
+            except OSError:  # another file system, or links not allowed
+                shutil.copyfile(source, Path(tmp) / name)
+        graph = Path(tmp) / "model.onnx"
+        graph.write_bytes(with_outputs(model, observed))
+        yield session(graph, optimize=False, threads=THREADS)
