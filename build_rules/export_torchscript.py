@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kiln.rules import TORCH_MODEL_MEMORY, Params, Rule, RunContext, register
-from kiln.runtime.child import fail, run_in_child
+from kiln.runtime.child import fail, in_fresh_stack, run_in_child
 
 
 class ExportTorchscriptParams(Params):
@@ -28,7 +28,7 @@ class ExportTorchscriptParams(Params):
 @register
 class ExportTorchscript(Rule):
     name = "export_torchscript"
-    version = 2  # 2: traced files name machine-independent source paths
+    version = 3  # 2: traced files name machine-independent source paths; 3: kiln's own frames too
     tools = ("torch", "transformers")
     Params = ExportTorchscriptParams
     memory_base_mib, memory_per_input = TORCH_MODEL_MEMORY
@@ -44,7 +44,6 @@ class ExportTorchscript(Rule):
 
 def child_main() -> None:
     import io
-    import warnings
 
     import torch
 
@@ -53,12 +52,22 @@ def child_main() -> None:
     # scripting reads the source back through the code's file names: only traced programs get portable ones
     params, model, args, out = read_source_job(ExportTorchscriptParams, portable_paths=lambda p: p.mode == "trace")
     try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
-            # script the source module itself: kiln's calling wrapper takes *args, which TorchScript cannot
-            module = torch.jit.trace(model, args, strict=False) if params.mode == "trace" else torch.jit.script(model.model)
+        if params.mode == "trace":  # on a fresh stack: every frame the tracer records has a portable file name
+            module = in_fresh_stack(_trace, model, args)
+        else:  # script the source module itself: kiln's calling wrapper takes *args, which TorchScript cannot
+            module = torch.jit.script(model.model)
     except Exception as err:  # torch.jit raises many types (frontend errors, RuntimeError...)
         fail(err)
     buffer = io.BytesIO()
     torch.jit.save(module, buffer)
     out.write_bytes(buffer.getvalue())
+
+
+def _trace(model, args):
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings(), torch.no_grad():  # grad mode is per thread: set here, on the tracing thread
+        warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
+        return torch.jit.trace(model, args, strict=False)

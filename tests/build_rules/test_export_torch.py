@@ -83,6 +83,25 @@ def test_artifacts_are_byte_identical_across_workspaces(tmp_path: Path):
         assert sha256(a.root / "build/tiny" / rel) == sha256(b.root / "build/tiny" / rel), rel
 
 
+def test_traced_and_exported_archives_name_no_absolute_path(tmp_path: Path):
+    """Every file name in their debug records is workspace-relative or site-packages/..., python/...:
+    kiln's own frames included, whether kiln runs installed, editable or from a checkout, so the
+    bytes do not depend on where the workspace, the virtualenv or kiln is."""
+    import re
+    import sys
+    import zipfile
+
+    ws = torch_workspace(tmp_path / "a", TARGETS.replace('[targets.scripted]\nformat = "torchscript"\nmode = "script"\n', ""))
+    ws.doit("build")
+    places = [str(tmp_path), sys.prefix, str(Path(__file__).resolve().parents[2]), str(Path(torch.__file__).resolve().parents[1])]
+    for rel in ("traced/model.pt", "exported/model.pt2"):
+        archive = zipfile.ZipFile(ws.root / "build/tiny" / rel)
+        text = b"".join(archive.read(name) for name in archive.namelist())
+        assert re.search(rb"site-packages/kiln/[\w/]+\.py", text), rel  # kiln's frames are recorded, portably
+        for place in places:
+            assert place.encode() not in text, (rel, place)
+
+
 def test_script_mode_failure_names_the_fix(tmp_path: Path):
     ws = torch_workspace(tmp_path / "ws", '\n[targets.scripted]\nformat = "torchscript"\nmode = "script"\n')
     (ws.root / "tinynet.py").write_text(NOT_SCRIPTABLE)

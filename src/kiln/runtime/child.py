@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+import kiln
 from kiln.base.paths import relative
 from kiln.errors import StepError, one_line
 
@@ -114,8 +115,17 @@ def portable_code_paths(root, model) -> None:
     import types
     from pathlib import Path
 
+    from importlib.util import find_spec
+
+    # kiln's own files read as they do when kiln is installed (site-packages/kiln/...), wherever it
+    # runs from: an editable install or a checkout would otherwise write its absolute path. (The
+    # rules' folder by name: it is a layer above this one, and an editable install maps it apart.)
+    rules = find_spec("kiln.build_rules")
+    own = {(str(Path(kiln.__file__).resolve().parent) + "/", "site-packages/kiln/")}
+    if rules is not None and rules.origin:
+        own.add((str(Path(rules.origin).resolve().parent) + "/", "site-packages/kiln/build_rules/"))
     prefixes = sorted({(str(Path(root).resolve()) + "/", "")} | {(p.rstrip("/") + "/", "site-packages/") for p in site.getsitepackages()}
-                      | {(sysconfig.get_paths()["stdlib"].rstrip("/") + "/", "python/")}, key=lambda pair: -len(pair[0]))
+                      | {(sysconfig.get_paths()["stdlib"].rstrip("/") + "/", "python/")} | own, key=lambda pair: -len(pair[0]))
 
     def portable(name: str) -> str:
         for prefix, replacement in prefixes:
@@ -149,3 +159,27 @@ def portable_code_paths(root, model) -> None:
     for layer in model.modules():  # classes defined inside a factory function are in no module's namespace
         for cls in type(layer).__mro__:
             fix_class(cls)
+
+
+def in_fresh_stack(function, *args):
+    """function(*args) run on a new thread, its result returned or its exception raised here. The
+    frames already running when portable_code_paths renamed the code (this child's main function,
+    with kiln's absolute install path) stay on the calling thread's stack; a new thread's stack holds
+    only renamed code, so a tracer that records each op's Python stack (torch.jit.trace) writes the
+    same bytes wherever kiln is installed."""
+    import threading
+
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = function(*args)
+        except BaseException as err:  # handed to the caller, which reports it as the child's error
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, name="kiln-export")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
