@@ -57,7 +57,7 @@ class Validate(Rule):
         samples = 0
         try:
             run = fmt.open_runner(Artifact(inputs["model"][0], params.outputs, ctx.step, params.source, inputs.get("source"),
-                                           params.inputs, ctx.root, params.device))
+                                           params.inputs, ctx.root, params.device, params.precision))
         except RuntimeUnavailable as err:
             return self._unvalidated(str(err), inputs, outputs, params, ctx)
         axes = _batch_axes(inputs["reference"][0])

@@ -289,6 +289,32 @@ def test_the_pytorch_runner_refuses_a_state_dict_missing_a_key(tmp_path: Path):
     assert str(caught.value) == f"{STEP}: the state_dict in model.pt does not fit the source architecture: missing ['net.2.bias'] (1 keys)"
 
 
+@pytest.mark.parametrize("precision, stored", [("fp16", torch.float32), ("fp32", torch.float16), ("bf16", torch.float16)])
+def test_a_weights_file_at_another_precision_than_the_targets_is_refused(tmp_path: Path, precision: str, stored):
+    """An fp16 target holding fp32 weights (or the reverse) would pass under the wrong thresholds."""
+    import dataclasses
+
+    from kiln.native import safetensors
+
+    state = {key: value.to(stored) for key, value in _TwoInputs().state_dict().items()}
+    artifact = dataclasses.replace(_state_dict_artifact(tmp_path, state), precision=precision)
+    want = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[precision]
+    with pytest.raises(StepError) as caught:
+        target_format("pytorch").open_runner(artifact)
+    assert str(caught.value) == f"{STEP}: model.pt stores 'net.0.bias' as {str(stored)[6:]}; a {precision} target stores the source's float32 weights as {want}"
+    safetensors.save_file({key: value.numpy() for key, value in state.items()}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(StepError, match=f"model.safetensors stores 'net.0.bias' as {str(stored)[6:]}; a {precision} target"):
+        target_format("safetensors").open_runner(dataclasses.replace(artifact, path=tmp_path / "model.safetensors"))
+
+
+def test_a_weights_file_at_the_targets_precision_is_accepted(tmp_path: Path):
+    import dataclasses
+
+    half = {key: value.half() for key, value in _TwoInputs().state_dict().items()}
+    run = target_format("pytorch").open_runner(dataclasses.replace(_state_dict_artifact(tmp_path, half), precision="fp16"))
+    assert set(run({"a": np.zeros((1, 3), np.float32), "b": np.zeros((1, 2), np.float32)})) == {"diff", "total"}
+
+
 # ---- TensorRT ---------------------------------------------------------------------------------
 
 

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from kiln.errors import StepError, one_line
 from kiln.formats.base import TargetFormat
-from kiln.runtime.runners import Artifact, Runner, torch_runner
+from kiln.formats.safetensors import dtype_names
+from kiln.runtime.runners import Artifact, Runner, require_precision, torch_runner
 from kiln.schema.fields import TargetBase
 from kiln.sources import load_torch_model
 
@@ -61,6 +62,7 @@ class Pytorch(TargetFormat):
         problem = misfit(state, expected)
         if problem:
             raise StepError(artifact.step, f"the state_dict in {artifact.path.name} does not fit the source architecture: {problem}")
+        require_precision(dtype_names(state), dtype_names(expected), artifact)
         widened = {key: tensor.to(expected[key].dtype) if tensor.is_floating_point() else tensor for key, tensor in state.items()}
         try:
             model.model.load_state_dict(widened, strict=True)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from kiln.errors import StepError, one_line
 from kiln.formats.base import TargetFormat
-from kiln.runtime.runners import Artifact, Runner, torch_runner
+from kiln.runtime.runners import Artifact, Runner, require_precision, torch_runner
 from kiln.schema.fields import TargetBase
 from kiln.sources import load_torch_model
 
@@ -56,8 +56,10 @@ class Safetensors(TargetFormat):
 
         model = load_torch_model(artifact.source, artifact.source_files, artifact.input_names, artifact.outputs, artifact.root)
         expected = model.model.state_dict()
+        arrays = safetensors.load_file(artifact.path)
+        require_precision({key: str(a.dtype) for key, a in arrays.items()}, dtype_names(expected), artifact)
         state = {}
-        for key, array in safetensors.load_file(artifact.path).items():
+        for key, array in arrays.items():
             target = expected.get(key)
             tensor = torch.from_numpy(np.asarray(array, dtype=np.float32) if array.dtype.kind == "f" or "bfloat16" in str(array.dtype) else array)
             state[key] = tensor.to(target.dtype) if target is not None else tensor
@@ -101,3 +103,8 @@ def retied_keys(model, stored: set[str]) -> set[str]:
     return {target for target, source in tied.items()
             if target not in stored and source in stored and target in params and source in params
             and params[target].data_ptr() == params[source].data_ptr()}
+
+
+def dtype_names(state: dict) -> dict[str, str]:
+    """A torch state_dict's dtypes by key, as numpy names them (float32, float16, bfloat16, int64...)."""
+    return {key: str(tensor.dtype).removeprefix("torch.") for key, tensor in state.items()}

@@ -35,6 +35,7 @@ class Artifact:
     inputs: list[dict] | None = None
     root: Path | None = None
     device: int | None = None
+    precision: str | None = None  # the target's: weights formats check their float tensors are stored at it
 
     @property
     def input_names(self) -> list[str]:
@@ -65,6 +66,22 @@ def torch_runner(module, input_names: list[str], names: list[str]) -> Runner:
         return {name: value.numpy() for name, value in zip(names, result, strict=True)}
 
     return run
+
+
+# How a weights artifact (safetensors, pytorch) stores the source's float32 tensors at each precision.
+WEIGHT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def require_precision(stored: dict[str, str], source: dict[str, str], artifact: Artifact) -> None:
+    """Fail unless every tensor the source keeps in float32 is stored at the target's precision
+    (dtype names without "torch."): an fp16 target holding fp32 weights, or the reverse, would
+    otherwise pass validation under the wrong precision's thresholds."""
+    want = WEIGHT_DTYPES.get(artifact.precision or "")
+    if want is None:
+        return
+    for key in sorted(stored):
+        if source.get(key) == "float32" and stored[key] != want:
+            raise StepError(artifact.step, f"{artifact.path.name} stores {key!r} as {stored[key]}; a {artifact.precision} target stores the source's float32 weights as {want}")
 
 
 def require_outputs(known: set[str], names: list[str], kind: str, step: str) -> None:
