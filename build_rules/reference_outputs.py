@@ -47,7 +47,8 @@ class ReferenceOutputs(Rule):
         from kiln.runtime.data import batch_axis, batches, sample_count
         from kiln.sources import source_kind
 
-        feeds = batches(inputs["data"][0], inputs["source"], params.inputs, params.batch_size, params.max_length, params.max_samples)
+        read: dict[str, Any] = {}  # how the data was read (a pad token borrowed from eos): to the report
+        feeds = batches(inputs["data"][0], inputs["source"], params.inputs, params.batch_size, params.max_length, params.max_samples, read)
         run = source_kind(params.source["kind"]).run_reference(feeds, inputs["source"], params.source, params.inputs, params.outputs, ctx)
         axes = {"inputs": {t["name"]: batch_axis(t) for t in params.inputs}, "outputs": {t["name"]: batch_axis(t) for t in params.outputs}}
         tensors: dict = {}
@@ -61,7 +62,7 @@ class ReferenceOutputs(Rule):
             tensors.update({f"{index:05d}/out/{name}": value for name, value in result.items()})
         save_file(tensors, str(outputs["outputs"]), metadata=batch_axes_metadata(axes))
         # how the data was read (a pad token borrowed from eos) goes to the report
-        return {"samples": samples, "batches": index + 1, **source_kind(params.source["kind"]).data_facts(inputs["source"], inputs["data"][0])}
+        return {"samples": samples, "batches": index + 1, **read}
 
 
 def batch_axes_metadata(axes: dict[str, dict[str, int | None]]) -> dict[str, str] | None:

@@ -16,10 +16,12 @@ import numpy as np
 from kiln.errors import StepError, one_line
 
 
-def batches(data_file: Path, source_files: list[Path] | None, inputs: list[dict], batch_size: int, max_length: int, max_samples: int | None) -> Iterator[dict[str, np.ndarray]]:
-    """The batches of a data file: text tokenized with the source's tokenizer, or arrays."""
+def batches(data_file: Path, source_files: list[Path] | None, inputs: list[dict], batch_size: int, max_length: int, max_samples: int | None,
+            facts: dict | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """The batches of a data file: text tokenized with the source's tokenizer, or arrays. `facts`
+    (the step's, for the report) learns how the text was read (a pad token borrowed from eos)."""
     if data_file.suffix == ".txt":
-        tokenizer = load_tokenizer(source_files[0].parent)
+        tokenizer = load_tokenizer(source_files[0].parent, facts)
         return text_batches(data_file, tokenizer, inputs, batch_size, max_length, max_samples)
     return array_batches(data_file, inputs, batch_size, max_samples)
 

@@ -8,7 +8,7 @@ A source kind says
   can read the data files (`check_data`);
 - planning: the step that makes its fp32 ONNX (`onnx_step`);
 - running: its reference outputs on the validation data, in its own framework (`run_reference`),
-  which tools key that step (`reference_tools`) and facts about how the data was read (`data_facts`).
+  which tools key that step (`reference_tools`).
 Torch-based kinds (kiln.sources.torch_kind) also load an nn.Module and its export example.
 """
 
@@ -96,11 +96,6 @@ class SourceKind(ABC):
     def run_reference(self, feeds: Iterator[dict], files: list[Path], source: dict, inputs: list[dict],
                       outputs: list[dict], ctx: RunContext) -> Iterator[tuple[dict, dict]]:
         """Yield (feed, outputs by name) per batch, from the original model in its own framework."""
-
-    def data_facts(self, files: list[Path], data: Path) -> dict[str, Any]:
-        """Facts for the reference step's report about how the data was read (a pad token borrowed
-        from eos); none by default."""
-        return {}
 
 
 def check_pickle(path: Path, allowed: bool, resolver: Resolver, key: str) -> None:

@@ -203,16 +203,6 @@ class HuggingFace(TorchKind):
                 example[spec["name"]] = encoded[spec["name"]].astype(spec["dtype"])
         return example
 
-    def data_facts(self, files: list[Path], data: Path) -> dict[str, Any]:
-        """How the folder's tokenizer read text data: a pad token borrowed from eos is reported."""
-        if data.suffix != ".txt":
-            return {}
-        from kiln.runtime.data import load_tokenizer
-
-        facts: dict[str, Any] = {}
-        load_tokenizer(files[0].parent, facts)
-        return facts
-
 
 def has_tokenizer(folder: Path) -> bool:
     return any((folder / name).is_file() for name in TOKENIZER_FILES)
