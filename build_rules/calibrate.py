@@ -82,16 +82,14 @@ def observing_session(model, files: list[Path], observed: list[str], scratch: Pa
     weights are in external data files (model.onnx + model.onnx.data) gets its changed graph written
     into a private folder beside hard links to those files (a copy where links are not possible), so
     onnxruntime reads the weights from disk: never one serialized protobuf, which cannot exceed 2 GB."""
-    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+    from kiln.runtime.onnx_graph import external_locations, with_outputs
 
-    from kiln.runtime.onnx_graph import with_outputs
-
-    locations = {ExternalDataInfo(t).location for t in _get_all_tensors(model) if uses_external_data(t)}
+    locations = external_locations(model)
     if not locations:
         yield session(with_outputs(model, observed), optimize=False, threads=THREADS)
         return
     with tempfile.TemporaryDirectory(dir=scratch, prefix=".kiln-calibrate-") as tmp:
-        for name in sorted(locations):
+        for name in locations:
             source = files[0].parent / name
             try:
                 os.link(source, Path(tmp) / name)

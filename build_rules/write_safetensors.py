@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.rules import TORCH_MODEL_MEMORY, Params, Rule, RunContext, register
-
-TORCH_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+from kiln.runtime.runners import WEIGHT_DTYPES
 
 
 class WriteSafetensorsParams(Params):
@@ -80,7 +79,7 @@ def write_config(source: Path, out: Path, model, precision: str) -> None:
     dtype="auto" loads that) and the class the weights are the state_dict of, as save_pretrained sets
     it; every other key as the source has it."""
     config = json.loads(source.read_text(encoding="utf-8"))
-    config["dtype"] = TORCH_DTYPE_NAMES[precision]
+    config["dtype"] = WEIGHT_DTYPES[precision]
     if "torch_dtype" in config:  # read by transformers before 4.56; kept equal so no reader sees two dtypes
         config["torch_dtype"] = config["dtype"]
     config["architectures"] = [type(model).__name__]

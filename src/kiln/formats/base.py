@@ -55,3 +55,20 @@ class TargetFormat(ABC):
     def latency(self, artifact: Path, feed: dict) -> dict[str, Any] | None:
         """Latency of the artifact on one sample, for the report; None where kiln does not measure it."""
         return None
+
+
+class WeightsFormat(TargetFormat):
+    """A format that holds only the source model's weights (safetensors, pytorch): validated by
+    loading them into the source architecture in torch, which its validate step therefore needs."""
+
+    needs_torch_source = True
+    validation_tools = ("torch", "transformers")
+
+    def validation(self, planner: Planner, name: str, target: Any) -> tuple[dict, dict]:
+        """Weights only: the source architecture is part of the check."""
+        return {"source": planner.source_params, "inputs": planner.inputs}, {"source": planner.resolved.source_files}
+
+
+def dtype_names(state: dict) -> dict[str, str]:
+    """A torch state_dict's dtypes by key, as numpy names them (float32, float16, bfloat16, int64...)."""
+    return {key: str(tensor.dtype).removeprefix("torch.") for key, tensor in state.items()}

@@ -14,8 +14,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from kiln.errors import StepError, one_line
-from kiln.formats.base import TargetFormat
-from kiln.formats.safetensors import dtype_names
+from kiln.formats.base import WeightsFormat, dtype_names
 from kiln.runtime.runners import Artifact, Runner, require_precision, torch_runner
 from kiln.schema.fields import TargetBase
 from kiln.sources import load_torch_model
@@ -31,21 +30,15 @@ class PytorchTarget(TargetBase):
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
 
 
-class Pytorch(TargetFormat):
+class Pytorch(WeightsFormat):
     format = "pytorch"
     Target = PytorchTarget
-    needs_torch_source = True
-    validation_tools = ("torch", "transformers")
 
     def chain(self, planner: Planner, name: str, target: PytorchTarget) -> None:
         reference = planner.reference(name)
         weights = planner.add(name, "write_pytorch", {"source": planner.source_params, "precision": target.precision},
                               {"source": planner.resolved.source_files}, {"weights": "model.pt"})
         planner.validate(name, target, weights.outputs["weights"], weights, reference)
-
-    def validation(self, planner: Planner, name: str, target: Any) -> tuple[dict, dict]:
-        """Weights only: the source architecture is part of the check."""
-        return {"source": planner.source_params, "inputs": planner.inputs}, {"source": planner.resolved.source_files}
 
     def open_runner(self, artifact: Artifact) -> Runner:
         """The source architecture with the file's state_dict loaded strictly (every key, every shape),

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from kiln.errors import StepError, one_line
-from kiln.formats.base import TargetFormat
+from kiln.formats.base import WeightsFormat, dtype_names
 from kiln.runtime.runners import Artifact, Runner, require_precision, torch_runner
 from kiln.schema.fields import TargetBase
 from kiln.sources import load_torch_model
@@ -26,11 +26,9 @@ class SafetensorsTarget(TargetBase):
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
 
 
-class Safetensors(TargetFormat):
+class Safetensors(WeightsFormat):
     format = "safetensors"
     Target = SafetensorsTarget
-    needs_torch_source = True
-    validation_tools = ("torch", "transformers")
 
     def chain(self, planner: Planner, name: str, target: SafetensorsTarget) -> None:
         reference = planner.reference(name)
@@ -38,10 +36,6 @@ class Safetensors(TargetFormat):
         weights = planner.add(name, "write_safetensors", {"source": planner.source_params, "precision": target.precision},
                               {"source": planner.resolved.source_files}, {"weights": "model.safetensors"} | {f: f for f in companions})
         planner.validate(name, target, weights.outputs["weights"], weights, reference, {f: weights.outputs[f] for f in companions})
-
-    def validation(self, planner: Planner, name: str, target: Any) -> tuple[dict, dict]:
-        """Weights only: the source architecture is part of the check."""
-        return {"source": planner.source_params, "inputs": planner.inputs}, {"source": planner.resolved.source_files}
 
     def open_runner(self, artifact: Artifact) -> Runner:
         """The source architecture with the artifact's weights loaded strictly: every key, every shape.
@@ -104,7 +98,3 @@ def retied_keys(model, stored: set[str]) -> set[str]:
             if target not in stored and source in stored and target in params and source in params
             and params[target].data_ptr() == params[source].data_ptr()}
 
-
-def dtype_names(state: dict) -> dict[str, str]:
-    """A torch state_dict's dtypes by key, as numpy names them (float32, float16, bfloat16, int64...)."""
-    return {key: str(tensor.dtype).removeprefix("torch.") for key, tensor in state.items()}

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from kiln.errors import StepError, one_line
+from kiln.runtime.tokenizer import TOKENIZER_FILES, load_tokenizer  # noqa: F401 (both re-exported: callers look load_tokenizer up here)
 
 
 def batches(data_file: Path, source_files: list[Path] | None, inputs: list[dict], batch_size: int, max_length: int, max_samples: int | None,
@@ -190,32 +191,3 @@ def example_inputs(inputs: list[dict], seed: int = 0, sizes: dict[str, int] | No
             values = rng.uniform(low, high, size=shape)
         out[spec["name"]] = values.astype(spec["dtype"])
     return out
-
-
-# A folder holds a real tokenizer when it has one of these (same list as
-# kiln.sources.huggingface.TOKENIZER_FILES, which resolving checks; runtime cannot import sources).
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
-
-
-def load_tokenizer(folder: Path, facts: dict | None = None):
-    """The tokenizer of a Hugging Face model folder (text data is tokenized with the source's own).
-
-    Only a folder with tokenizer files has one: transformers would otherwise build a tokenizer of
-    special tokens from config.json, and every word would become [UNK]. Batches of texts of several
-    lengths need padding: a tokenizer without a pad token (GPT-2 style) pads with its eos token,
-    and `facts` (the step's facts, for the report) says so."""
-    import os
-
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise StepError(str(folder), f"text data needs the model's tokenizer, but the folder has none of {', '.join(TOKENIZER_FILES)}")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at build time
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise StepError(str(folder), "the tokenizer has no pad token and no eos token to pad batches of texts with; set pad_token in tokenizer_config.json")
-        tokenizer.pad_token = tokenizer.eos_token
-        if facts is not None:
-            facts["pad_token"] = "eos (the tokenizer had none)"
-    return tokenizer

@@ -275,16 +275,29 @@ def load(path: Path) -> onnx.ModelProto:
     return model
 
 
+def external_tensors(model: onnx.ModelProto) -> list[tuple[onnx.TensorProto, object]]:
+    """(tensor, its onnx ExternalDataInfo) for every tensor of `model` kept in an external file."""
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    return [(tensor, ExternalDataInfo(tensor)) for tensor in _get_all_tensors(model) if uses_external_data(tensor)]
+
+
+def external_locations(model: onnx.ModelProto) -> list[str]:
+    """The external data files `model` names, in name order."""
+    return sorted({info.location for _, info in external_tensors(model)})
+
+
+def beside_the_model(location: str) -> bool:
+    """Whether an external data location is a plain file name (in the model's folder): the only kind
+    kiln reads or publishes, so a model cannot make it read files elsewhere."""
+    return Path(location).name == location and location not in ("", ".", "..")
+
+
 def load_external_data(model: onnx.ModelProto, folder: Path) -> None:
     """Read every external tensor of `model` into the proto from its file in `folder`. Only a plain file
     name beside the model is followed (what kiln writes), so nothing outside the folder is read."""
-    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
-
-    for tensor in _get_all_tensors(model):
-        if not uses_external_data(tensor):
-            continue
-        info = ExternalDataInfo(tensor)
-        if Path(info.location).name != info.location or info.location in ("", ".", ".."):
+    for tensor, info in external_tensors(model):
+        if not beside_the_model(info.location):
             raise ValueError(f"tensor {tensor.name!r}: external data location {info.location!r} is not a file name beside the model")
         with open(folder / info.location, "rb") as f:
             f.seek(info.offset or 0)

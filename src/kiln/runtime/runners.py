@@ -68,7 +68,8 @@ def torch_runner(module, input_names: list[str], names: list[str]) -> Runner:
     return run
 
 
-# How a weights artifact (safetensors, pytorch) stores the source's float32 tensors at each precision.
+# How a weights artifact (safetensors, pytorch) stores the source's float32 tensors at each precision
+# (and the dtype its config.json names).
 WEIGHT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_serializer
 
 from kiln.errors import StepError, one_line
+from kiln.runtime.tokenizer import TOKENIZER_FILES, has_tokenizer
 from kiln.schema.fields import Strict
 from kiln.sources.base import PICKLE_SUFFIXES, Resolver, check_pickle
 from kiln.sources.torch_model import TorchKind
@@ -26,10 +27,6 @@ IGNORED_IN_MODEL_FOLDER = (".md", ".gitattributes", ".gitignore")
 EXAMPLE_TEXT = ["kiln builds model artifacts.", "An example with padding, so the mask is not all ones."]
 # Inputs a tokenizer produces: only a model taking one of these gets its export example from text.
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-# A folder holds a real tokenizer when it has one of these (fast tokenizer, WordPiece, BPE or
-# SentencePiece vocabularies). Without them transformers 5 builds a tokenizer of special tokens
-# from config.json alone, which turns every word into [UNK]. (kiln.runtime.data keeps the same list.)
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
 
 # Optimum's task names (optimum.exporters.tasks.TasksManager) -> the transformers auto classes that
 # load a model for them, tried in order (the first whose mapping knows the config's model type).
@@ -202,10 +199,6 @@ class HuggingFace(TorchKind):
             if spec["name"] in encoded:
                 example[spec["name"]] = encoded[spec["name"]].astype(spec["dtype"])
         return example
-
-
-def has_tokenizer(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
 def _check_model_class_exists(name: str, resolver: Resolver) -> None:

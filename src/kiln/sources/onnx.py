@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 from pydantic import Field
 
+from kiln.errors import one_line
 from kiln.runtime.onnxrt import session
 from kiln.schema.fields import Strict
 from kiln.sources.base import Resolver, SourceKind
@@ -51,16 +52,16 @@ def external_data_files(model: Path, resolver: Resolver) -> list[Path]:
     """The files beside `model` that its external tensors name, in name order. Only plain file names
     beside the model are accepted: kiln publishes them next to the artifact under the same names."""
     import onnx  # at planning, only for an ONNX source: the graph is read, not the weights
-    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    from kiln.runtime.onnx_graph import beside_the_model, external_locations
 
     try:
         proto = onnx.load(str(model), load_external_data=False)
     except Exception as err:  # a damaged file: protobuf's DecodeError and friends
-        raise resolver.error("source.path", f"{model.name!r} is not a readable ONNX model: {' '.join(str(err).split())[:200]}") from None
-    names = sorted({ExternalDataInfo(t).location for t in _get_all_tensors(proto) if uses_external_data(t)})
+        raise resolver.error("source.path", f"{model.name!r} is not a readable ONNX model: {one_line(err)[:200]}") from None
     files = []
-    for name in names:
-        if Path(name).name != name or name in ("", ".", ".."):
+    for name in external_locations(proto):
+        if not beside_the_model(name):
             raise resolver.error("source.path", f"{model.name!r} keeps tensors in {name!r}; kiln takes external data files only beside the model, by plain file name")
         path = model.parent / name
         if not path.is_file():
