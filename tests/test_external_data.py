@@ -6,6 +6,7 @@ tests force it on a small model; the slow one builds a random-weight model just 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -161,10 +162,18 @@ def test_external_data_off_keeps_one_file(tmp_path):
     assert sorted(p.name for p in (ws.root / "build" / "ext" / "onnx_fp16").iterdir() if p.name.startswith("model")) == ["model.onnx"]
 
 
+# The chain below peaked at 9 GB in its folder; with less free than this the build would fail with
+# ENOSPC half-way (a machine problem, not kiln's), so the test says so and skips instead.
+BIG_BUILD_NEEDS = 12 * 2 ** 30
+
+
 @pytest.mark.slow
 def test_a_model_over_2_gib_builds_end_to_end(tmp_path):
     """fp32, int8 and OpenVINO from a 2.01 GiB random-weight model, every artifact validated.
     Forced with external_data = true: a factory's size is unknown at plan time ("auto" is off)."""
+    free = shutil.disk_usage(tmp_path).free
+    if free < BIG_BUILD_NEEDS:
+        pytest.skip(f"{free / 2 ** 30:.1f} GiB free under {tmp_path}, the 2 GiB build needs {BIG_BUILD_NEEDS / 2 ** 30:.0f} GiB")
     targets = "\n".join([target("onnx_fp32", "onnx", "fp32"), target("onnx_int8", "onnx", "int8"), target("openvino_fp32", "openvino", "fp32")])
     # fp16 and int4 are tested on the small forced model (test_published_folders_...): the whole chain
     # here took 3 min and 9 GB peak; fp32 -> int8 -> OpenVINO covers the export, a conversion and OpenVINO.
