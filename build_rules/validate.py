@@ -1,19 +1,24 @@
 """validate: run the artifact on the validation inputs, compare with the reference outputs, gate,
 and publish. A failed gate fails the build and nothing is published (compare optimum#1755, which
 only logs a warning and keeps the model).
+
+Where the format's runtime does not exist here: a runner that could check the artifact without
+running it (Core ML off macOS) raises StructuralOnly once every check passed, and the artifact is
+published as "validated": "structural" with those checks and no metrics; any other missing runtime
+fails unless the target sets allow_unvalidated.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from kiln.base.fsio import copy_artifact
 from kiln.errors import StepError, one_line
 from kiln.rules import Params, Rule, RunContext, register
-from kiln.runtime.runners import Artifact, RuntimeUnavailable
+from kiln.runtime.runners import Artifact, RuntimeUnavailable, StructuralOnly
 
 
 class ValidateParams(Params):
@@ -32,6 +37,10 @@ class ValidateParams(Params):
     inputs: list[dict[str, Any]] | None = None
     allow_unvalidated: bool = False  # publish when no runtime for the format exists here (report: "not validated")
     device: int | None = None  # tensorrt: the CUDA device the engine runs on
+    # Formats that check the artifact's tensors against the manifest (coreml): the declared outputs'
+    # dtypes and shapes, and the target's options that check needs. Unset for every other format.
+    output_specs: list[dict[str, Any]] | None = None
+    format_options: dict[str, Any] | None = None
 
 
 @register
@@ -57,7 +66,9 @@ class Validate(Rule):
         samples = 0
         try:
             run = fmt.open_runner(Artifact(inputs["model"][0], params.outputs, ctx.step, params.source, inputs.get("source"),
-                                           params.inputs, ctx.root, params.device, params.precision))
+                                           params.inputs, ctx.root, params.device, params.precision, params.output_specs, params.format_options))
+        except StructuralOnly as err:
+            return self._structural(str(err), err.checks, inputs, outputs, params)
         except RuntimeUnavailable as err:
             return self._unvalidated(str(err), inputs, outputs, params, ctx)
         axes = _batch_axes(inputs["reference"][0])
@@ -83,6 +94,15 @@ class Validate(Rule):
         return report | {"passed": True} | ({"latency": latency} if latency else {})
 
     @staticmethod
+    def _structural(reason: str, checks: dict[str, Any], inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ValidateParams) -> dict[str, Any]:
+        """The runtime does not exist here but every structural check passed (a mismatch raised
+        StepError): published, saying exactly that. "passed" covers those checks only; there are no
+        metrics because nothing ran."""
+        report = {"target": params.target, "validated": "structural", "not_validated": reason, "structural_checks": checks, "passed": True}
+        _publish(inputs, outputs, report)
+        return report
+
+    @staticmethod
     def _unvalidated(reason: str, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ValidateParams, ctx: RunContext) -> dict[str, Any]:
         """No runtime for this format here: publish only when the manifest accepts that."""
         if not params.allow_unvalidated:
@@ -95,10 +115,12 @@ class Validate(Rule):
 
 def _publish(inputs: dict[str, list[Path]], outputs: dict[str, Path], report: dict) -> None:
     """The artifact, its companions (OpenVINO's model.bin, TensorRT's timing cache: the model
-    input's other files, in the order of the other output roles) and validation.json."""
+    input's other files, in the order of the other output roles) and validation.json. An artifact
+    that is a folder (model.mlpackage, a SavedModel) is published as a folder of the same files
+    (copy_artifact); the step runner moves it into place whole."""
     companions = [role for role in outputs if role not in ("artifact", "validation")]
     for source, role in zip(inputs["model"], ["artifact", *companions], strict=False):
-        shutil.copyfile(source, outputs[role])
+        copy_artifact(source, outputs[role])
     outputs["validation"].write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
 
 

@@ -70,7 +70,7 @@ CASES = [
     ("unknown-source-key", manifest('factory = "tinynet:build"', 'factory = "tinynet:build"\nweight = "w.safetensors"'), 2, ["tiny.toml", "source.weight", "unknown key"]),
     ("unknown-option", manifest("options = { simplify = false }", "options = { simplfy = false }"), 2, ["tiny.toml", "targets.onnx_b.options.simplfy", "unknown key"]),
     # format / precision / option combinations
-    ("format-unknown", manifest('format = "onnx"\nopset = 17\n\n[targets.onnx_b]', 'format = "tflite"\nopset = 17\n\n[targets.onnx_b]'), 2, ["tiny.toml", "targets.onnx_a.format", "tflite"]),
+    ("format-unknown", manifest('format = "onnx"\nopset = 17\n\n[targets.onnx_b]', 'format = "ncnn"\nopset = 17\n\n[targets.onnx_b]'), 2, ["tiny.toml", "targets.onnx_a.format", "ncnn"]),
     ("precision-unknown", manifest("opset = 17\n\n[targets.onnx_b]", 'opset = 17\nprecision = "int3"\n\n[targets.onnx_b]'), 2, ["tiny.toml", "targets.onnx_a.precision", "int3"]),
     ("safetensors-int8", append('[targets.w]\nformat = "safetensors"\nprecision = "int8"'), 2, ["tiny.toml", "targets.w.precision", "int8"]),
     ("torchscript-fp16", append('[targets.ts]\nformat = "torchscript"\nprecision = "fp16"'), 2, ["tiny.toml", "targets.ts.precision", "fp16"]),

@@ -5,6 +5,7 @@ source of ONNX-to-X targets (fp16, int8, OpenVINO)."""
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ from conftest import example_workspace
 
 TINYCNN_TARGETS = {"onnx_fp32": 1e-5, "onnx_fp16": 1e-2, "openvino_fp32": 1e-5, "openvino_fp16": 1e-2, "torchscript": 0.0, "torch_export": 0.0,
                    "pytorch_fp16": 1e-2}
+# Core ML runs only on Apple platforms: off macOS the package gets a structural check, no metrics.
+TINYCNN_STRUCTURAL = {"coreml_fp32", "coreml_fp16"}
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +27,11 @@ def built_tinycnn(tmp_path_factory):
 
 def test_tinycnn_builds_every_cpu_format_validated(built_tinycnn):
     report = built_tinycnn.report("tinycnn")
-    assert report["ok"] and {a["target"] for a in report["artifacts"]} == set(TINYCNN_TARGETS)
+    assert report["ok"] and {a["target"] for a in report["artifacts"]} == set(TINYCNN_TARGETS) | TINYCNN_STRUCTURAL
     for artifact in report["artifacts"]:
+        if artifact["target"] in TINYCNN_STRUCTURAL and sys.platform != "darwin":
+            assert artifact["passed"] is True and artifact["metrics"] is None, artifact
+            continue
         logits = artifact["metrics"]["logits"]
         assert logits["rows"] == 16 and logits["max_abs_diff"] <= TINYCNN_TARGETS[artifact["target"]], artifact
 

@@ -99,3 +99,32 @@ def test_digest_cache_is_shared_by_threads(tmp_path: Path, trial: int):
     results = run_in_threads(jobs, copies=3)  # twelve threads open a new database at once
     assert len(results) == 12
     assert all(value == sha256_file(tmp_path / name) for name, value in results)
+
+
+def test_a_folders_digest_goes_through_each_files_entry_and_reads_nothing_when_unchanged(tmp_path: Path, monkeypatch):
+    from kiln.base.hashing import sha256_path
+
+    folder = tmp_path / "model.mlpackage"
+    (folder / "Data").mkdir(parents=True)
+    (folder / "Manifest.json").write_bytes(b"{}")
+    (folder / "Data" / "weight.bin").write_bytes(os.urandom(1 << 12))
+    calls = _count_hashes(monkeypatch)
+    cache = DigestCache(tmp_path / "state" / "d.sqlite")
+    first = cache.digest(folder)
+    assert first == sha256_path(folder) and calls == {"sha256": 2, "blake3": 2}  # each file hashed once
+    assert cache.digest(folder) == first and calls == {"sha256": 2, "blake3": 2}  # nothing read again
+    assert cache.listing(folder) == [["Data/weight.bin", sha256_file(folder / "Data" / "weight.bin"), 1 << 12],
+                                     ["Manifest.json", sha256_file(folder / "Manifest.json"), 2]]
+    (folder / "Manifest.json").write_bytes(b"{\"v\": 2}")
+    assert cache.digest(folder) == sha256_path(folder) != first and calls["sha256"] == 3  # only the edited file is read
+
+
+def test_remember_listing_keeps_a_folders_files_from_being_read_again(tmp_path: Path, monkeypatch):
+    folder = tmp_path / "f"
+    folder.mkdir()
+    (folder / "a.bin").write_bytes(b"a" * 100)
+    listing = keys.listing(tmp_path, folder)
+    os.link(folder / "a.bin", tmp_path / "linked")  # as the step cache does: the file's ctime changes
+    keys.remember_listing(tmp_path, folder, listing)
+    calls = _count_hashes(monkeypatch)
+    assert keys.listing(tmp_path, folder) == listing and calls == {"sha256": 0, "blake3": 0}

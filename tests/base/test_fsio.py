@@ -3,6 +3,8 @@
 write_json_atomic (no write when unchanged, no temp left behind, durable and by-line forms),
 read_json (cached while the stat is unchanged, sees a replaced file, None for missing or torn
 JSON), write_bytes_atomic, and dumps_by_line (valid JSON equal to the data, one key per line).
+Artifacts that are folders: replace_artifact (whole, the old one set aside and put back on failure),
+copy_artifact (atomic, only regular files, a symlink refused), remove_artifact, artifact_bytes.
 """
 
 from __future__ import annotations
@@ -11,7 +13,12 @@ import json
 import os
 from pathlib import Path
 
-from kiln.base.fsio import dumps_by_line, read_json, write_bytes_atomic, write_json_atomic
+import pytest
+
+from kiln.base.fsio import (artifact_bytes, copy_artifact, dumps_by_line, read_json, remove_artifact, replace_artifact, write_bytes_atomic,
+                            write_json_atomic)
+from kiln.base.hashing import UnsafeFolderEntry
+from kiln.base.temps import temp_path
 
 RECORD = {"step": "m/t/validate", "inputs": {"model": ["build/a.onnx"]}, "passed": True, "samples": 40, "metrics": [0.5, 1e-7]}
 
@@ -111,3 +118,95 @@ def test_dumps_by_line_is_json_equal_to_the_data():
     assert lines[1].startswith(' "empty": []')  # sorted keys, one per line
     assert '  {"status": "ran", "step": "b"},' in lines  # one list item per line, keys sorted
     assert json.loads(dumps_by_line({})) == {}
+
+
+# ---- artifacts that are folders: replace_artifact, copy_artifact, remove_artifact, artifact_bytes ----
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _make(folder: Path, files: dict[str, bytes]) -> Path:
+    for rel, data in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+    return folder
+
+
+def test_replace_artifact_swaps_a_folder_whole_and_leaves_nothing_aside(tmp_path: Path):
+    dest = _make(tmp_path / "model.mlpackage", {"Manifest.json": b"old", "Data/stale.bin": b"gone"})
+    new = _make(temp_path(dest), {"Manifest.json": b"new", "Data/weight.bin": b"w"})
+    replace_artifact(new, dest)
+    assert _tree(dest) == {"Data/weight.bin": b"w", "Manifest.json": b"new"}  # the old folder's files did not stay
+    assert _listing(tmp_path) == ["model.mlpackage"]
+
+
+@pytest.mark.parametrize(("old_is_folder", "new_is_folder"), [(True, False), (False, True), (False, False)])
+def test_replace_artifact_replaces_a_file_by_a_folder_and_back(tmp_path: Path, old_is_folder: bool, new_is_folder: bool):
+    dest = tmp_path / "model"
+    _make(dest, {"a": b"old"}) if old_is_folder else dest.write_bytes(b"old")
+    new = temp_path(dest)
+    _make(new, {"b": b"new"}) if new_is_folder else new.write_bytes(b"new")
+    replace_artifact(new, dest)
+    assert (_tree(dest) == {"b": b"new"}) if new_is_folder else (dest.read_bytes() == b"new")
+    assert _listing(tmp_path) == ["model"]
+
+
+def test_replace_artifact_puts_the_old_folder_back_when_the_new_one_cannot_move_in(tmp_path: Path, monkeypatch):
+    dest = _make(tmp_path / "model.mlpackage", {"Manifest.json": b"old"})
+    new = _make(temp_path(dest), {"Manifest.json": b"new"})
+    real, calls = os.replace, []
+
+    def failing_second(source, target):
+        calls.append((source, target))
+        if len(calls) == 2:
+            raise OSError("disk trouble")
+        real(source, target)
+
+    monkeypatch.setattr(os, "replace", failing_second)
+    with pytest.raises(OSError, match="disk trouble"):
+        replace_artifact(new, dest)
+    monkeypatch.setattr(os, "replace", real)
+    assert _tree(dest) == {"Manifest.json": b"old"}
+    assert Path(calls[0][1]).name.endswith(".old.tmp")  # it was set aside under a temp name a later sweep recognises
+
+
+def test_copy_artifact_copies_a_folders_files_atomically_over_an_existing_folder(tmp_path: Path):
+    source = _make(tmp_path / "steps" / "model.mlpackage", {"Manifest.json": b"{}", "Data/com.apple.CoreML/weights/weight.bin": b"w" * 10})
+    (source / "empty").mkdir()
+    dest = _make(tmp_path / "build" / "model.mlpackage", {"Manifest.json": b"older", "stale": b"x"})
+    copy_artifact(source, dest)
+    assert _tree(dest) == _tree(source) and not (dest / "stale").exists() and not (dest / "empty").exists()
+    assert (dest / "Manifest.json").stat().st_ino != (source / "Manifest.json").stat().st_ino  # a copy, not a link
+    assert _listing(dest.parent) == ["model.mlpackage"]
+    copy_artifact(source / "Manifest.json", tmp_path / "build" / "copied.json")
+    assert (tmp_path / "build" / "copied.json").read_bytes() == b"{}"
+
+
+def test_copy_artifact_refuses_a_folder_with_a_symlink_before_writing_anything(tmp_path: Path):
+    source = _make(tmp_path / "src", {"a": b"a"})
+    (source / "link").symlink_to(tmp_path / "outside")
+    dest = _make(tmp_path / "out" / "model", {"a": b"previous"})
+    with pytest.raises(UnsafeFolderEntry, match="link is a symbolic link"):
+        copy_artifact(source, dest)
+    assert _tree(dest) == {"a": b"previous"} and _listing(dest.parent) == ["model"]
+
+
+def test_remove_artifact_removes_files_folders_and_links_but_never_what_a_link_points_to(tmp_path: Path):
+    folder = _make(tmp_path / "f", {"x/y": b"1"})
+    link = tmp_path / "link"
+    link.symlink_to(folder, target_is_directory=True)
+    remove_artifact(link)
+    assert not link.exists() and _tree(folder) == {"x/y": b"1"}
+    remove_artifact(folder)
+    remove_artifact(tmp_path / "missing")
+    file = tmp_path / "file"
+    file.write_bytes(b"")
+    remove_artifact(file)
+    assert _listing(tmp_path) == []
+
+
+def test_artifact_bytes_is_a_files_size_or_the_sum_of_a_folders_files(tmp_path: Path):
+    folder = _make(tmp_path / "f", {"a": b"12345", "b/c": b"123"})
+    (folder / "empty").mkdir()
+    assert artifact_bytes(folder) == 8 and artifact_bytes(folder / "a") == 5

@@ -1,4 +1,5 @@
-"""kiln.base.hashing: canonical JSON, sha256 of text and files (also while copying), BLAKE3 of files."""
+"""kiln.base.hashing: canonical JSON, sha256 of text and files (also while copying), BLAKE3 of files,
+and the digest of a folder (its sorted listing of file digests; symlinks and special files refused)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import blake3
 import pytest
 
 from kiln.base import hashing
-from kiln.base.hashing import blake3_file, canonical_json, copy_hashing, sha256_file, sha256_text
+from kiln.base.hashing import (UnsafeFolderEntry, blake3_file, canonical_json, copy_hashing, list_tree, sha256_file, sha256_path,
+                               sha256_text, tree_sha256)
 
 
 def test_canonical_json_is_one_text_per_value_at_every_depth():
@@ -56,3 +58,77 @@ def test_blake3_of_a_file_is_blake3_of_its_bytes(tmp_path: Path):
     path = tmp_path / "w.bin"
     path.write_bytes(data)
     assert blake3_file(path) == blake3.blake3(data).hexdigest()
+
+
+# ---- folders: list_tree, tree_sha256, sha256_path -----------------------------------------------
+
+def _write_tree(folder: Path, files: dict[str, bytes]) -> Path:
+    for rel, data in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+    return folder
+
+
+PACKAGE = {"Manifest.json": b"{}", "Data/com.apple.CoreML/model.mlmodel": b"spec", "Data/com.apple.CoreML/weights/weight.bin": b"\0" * 64}
+
+
+def test_a_folders_digest_is_sha256_of_its_sorted_listing_of_file_digests(tmp_path: Path):
+    folder = _write_tree(tmp_path / "model.mlpackage", PACKAGE)
+    listing = "".join(f"{rel}\0{hashlib.sha256(data).hexdigest()}\n" for rel, data in sorted(PACKAGE.items()))
+    expected = hashlib.sha256(listing.encode()).hexdigest()
+    assert sha256_path(folder) == expected
+    assert [rel for rel, _ in list_tree(folder)] == sorted(PACKAGE)
+    assert all(Path(path) == folder / rel for rel, path in list_tree(folder))
+    assert tree_sha256([]) == hashlib.sha256(b"").hexdigest()
+    assert sha256_path(folder / "Manifest.json") == sha256_file(folder / "Manifest.json")  # a file is its own sha256
+
+
+def test_a_folders_digest_ignores_mtimes_creation_order_location_and_empty_folders(tmp_path: Path):
+    one = _write_tree(tmp_path / "a" / "model.mlpackage", PACKAGE)
+    other = _write_tree(tmp_path / "elsewhere" / "deeper" / "copy", dict(reversed(PACKAGE.items())))
+    os.utime(other / "Manifest.json", ns=(1, 1))
+    (other / "assets" / "nothing").mkdir(parents=True)
+    assert sha256_path(one) == sha256_path(other)
+    assert tree_sha256(reversed([(rel, sha256_file(path)) for rel, path in list_tree(one)])) == sha256_path(one)
+
+
+@pytest.mark.parametrize("change", ["edit", "rename", "add", "remove", "move into a subfolder"])
+def test_every_change_of_a_files_bytes_or_place_changes_the_folders_digest(tmp_path: Path, change: str):
+    folder = _write_tree(tmp_path / "f", PACKAGE)
+    before = sha256_path(folder)
+    manifest = folder / "Manifest.json"
+    if change == "edit":
+        manifest.write_bytes(b"{ }")
+    elif change == "rename":
+        manifest.rename(folder / "manifest.json")
+    elif change == "add":
+        (folder / "extra").write_bytes(b"")
+    elif change == "remove":
+        manifest.unlink()
+    else:
+        (folder / "Data" / "Manifest.json").write_bytes(manifest.read_bytes())
+        manifest.unlink()
+    assert sha256_path(folder) != before
+
+
+def test_a_symlink_in_a_folder_is_refused_naming_it(tmp_path: Path):
+    folder = _write_tree(tmp_path / "f", PACKAGE)
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"x")
+    (folder / "Data" / "link.bin").symlink_to(outside)
+    with pytest.raises(UnsafeFolderEntry) as err:
+        list_tree(folder)
+    assert err.value.relpath == "Data/link.bin" and err.value.kind == f"symbolic link (to {outside})"
+    assert str(err.value) == f"{folder}/Data/link.bin is a symbolic link (to {outside}); a folder artifact may hold only regular files and folders"
+    assert isinstance(err.value, OSError)
+    (folder / "Data" / "link.bin").unlink()
+    (folder / "Data" / "linked").symlink_to(tmp_path, target_is_directory=True)  # a folder link: not followed either
+    with pytest.raises(UnsafeFolderEntry, match="Data/linked is a symbolic link"):
+        sha256_path(folder)
+
+
+def test_a_fifo_in_a_folder_is_refused(tmp_path: Path):
+    folder = _write_tree(tmp_path / "f", PACKAGE)
+    os.mkfifo(folder / "pipe")
+    with pytest.raises(UnsafeFolderEntry, match="pipe is a fifo"):
+        list_tree(folder)

@@ -45,3 +45,15 @@ def test_final_name_is_the_name_a_temp_file_is_renamed_to():
     assert final_name(temp_path(Path("/x/model.onnx.data"))) == "model.onnx.data"
     assert final_name(temp_path(Path("/x/model.onnx"), "part")) == "model.onnx"
     assert final_name(Path("/x/model.onnx.data")) == "model.onnx.data"
+
+
+def test_sweep_deletes_a_dead_writers_temp_folder_and_keeps_a_live_ones(tmp_path: Path):
+    """A folder output (model.mlpackage) being written, or an old one set aside while its
+    replacement moves in, is a temp folder: a killed build's goes whole, a live writer's stays."""
+    dead = tmp_path / f".model.mlpackage.kiln-{_dead_pid()}-1.old.tmp"
+    (dead / "Data").mkdir(parents=True)
+    (dead / "Data" / "weight.bin").write_bytes(b"w")
+    live = temp_path(tmp_path / "model.mlpackage")
+    (live / "Data").mkdir(parents=True)
+    sweep_stale_temps(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [live.name]

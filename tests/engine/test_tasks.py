@@ -28,7 +28,7 @@ from doit.doit_cmd import DoitMain
 from conftest import Workspace, new_workspace
 from kiln.base.paths import state_dir
 from kiln.engine.reporter import KilnReporter
-from kiln.engine.tasks import doit_globals, to_task
+from kiln.engine.tasks import clean_outputs, doit_globals, to_task
 from kiln.execute.resources import lock_workspace
 from kiln.execute.step import run_step
 from kiln.plan.steps import Plan, Step, identity
@@ -102,9 +102,22 @@ def test_to_task_gives_doit_the_steps_name_deps_targets_and_clean(tmp_path: Path
     assert task["name"] == "m/t/test_tasks_append"
     assert task["task_dep"] == ["build:m/a/test_tasks_append"]
     assert task["targets"] == [str(tmp_path / "build" / "m" / "t" / "text.txt")]
-    assert task["clean"] is True
+    (clean, clean_args), = task["clean"]  # kiln's own: doit's leaves a folder output that is not empty
+    assert clean is clean_outputs and clean_args == [[tmp_path / "build" / "m" / "t" / "text.txt"]]
     assert task["doc"] == "test_tasks_append for t of m.toml"
     assert to_task(first, plan, names)["task_dep"] == []
+
+
+def test_the_clean_action_removes_file_and_folder_outputs_and_a_dry_run_removes_nothing(tmp_path: Path, capsys):
+    folder, file = tmp_path / "model.mlpackage", tmp_path / "validation.json"
+    (folder / "Data").mkdir(parents=True)
+    (folder / "Data" / "weight.bin").write_bytes(b"w")
+    file.write_text("{}")
+    clean_outputs([folder, file, tmp_path / "never built"], dryrun=True)
+    assert (folder / "Data" / "weight.bin").exists() and file.exists()
+    assert capsys.readouterr().out.splitlines() == [f"removing file '{file}'", f"removing folder '{folder}'"]
+    clean_outputs([folder, file])
+    assert sorted(tmp_path.iterdir()) == []
 
 
 def test_the_tasks_action_runs_the_step_and_its_uptodate_asks_kiln(tmp_path: Path):

@@ -422,3 +422,153 @@ def test_only_torch_steps_run_under_the_process_wide_torch_lock(tmp_path: Path):
     run_step(make_step(tmp_path, rule=TORCH_RULE), tmp_path)
     assert [(r["step"], r["torch_lock"]) for r in RUNS] == [("m/t/test_copy_upper", False), ("m/t/test_copy_upper_torch", True)]
     assert not step_module._torch_lock.locked()
+
+
+# ---- a rule whose output is a folder (model.mlpackage, a SavedModel) --------------------------------
+
+FOLDER_RULE = "test_write_folder"
+
+
+@register
+class WriteFolder(Rule):
+    """Writes a folder at its output path: one file per line "<relative path>=<text>" of its input.
+    A line "link:<relative path>" makes that a symlink to the input instead; "fail" raises a
+    StepError after writing part of the folder."""
+
+    name: ClassVar[str] = FOLDER_RULE
+    version: ClassVar[int] = 1
+    tools: ClassVar[tuple[str, ...]] = ()
+    Params: ClassVar[type[Params]] = CopyUpperParams
+
+    def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: CopyUpperParams, ctx: RunContext) -> dict[str, Any]:
+        RUNS.append({"step": ctx.step, "outputs": dict(outputs)})
+        folder = outputs["model"]
+        for line in inputs["text"][0].read_text().splitlines():
+            if line == "fail":
+                raise StepError(ctx.step, "the text says no")
+            if line.startswith("link:"):
+                (folder / line[5:]).parent.mkdir(parents=True, exist_ok=True)
+                (folder / line[5:]).symlink_to(inputs["text"][0])
+                continue
+            rel, text = line.split("=", 1)
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_text(text)
+        return {"files": len(list(folder.rglob("*")))}
+
+
+def folder_step(root: Path) -> Step:
+    """A step whose one output, build/.steps/<id>/model.pkg, is a folder."""
+    inputs = {"text": (source(root),)}
+    step_id = f"{FOLDER_RULE}-{identity(FOLDER_RULE, {}, inputs, root)[:12]}"
+    return Step(id=step_id, rule=FOLDER_RULE, params={}, inputs=inputs, outputs={"model": root / "build" / ".steps" / step_id / "model.pkg"},
+                model="m", targets=["t"])
+
+
+def tree(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): p.read_text() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def tree_digest_by_hand(files: dict[str, bytes]) -> str:
+    listing = "".join(f"{rel}\0{hashlib.sha256(data).hexdigest()}\n" for rel, data in sorted(files.items()))
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def test_a_folder_output_lands_whole_with_its_tree_digest_bytes_and_files_in_the_record(tmp_path: Path):
+    write_source(tmp_path, "Manifest.json={}\nData/model.bin=weights\nData/deep/w.bin=more")
+    step = folder_step(tmp_path)
+    assert not isinstance(run_step(step, tmp_path), TaskFailed)
+    out = step.outputs["model"]
+    assert tree(out) == {"Data/deep/w.bin": "more", "Data/model.bin": "weights", "Manifest.json": "{}"}
+    given = RUNS[0]["outputs"]["model"]
+    assert given != out and given.name.startswith(".") and not given.exists()  # written at a temp path, moved in whole
+    record = read_record(tmp_path, step).outputs["model"]
+    assert record["path"] == f"build/.steps/{step.id}/model.pkg" and record["bytes"] == 2 + 7 + 4
+    assert record["sha256"] == tree_digest_by_hand({"Manifest.json": b"{}", "Data/model.bin": b"weights", "Data/deep/w.bin": b"more"})
+    assert record["files"] == [["Data/deep/w.bin", sha256(out / "Data/deep/w.bin"), 4], ["Data/model.bin", sha256(out / "Data/model.bin"), 7],
+                               ["Manifest.json", sha256(out / "Manifest.json"), 2]]
+    assert is_up_to_date(step, tmp_path) and temps_under(tmp_path) == []
+
+
+def test_a_rerun_replaces_the_folder_whole_never_merging_into_it(tmp_path: Path):
+    write_source(tmp_path, "a.txt=one\nold/b.txt=two")
+    step = folder_step(tmp_path)
+    run_step(step, tmp_path)
+    write_source(tmp_path, "a.txt=ONE")
+    run_step(step, tmp_path)
+    assert tree(step.outputs["model"]) == {"a.txt": "ONE"}  # old/b.txt went with the old folder
+    assert temps_under(tmp_path) == [] and is_up_to_date(step, tmp_path)
+
+
+def test_a_failed_rerun_leaves_the_previous_folder_intact_and_no_temp_folder(tmp_path: Path):
+    write_source(tmp_path, "a.txt=good")
+    step = folder_step(tmp_path)
+    run_step(step, tmp_path)
+    good = read_record(tmp_path, step).data
+    write_source(tmp_path, "a.txt=half written\nfail")
+    assert isinstance(run_step(step, tmp_path), TaskFailed)
+    assert tree(step.outputs["model"]) == {"a.txt": "good"} and read_record(tmp_path, step).data == good
+    assert temps_under(tmp_path) == []
+
+
+def test_a_symlink_in_a_folder_output_fails_the_step_on_one_line_naming_it(tmp_path: Path):
+    write_source(tmp_path, "a.txt=fine\nlink:Data/weights.bin")
+    step = folder_step(tmp_path)
+    result = run_step(step, tmp_path)
+    assert isinstance(result, TaskFailed)
+    line = result.get_msg().strip()
+    assert "\n" not in line and line.startswith("m/t/test_write_folder: output 'model' (model.pkg) holds Data/weights.bin, a symbolic link (to ")
+    assert "a folder artifact may hold only regular files and folders" in line
+    assert not step.outputs["model"].exists() and temps_under(tmp_path) == [] and read_record(tmp_path, step) is None
+
+
+def test_a_file_edited_added_or_removed_in_a_folder_output_makes_the_step_out_of_date_naming_it(tmp_path: Path):
+    write_source(tmp_path, "a.txt=one\nsub/b.txt=two")
+    step = folder_step(tmp_path)
+    run_step(step, tmp_path)
+    out, path = step.outputs["model"], f"build/.steps/{step.id}/model.pkg"
+    (out / "sub/b.txt").write_text("TWO")
+    assert why(step, tmp_path) == f"output {path} is not what this step wrote ({path}/sub/b.txt changed; changed on disk, or built by another configuration)"
+    (out / "sub/b.txt").write_text("two")
+    assert is_up_to_date(step, tmp_path)  # the same bytes again
+    (out / "new.txt").write_text("")
+    assert why(step, tmp_path).startswith(f"output {path} is not what this step wrote ({path}/new.txt added;")
+    (out / "new.txt").unlink()
+    (out / "a.txt").unlink()
+    assert why(step, tmp_path).startswith(f"output {path} is not what this step wrote ({path}/a.txt removed;")
+    (out / "a.txt").write_text("one")
+    (out / "empty").mkdir()  # an empty folder holds no bytes: not part of the artifact
+    assert is_up_to_date(step, tmp_path)
+    (out / "link").symlink_to(out / "a.txt")
+    assert why(step, tmp_path).startswith(f"output {path} is not what this step wrote: ") and f"{path}/link is a symbolic link" in why(step, tmp_path)
+
+
+def test_a_cached_folder_is_restored_with_the_same_bytes_without_running_the_rule(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("KILN_CACHE")
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    first, clone = tmp_path / "first", tmp_path / "clone"
+    for root in (first, clone):
+        write_source(root, "Manifest.json={}\nData/weight.bin=w")
+    run_step(folder_step(first), first)
+    step = folder_step(clone)
+    run_step(step, clone)
+    assert len(RUNS) == 1  # restored, not run
+    assert tree(step.outputs["model"]) == tree(folder_step(first).outputs["model"])
+    record, built = read_record(clone, step), read_record(first, folder_step(first))
+    assert record.data["restored"] is True and record.outputs["model"]["sha256"] == built.outputs["model"]["sha256"]
+    assert record.outputs["model"]["files"] == built.outputs["model"]["files"]
+    assert is_up_to_date(step, clone) and temps_under(clone) == []
+
+
+def test_a_symlink_in_an_input_folder_fails_the_step_on_one_line(tmp_path: Path):
+    write_source(tmp_path, "a.txt=one")
+    made = folder_step(tmp_path)
+    run_step(made, tmp_path)
+    (made.outputs["model"] / "link").symlink_to(source(tmp_path))
+    inputs = {"text": (made.outputs["model"],)}
+    reader = Step(id="test_copy_upper-reader", rule=RULE, params={}, inputs=inputs, outputs={"text": tmp_path / "build" / "out.txt"}, model="m", targets=["t"])
+    where = f"build/.steps/{made.id}/model.pkg/link"
+    assert why(reader, tmp_path).startswith(f"input {where} is a symbolic link (to ")
+    result = run_step(reader, tmp_path)
+    line = result.get_msg().strip()
+    assert isinstance(result, TaskFailed) and line.startswith(f"m/t/test_copy_upper: input {where} is a symbolic link (to ") and "\n" not in line
+    assert json.loads(failure_path(tmp_path, reader).read_text())["error"] == line and RUNS[-1]["step"] != reader.name

@@ -28,7 +28,7 @@ from kiln.formats.base import TargetFormat
 from kiln.runtime.runners import Artifact, RuntimeUnavailable
 from kiln.schema.fields import TargetBase
 
-NAMES = ("onnx", "safetensors", "torchscript", "torch_export", "openvino", "tensorrt", "pytorch")
+NAMES = ("onnx", "safetensors", "torchscript", "torch_export", "openvino", "tensorrt", "pytorch", "coreml", "tflite", "savedmodel")
 STEP = "m/t/validate"
 
 
@@ -60,7 +60,8 @@ def test_validation_tools_are_the_runtimes_the_artifacts_run_in():
     tools = {fmt.format: fmt.validation_tools for fmt in FORMATS}
     assert tools == {"onnx": ("onnxruntime",), "safetensors": ("torch", "transformers"), "torchscript": ("torch",),
                      "torch_export": ("torch",), "openvino": ("openvino",), "tensorrt": ("tensorrt",),
-                     "pytorch": ("torch", "transformers")}
+                     "pytorch": ("torch", "transformers"), "coreml": ("coremltools",), "tflite": ("ai-edge-litert",),
+                     "savedmodel": ("tensorflow", "tensorflow-cpu")}
 
 
 class _FakeTarget(TargetBase):

@@ -1,7 +1,7 @@
 """kiln.sources: the registry of source kinds and what each kind does at run time.
 
 The registry (SOURCES): order (the manifest's [source] union), tags, the per-kind switches
-(gives_torch, tokenizes_text, simplify_onnx) and reference tools; the torch calling convention
+(framework, tokenizes_text, simplify_onnx) and reference tools; the torch calling convention
 (load_torch_model: inputs positionally or by name, a tuple of the named outputs, eval mode); each
 kind's reference run (ONNX in onnxruntime, scikit-learn estimators shaped like the manifest's
 outputs). Resolving a [source] table is tested in tests/test_sources.py.
@@ -30,7 +30,7 @@ from kiln.sources.base import REFERENCE_TOOLS, SourceKind
 from kiln.sources.huggingface import HuggingFace
 from kiln.sources.sklearn import estimator_results
 
-KINDS = ("huggingface", "torch", "onnx", "sklearn")
+KINDS = ("huggingface", "torch", "onnx", "sklearn", "tensorflow")
 
 
 # ---- the registry -----------------------------------------------------------------------------
@@ -50,18 +50,19 @@ def test_each_source_table_is_tagged_with_its_kind(kind: SourceKind):
 
 
 def test_what_each_kind_can_do():
-    switches = {kind.kind: (kind.gives_torch, kind.tokenizes_text, kind.simplify_onnx) for kind in SOURCES}
+    switches = {kind.kind: (kind.framework, kind.tokenizes_text, kind.simplify_onnx) for kind in SOURCES}
     assert switches == {
-        "huggingface": (True, True, True),
-        "torch": (True, False, True),
-        "onnx": (False, False, True),
-        "sklearn": (False, False, False),  # onnxsim does not know the ai.onnx.ml domain
+        "huggingface": ("torch", True, True),
+        "torch": ("torch", False, True),
+        "onnx": (None, False, True),
+        "sklearn": (None, False, False),  # onnxsim does not know the ai.onnx.ml domain
+        "tensorflow": ("tensorflow", False, True),
     }
 
 
 @pytest.mark.parametrize("kind", SOURCES, ids=KINDS)
 def test_the_reference_step_is_keyed_by_the_kind_reference_tools(kind: SourceKind):
-    expected = (*REFERENCE_TOOLS, "scikit-learn") if kind.kind == "sklearn" else REFERENCE_TOOLS
+    expected = {"sklearn": (*REFERENCE_TOOLS, "scikit-learn"), "tensorflow": (*REFERENCE_TOOLS, "tensorflow", "tensorflow-cpu", "keras")}.get(kind.kind, REFERENCE_TOOLS)
     assert kind.reference_tools == expected
     assert ReferenceOutputs.tools_for({"source": {"kind": kind.kind}}) == expected
 

@@ -1,6 +1,8 @@
 """kiln.state.cache: the local content-addressed cache of step outputs. Storing and restoring a step's
 outputs by key (same bytes, same facts), restores that write nothing (unknown key, other roles, a
-corrupted object, which is also dropped), stats, gc within a byte limit, parse_size for
+corrupted object, which is also dropped), folder outputs (stored file by file, restored whole, never
+from a corrupted file, an entry naming a path outside the folder or a listing that does not add up),
+stats, gc within a byte limit, parse_size for
 `kiln cache gc --max-size`, and where the cache lives (KILN_CACHE=off, KILN_CACHE_DIR)."""
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from kiln.base.hashing import tree_sha256
 from kiln.state.cache import Cache, cache_dir, parse_size
 
 KEY_1, KEY_2, KEY_3 = "1" * 64, "2" * 64, "3" * 64
@@ -210,6 +213,97 @@ def test_gc_drops_unreadable_entries_and_the_objects_nobody_names(tmp_path: Path
 def test_gc_of_an_empty_or_missing_cache_does_nothing(tmp_path: Path):
     done = Cache(tmp_path / "nowhere").gc(0)
     assert done == {"entries_removed": 0, "objects_removed": 0, "bytes_freed": 0, "bytes_kept": 0}
+
+
+# ---- folder outputs (model.mlpackage, a SavedModel) -------------------------------------------------
+
+PACKAGE = {"Manifest.json": b"{}", "Data/com.apple.CoreML/model.mlmodel": b"spec", "Data/com.apple.CoreML/weights/weight.bin": b"w" * 50}
+
+
+def stored_folder(cache: Cache, root: Path, key: str, files: dict[str, bytes] = PACKAGE) -> dict:
+    """A folder output under build/.steps/, described as the step runner records it, and stored."""
+    rel = f"build/.steps/{key[:8]}/model.mlpackage"
+    for name, data in files.items():
+        (root / rel / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel / name).write_bytes(data)
+    listing = [[name, sha256(data), len(data)] for name, data in sorted(files.items())]
+    out = {"path": rel, "sha256": tree_sha256((name, digest) for name, digest, _ in listing), "bytes": sum(len(d) for d in files.values()), "files": listing}
+    cache.store(key, {"model": out}, root, {})
+    return out
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in files_under(folder)}
+
+
+def test_a_folder_is_stored_file_by_file_and_restored_whole(tmp_path: Path, cache: Cache):
+    out = stored_folder(cache, tmp_path / "ws", KEY_1)
+    built = tmp_path / "ws" / out["path"]
+    assert all(os.path.samefile(built / name, cache.object_path(sha256(data))) for name, data in PACKAGE.items())  # hard links
+    dest = tmp_path / "clean" / "model.mlpackage"
+    _write_tree(dest, {"stale.bin": b"old configuration"})
+    entry = cache.restore(KEY_1, {"model": dest})
+    assert entry is not None and entry["outputs"]["model"] == {"name": "model.mlpackage", "sha256": out["sha256"], "bytes": 56, "files": out["files"]}
+    assert tree(dest) == PACKAGE  # whole: the stale file went with the folder it replaced
+    assert [p.name for p in dest.parent.iterdir()] == ["model.mlpackage"]
+    assert cache.stats() == {"entries": 1, "objects": 3, "bytes": 56}
+
+
+def test_a_corrupted_file_of_a_folder_is_never_restored(tmp_path: Path, cache: Cache):
+    stored_folder(cache, tmp_path / "ws", KEY_1)
+    obj = cache.object_path(sha256(PACKAGE["Manifest.json"]))
+    obj.unlink()  # break the link first: the object alone is changed
+    obj.write_bytes(b"{\"x\"}")
+    dest = _write_tree(tmp_path / "out" / "model.mlpackage", {"Manifest.json": b"previous"})
+    assert cache.restore(KEY_1, {"model": dest}) is None
+    assert tree(dest) == {"Manifest.json": b"previous"} and [p.name for p in dest.parent.iterdir()] == ["model.mlpackage"]
+    assert not obj.exists() and not cache.entry_path(KEY_1).exists()
+
+
+@pytest.mark.parametrize("rel", ["../escaped", "/abs/path", "a/../../b", ""])
+def test_a_folder_entry_naming_a_path_outside_the_folder_restores_nothing(tmp_path: Path, cache: Cache, rel: str):
+    import json
+
+    stored_folder(cache, tmp_path / "ws", KEY_1)
+    entry = json.loads(cache.entry_path(KEY_1).read_text())
+    entry["outputs"]["model"]["files"][0][0] = rel
+    cache.entry_path(KEY_1).write_text(json.dumps(entry))
+    assert cache.restore(KEY_1, {"model": tmp_path / "out" / "model.mlpackage"}) is None
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "out" / "model.mlpackage").exists()
+
+
+def test_a_folder_entry_whose_listing_does_not_add_up_to_its_digest_restores_nothing(tmp_path: Path, cache: Cache):
+    import json
+
+    stored_folder(cache, tmp_path / "ws", KEY_1)
+    entry = json.loads(cache.entry_path(KEY_1).read_text())
+    del entry["outputs"]["model"]["files"][0]  # a file left out of an edited entry
+    cache.entry_path(KEY_1).write_text(json.dumps(entry))
+    assert cache.restore(KEY_1, {"model": tmp_path / "out" / "model.mlpackage"}) is None
+    assert not (tmp_path / "out" / "model.mlpackage").exists()
+
+
+def test_gc_keeps_a_kept_folders_file_objects_and_drops_an_evicted_ones(tmp_path: Path, cache: Cache):
+    stored_folder(cache, tmp_path / "ws", KEY_1, {"a.bin": b"a" * 100, "b.bin": b"b" * 100})
+    os.utime(cache.entry_path(KEY_1), (1, 1))  # the older entry
+    stored_folder(cache, tmp_path / "ws", KEY_2, {"c.bin": b"c" * 100})
+    done = cache.gc(150)
+    assert done["entries_removed"] == 1 and done["bytes_kept"] == 100
+    assert cache.restore(KEY_2, {"model": tmp_path / "out" / "m"}) is not None and tree(tmp_path / "out" / "m") == {"c.bin": b"c" * 100}
+    assert cache.stats() == {"entries": 1, "objects": 1, "bytes": 100}
+
+
+def test_an_entry_missing_one_file_object_of_a_folder_is_not_found(tmp_path: Path, cache: Cache):
+    stored_folder(cache, tmp_path / "ws", KEY_1)
+    cache.object_path(sha256(PACKAGE["Manifest.json"])).unlink()
+    assert cache.lookup(KEY_1) is None
+
+
+def _write_tree(folder: Path, files: dict[str, bytes]) -> Path:
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    return folder
 
 
 # ---- parse_size --------------------------------------------------------------------------------------

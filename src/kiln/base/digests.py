@@ -1,7 +1,9 @@
-"""sha256 of files, remembered by stat: a no-op build reads no large file.
+"""sha256 of files (and folders), remembered by stat: a no-op build reads no large file.
 
-DigestCache is the store (build/.kiln/digests.sqlite); digest() and remember() are the per-process
-accessors every part of kiln uses, so a file is looked up in one place whoever asks.
+DigestCache is the store (build/.kiln/digests.sqlite); digest(), listing() and remember() are the
+per-process accessors every part of kiln uses, so a file is looked up in one place whoever asks. A
+folder (a step output such as model.mlpackage) is not an entry of its own: its digest is
+kiln.base.hashing.tree_sha256 over its files' entries, so a no-op build stats its files and reads none.
 """
 
 from __future__ import annotations
@@ -9,22 +11,37 @@ from __future__ import annotations
 import functools
 import os
 import sqlite3
+import stat
 import threading
 import time
 from pathlib import Path
 
-from kiln.base.hashing import blake3_file, sha256_file
+from kiln.base.hashing import blake3_file, list_tree, sha256_file, tree_sha256
 from kiln.base.paths import state_dir
 
 
 def digest(root: Path, path: Path | str) -> str:
-    """The sha256 of a file of this workspace, through the stat-keyed cache."""
+    """The sha256 of a file of this workspace, or the tree_sha256 of a folder (kiln.base.hashing),
+    through the stat-keyed cache. A folder holding a symlink raises UnsafeFolderEntry (an OSError)."""
     return _cache(root, os.getpid()).digest(path)
+
+
+def listing(root: Path, folder: Path | str) -> list[list]:
+    """[relative POSIX path, sha256, bytes] of every regular file in a folder, in tree_sha256's
+    order, through the stat-keyed cache: what a step record and the step cache keep of a folder."""
+    return _cache(root, os.getpid()).listing(folder)
 
 
 def remember(root: Path, path: Path | str, sha256: str) -> None:
     """Record a digest known without reading the file (just computed or verified while copying)."""
     _cache(root, os.getpid()).remember(path, sha256)
+
+
+def remember_listing(root: Path, folder: Path | str, files: list[list]) -> None:
+    """remember() for each file of a folder, given its listing() (after a restore or a hard link)."""
+    cache = _cache(root, os.getpid())
+    for rel, sha256, _ in files:
+        cache.remember(os.path.join(folder, rel), sha256)
 
 
 @functools.cache
@@ -83,6 +100,19 @@ class DigestCache:
     def digest(self, path: Path) -> str:
         path = os.path.abspath(path)  # plan paths are absolute already: no resolve() syscalls per file
         st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            return tree_sha256((rel, sha256) for rel, sha256, _ in self.listing(path))
+        return self._file_digest(path, st)
+
+    def listing(self, folder: Path | str) -> list[list]:
+        """[relative path, sha256, bytes] of each regular file of a folder (kiln.base.digests.listing)."""
+        found = []
+        for rel, path in list_tree(os.path.abspath(folder)):  # absolute: the entries' keys
+            st = os.stat(path)
+            found.append([rel, self._file_digest(path, st), st.st_size])
+        return found
+
+    def _file_digest(self, path: str, st: os.stat_result) -> str:
         stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         row = self._rows().get(path)
         if row is not None and row[:4] == stamp:

@@ -1,13 +1,20 @@
 """Files written whole or not at all (temp file beside the destination, then rename), and JSON read
-once per process while its stat is unchanged."""
+once per process while its stat is unchanged.
+
+An artifact (a step output, a published model) is a file or a folder (model.mlpackage, a SavedModel):
+replace_artifact, copy_artifact, remove_artifact and artifact_bytes treat both alike. A folder is its
+regular files (kiln.base.hashing.list_tree): empty folders are not part of it and a symlink inside
+is refused, so what is copied is exactly what its digest covers."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
+from kiln.base.hashing import list_tree
 from kiln.base.temps import sweep_stale_temps, temp_path
 
 _READ: dict[str, tuple[tuple[int, int, int], Any]] = {}  # path -> (stat stamp, parsed JSON)
@@ -60,6 +67,81 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     tmp = temp_path(path)
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def replace_artifact(temp: Path, dest: Path) -> None:
+    """Move a finished artifact (file or folder) from its temp path onto `dest`. A file replacing a
+    file is one atomic rename, as always. Otherwise whatever is at `dest` is renamed aside first, the
+    new one renamed in, and only then the old one deleted: `dest` never holds a half-written folder,
+    and if the second rename fails the old one is put back. (A crash between the two renames leaves
+    `dest` absent, which the step's record reads as "output missing", and the old one under a temp
+    name that the next build in that folder sweeps away.)"""
+    if not _is_folder(temp) and not _is_folder(dest):
+        os.replace(temp, dest)
+        return
+    aside = None
+    if os.path.lexists(dest):
+        aside = temp_path(dest, "old")
+        os.replace(dest, aside)
+    try:
+        os.replace(temp, dest)
+    except BaseException:
+        if aside is not None:
+            os.replace(aside, dest)
+        raise
+    if aside is not None:
+        remove_artifact(aside)
+
+
+def copy_artifact(source: Path, dest: Path) -> None:
+    """Copy a file or a folder to `dest`, atomically: the copy is written beside `dest` under a temp
+    name and moved in by replace_artifact (so an existing folder there is replaced whole, never
+    merged into). A folder's regular files are copied with their relative paths; a symlink in it
+    raises kiln.base.hashing.UnsafeFolderEntry before anything is written. `source` itself may be a
+    symlink (a file in a Hugging Face cache): what it points to is copied. Bytes only: the copy's
+    permissions and times are the new file's own."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temps(dest.parent)
+    tmp = temp_path(dest, "copy")
+    try:
+        if os.path.isdir(source):
+            files = list_tree(source)
+            tmp.mkdir()
+            for rel, path in files:
+                target = tmp / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
+        else:
+            shutil.copyfile(source, tmp)
+        replace_artifact(tmp, dest)
+    except BaseException:
+        remove_artifact(tmp)
+        raise
+
+
+def remove_artifact(path: Path | str) -> None:
+    """Delete a file or a folder (with everything in it); nothing there is fine. A symlink is
+    removed itself, never what it points to."""
+    if _is_folder(path):
+        shutil.rmtree(path)
+    else:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def artifact_bytes(path: Path | str) -> int:
+    """A file's size, or the sum of the sizes of a folder's regular files (what records, lockfiles
+    and reports call an output's bytes). Like a digest, it follows `path` itself if it is a symlink."""
+    if os.path.isdir(path):
+        return sum(os.stat(file).st_size for _, file in list_tree(path))
+    return os.stat(path).st_size
+
+
+def _is_folder(path: Path | str) -> bool:
+    """A real folder (a symlink to one is not: it is removed or replaced as a link)."""
+    return os.path.isdir(path) and not os.path.islink(path)
 
 
 def dumps_by_line(data: dict[str, Any]) -> str:

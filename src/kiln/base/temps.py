@@ -1,4 +1,4 @@
-"""Temp files beside their destination, named so that a later build can tell whose they are.
+"""Temp files (and folders) beside their destination, named so that a later build can tell whose they are.
 
 Every writer (records, cache, step outputs, the memory ledger, SafeTensors) writes
 `.<name>.kiln-<pid>-<thread>[.<tag>].tmp` and renames it into place. A build killed mid-write
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import threading
 from pathlib import Path
 
@@ -45,7 +46,10 @@ def sweep_stale_temps(folder: Path) -> None:
         match = _TEMP.match(entry.name)
         if match and not pid_alive(int(match.group(1))):
             try:
-                os.unlink(entry.path)
+                if entry.is_dir(follow_symlinks=False):  # a folder output, or an old one set aside
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
             except OSError:
                 pass
 

@@ -48,8 +48,10 @@ class Spec(Strict):
         for name, target in self.targets.items():
             fmt = target_format(target.format)
             fmt.check(self, name, target)
-            if fmt.needs_torch_source and not source.gives_torch:
-                raise CrossError(f"targets.{name}.format", target.format, f"a format an {source.kind} source can give {_formats_without_torch()}; {target.format} needs a {_torch_kinds()} source")
+            needed = fmt.source_frameworks
+            if needed is not None and source.framework not in needed:
+                article = "an" if source.kind[0] in "aeiou" else "a"
+                raise CrossError(f"targets.{name}.format", target.format, f"a format {article} {source.kind} source can give {_formats_given(source)}; {target.format} needs a {_kinds_giving(needed)} source")
             source.check_target(name, target)
         source.check_spec(self)
         inputs = [t.name for t in self.inputs]
@@ -90,12 +92,18 @@ class Spec(Strict):
         return keys
 
 
-def _formats_without_torch() -> tuple[str, ...]:
-    return tuple(fmt.format for fmt in FORMATS if not fmt.needs_torch_source)
+# Some formats are made from the source model in its own framework, not from the fp32 ONNX every
+# source gives: torch programs and weights from an nn.Module, TFLite from a TensorFlow model. A format
+# names the frameworks it is made from (`source_frameworks`), a source kind the framework its model
+# is in (`framework`).
 
 
-def _torch_kinds() -> str:
-    return " or ".join(kind.kind for kind in reversed(SOURCES) if kind.gives_torch)
+def _formats_given(kind: Any) -> tuple[str, ...]:
+    return tuple(fmt.format for fmt in FORMATS if fmt.source_frameworks is None or kind.framework in fmt.source_frameworks)
+
+
+def _kinds_giving(frameworks: frozenset[str]) -> str:
+    return " or ".join(kind.kind for kind in reversed(SOURCES) if kind.framework in frameworks)
 
 
 def effective_thresholds(spec: Spec, target_name: str) -> Thresholds:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from doit import get_var
 
 from kiln.base.env import switched_off
+from kiln.base.fsio import remove_artifact
 from kiln.base.paths import state_dir
 from kiln.base.temps import sweep_stale_temps
 from kiln.engine.argv import TASK, plain_build
@@ -47,12 +48,22 @@ def to_task(step: Step, plan: Plan, names: dict[str, str]) -> dict[str, Any]:
         "uptodate": [(is_up_to_date, [step, plan.root])],
         "task_dep": [f"{TASK}:{names[d]}" for d in step.deps],
         "targets": [str(p) for p in step.outputs.values()],
-        "clean": True,
+        "clean": [(clean_outputs, [list(step.outputs.values())])],  # doit's own clean leaves a folder that is not empty
         # The step writes its own output to its log (kiln.execute.step); doit must not swap sys.stdout
         # around it, which under -P thread would undo the per-thread routing of other steps.
         "io": {"capture": False},
         "verbosity": 0,
     }
+
+
+def clean_outputs(paths: list[Path], dryrun: bool = False) -> None:
+    """`doit clean`: delete a step's outputs, files or folders (model.mlpackage) alike; with
+    `doit clean -n` (dryrun), only say what would go."""
+    for path in sorted(paths, reverse=True):
+        if os.path.lexists(path):
+            print(f"removing {'folder' if path.is_dir() and not path.is_symlink() else 'file'} '{path}'")
+            if not dryrun:
+                remove_artifact(path)
 
 
 @contextlib.contextmanager

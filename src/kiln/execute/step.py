@@ -1,6 +1,10 @@
 """Running one step (ninja's Builder): restore its outputs from the cache when its key is there, else
 run its rule into temp files and rename them into place; then write the record. Called by doit,
-one task per step (kiln.engine.tasks)."""
+one task per step (kiln.engine.tasks).
+
+An output is whatever the rule leaves at the temp path it was given: a file, or a folder (Core ML's
+model.mlpackage, a TensorFlow SavedModel), which is moved into place whole (kiln.base.fsio.
+replace_artifact) and recorded by its tree digest and bytes with its files listed (kiln.base.hashing)."""
 
 from __future__ import annotations
 
@@ -18,8 +22,9 @@ from typing import TYPE_CHECKING, TextIO
 
 from doit.exceptions import TaskFailed
 
-from kiln.base.digests import digest, remember
-from kiln.base.fsio import write_json_atomic
+from kiln.base.digests import digest, listing, remember, remember_listing
+from kiln.base.fsio import artifact_bytes, remove_artifact, replace_artifact, write_json_atomic
+from kiln.base.hashing import UnsafeFolderEntry, list_tree, tree_sha256
 from kiln.base.paths import relative
 from kiln.base.temps import sweep_stale_temps, temp_path
 from kiln.errors import StepError, one_line
@@ -44,7 +49,10 @@ def run_step(step: Step, root: Path):
     rule into temp files and rename them into place; then write the record."""
     started = time.monotonic()
     sweep_stale_temps(log_path(root, step).parent)  # a killed run's log, even when this run restores from the cache
-    current = components(step, root)
+    try:
+        current = components(step, root)
+    except UnsafeFolderEntry as err:  # an input folder holding a symlink: its digest would not say what the rule reads
+        return _failed(step, root, "inputs checked", f"{step.name}: input {err.naming(relative(err.folder, root))}", started)
     key = step_key(current)
     why = reason(step, root, current) or "forced (doit -a or an explicit request)"
     cache = Cache.for_root(root)
@@ -52,16 +60,16 @@ def run_step(step: Step, root: Path):
     if entry is not None:
         info, why = entry["info"], f"{why}; restored from the cache"
         for role, path in step.outputs.items():  # restore re-hashed every byte it copied: remember that digest, do not read again
-            remember(root, path, entry["outputs"][role]["sha256"])
+            _remember_output(root, path, entry["outputs"][role])
     else:
         info = _execute(step, root, why, started)
         if isinstance(info, TaskFailed):
             return info
-    outputs = {role: {"path": relative(p, root), "sha256": digest(root, p), "bytes": p.stat().st_size} for role, p in step.outputs.items()}
+    outputs = {role: output_entry(root, p) for role, p in step.outputs.items()}
     if cache is not None and entry is None:
         cache.store(key, outputs, root, info)
         for role, path in step.outputs.items():  # a hard link changes the file's ctime: keep its digest fresh
-            remember(root, path, outputs[role]["sha256"])
+            _remember_output(root, path, outputs[role])
     write_record(root, step, {
         "step": step.name, "id": step.id, "key": key, "components": current, "outputs": outputs,
         "reason": why, "seconds": round(time.monotonic() - started, 3), "info": info, "restored": entry is not None,
@@ -70,6 +78,26 @@ def run_step(step: Step, root: Path):
         write_json_atomic(last_path(root, step, target, model), current)
     failure_path(root, step).unlink(missing_ok=True)
     return {"key": key}
+
+
+def output_entry(root: Path, path: Path) -> dict:
+    """What a record holds of one output: workspace-relative path, sha256 and bytes; for a folder,
+    its tree digest, the sum of its files' bytes and "files": [[relative path, sha256, bytes], ...]
+    (so a change inside it can be named, and the cache can store it file by file)."""
+    if path.is_dir():
+        files = listing(root, path)
+        return {"path": relative(path, root), "sha256": tree_sha256((rel, sha256) for rel, sha256, _ in files),
+                "bytes": sum(size for _, _, size in files), "files": files}
+    return {"path": relative(path, root), "sha256": digest(root, path), "bytes": path.stat().st_size}
+
+
+def _remember_output(root: Path, path: Path, entry: dict) -> None:
+    """Tell the digest cache an output's digests, known without reading it (an output_entry or a
+    cache entry, which has the same shape)."""
+    if "files" in entry:
+        remember_listing(root, path, entry["files"])
+    else:
+        remember(root, path, entry["sha256"])
 
 
 def _execute(step: Step, root: Path, why: str, started: float):
@@ -94,22 +122,40 @@ def _execute(step: Step, root: Path, why: str, started: float):
             missing = [role for role, path in temps.items() if not path.exists()]
             if missing:
                 raise RuntimeError(f"rule {step.rule} did not write its output {missing[0]!r}")
+            for role, path in temps.items():
+                _check_folder(step, role, path)
     except BaseException as err:  # no temp output may stay behind, whatever went wrong
         for path in temps.values():
-            path.unlink(missing_ok=True)
+            remove_artifact(path)
         for folder in created:  # a failed target leaves no empty build/<model>/<target>/ behind
             if folder.exists() and not any(folder.iterdir()):
                 folder.rmdir()
         if not isinstance(err, Exception):  # KeyboardInterrupt, SystemExit: the build stops
             raise
-        error = f"{step.name}: {_cause(err, step, root)}"
-        facts = err.facts if isinstance(err, StepError) else {}
-        write_json_atomic(failure_path(root, step), {"step": step.name, "reason": why, "error": error, "log": relative(log, root),
-                                                     "facts": facts, "seconds": round(time.monotonic() - started, 3)})
-        return StepFailed(f"{error} (log: {relative(log, root)})")
+        return _failed(step, root, why, f"{step.name}: {_cause(err, step, root)}", started, err.facts if isinstance(err, StepError) else {}, log)
     for role, temp in temps.items():
-        os.replace(temp, step.outputs[role])
+        replace_artifact(temp, step.outputs[role])
     return info
+
+
+def _check_folder(step: Step, role: str, temp: Path) -> None:
+    """A folder output may hold only regular files and folders: a symlink would make the artifact
+    point outside itself (and its bytes depend on what the link reaches)."""
+    if not temp.is_dir():
+        return
+    try:
+        list_tree(temp)
+    except UnsafeFolderEntry as err:
+        raise StepError(step.name, f"output {role!r} ({step.outputs[role].name}) holds {err.relpath}, a {err.kind}: "
+                                   "a folder artifact may hold only regular files and folders; write the file itself there") from None
+
+
+def _failed(step: Step, root: Path, why: str, error: str, started: float, facts: dict | None = None, log: Path | None = None) -> StepFailed:
+    """Record a failure (the failure file the report reads) and return doit's failure for it."""
+    logged = {"log": relative(log, root)} if log is not None else {}
+    write_json_atomic(failure_path(root, step), {"step": step.name, "reason": why, "error": error, **logged,
+                                                 "facts": facts or {}, "seconds": round(time.monotonic() - started, 3)})
+    return StepFailed(f"{error} (log: {logged['log']})" if logged else error)
 
 
 class StepFailed(TaskFailed):
@@ -304,4 +350,4 @@ def _flush_all() -> None:
 
 
 def _input_bytes(step: Step) -> int:
-    return sum(p.stat().st_size for files in step.inputs.values() for p in files if p.exists())
+    return sum(artifact_bytes(p) for files in step.inputs.values() for p in files if p.exists())

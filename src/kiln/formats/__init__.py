@@ -9,14 +9,17 @@ from __future__ import annotations
 import typing
 
 from kiln.formats.base import TargetFormat
+from kiln.formats.coreml import Coreml
 from kiln.formats.onnx import Onnx
 from kiln.formats.openvino import Openvino
 from kiln.formats.pytorch import Pytorch
 from kiln.formats.safetensors import Safetensors
+from kiln.formats.savedmodel import Savedmodel
 from kiln.formats.tensorrt import Tensorrt
+from kiln.formats.tflite import Tflite
 from kiln.formats.torch_program import TorchExport, Torchscript
 
-FORMATS: tuple[TargetFormat, ...] = (Onnx(), Safetensors(), Torchscript(), TorchExport(), Openvino(), Tensorrt(), Pytorch())
+FORMATS: tuple[TargetFormat, ...] = (Onnx(), Safetensors(), Torchscript(), TorchExport(), Openvino(), Tensorrt(), Pytorch(), Coreml(), Tflite(), Savedmodel())
 _BY_NAME = {fmt.format: fmt for fmt in FORMATS}
 
 

@@ -27,7 +27,9 @@ class TargetFormat(ABC):
     format: ClassVar[str]
     Target: ClassVar[type[TargetBase]]
     extra: ClassVar[tuple[str, str] | None] = None  # (python module its converter imports, pip extra)
-    needs_torch_source: ClassVar[bool] = False  # made from the nn.Module itself, not from an ONNX file
+    # made from the source model in one of these frameworks ("torch", "tensorflow"), not from the fp32
+    # ONNX every source gives; None: from any source (kiln.define.spec refuses the others by name)
+    source_frameworks: ClassVar[frozenset[str] | None] = None
     validation_tools: ClassVar[tuple[str, ...]]  # the runtime validate runs it in: its versions key that step
 
     def check(self, spec: Any, name: str, target: Any) -> None:
@@ -61,7 +63,7 @@ class WeightsFormat(TargetFormat):
     """A format that holds only the source model's weights (safetensors, pytorch): validated by
     loading them into the source architecture in torch, which its validate step therefore needs."""
 
-    needs_torch_source = True
+    source_frameworks = frozenset({"torch"})
     validation_tools = ("torch", "transformers")
 
     def validation(self, planner: Planner, name: str, target: Any) -> tuple[dict, dict]:

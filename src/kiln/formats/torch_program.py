@@ -35,7 +35,7 @@ class TorchExportTarget(TargetBase):
 class TorchProgram(TargetFormat):
     """What the two torch program formats share: one export step, validated by reloading it."""
 
-    needs_torch_source = True
+    source_frameworks = frozenset({"torch"})
     validation_tools = ("torch",)
     rule: ClassVar[str]
     file: ClassVar[str]

@@ -22,6 +22,18 @@ class RuntimeUnavailable(Exception):
     artifact only if the manifest accepts an unvalidated one."""
 
 
+class StructuralOnly(RuntimeUnavailable):
+    """The format's runtime does not exist here, but the artifact was checked as far as it can be
+    without running it, and every check passed (a mismatch is a StepError instead). str(): why it
+    could not run; `checks`: what was checked and found, by name. validate publishes such an
+    artifact without allow_unvalidated, its validation.json saying "validated": "structural", the
+    checks and the reason, with no metrics: nothing was computed, so nothing is claimed about numbers."""
+
+    def __init__(self, reason: str, checks: dict[str, Any]):
+        super().__init__(reason)
+        self.checks = checks
+
+
 @dataclass(frozen=True)
 class Artifact:
     """What a runner is opened on: the artifact, the outputs to return, and what some formats need
@@ -36,6 +48,8 @@ class Artifact:
     root: Path | None = None
     device: int | None = None
     precision: str | None = None  # the target's: weights formats check their float tensors are stored at it
+    output_specs: list[dict] | None = None  # the manifest's outputs (name, dtype, shape), for formats checking their shapes
+    options: dict[str, Any] | None = None  # what else a format's check needs of its target (Core ML: deployment target, bounds)
 
     @property
     def input_names(self) -> list[str]:

@@ -14,10 +14,11 @@ from kiln.sources.base import SourceKind
 from kiln.sources.huggingface import HuggingFace
 from kiln.sources.onnx import Onnx
 from kiln.sources.sklearn import Sklearn
+from kiln.sources.tensorflow import Tensorflow
 from kiln.sources.torch import Torch
 from kiln.sources.torch_model import TorchKind
 
-SOURCES: tuple[SourceKind, ...] = (HuggingFace(), Torch(), Onnx(), Sklearn())
+SOURCES: tuple[SourceKind, ...] = (HuggingFace(), Torch(), Onnx(), Sklearn(), Tensorflow())
 _BY_KIND = {source.kind: source for source in SOURCES}
 
 

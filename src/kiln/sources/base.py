@@ -45,7 +45,7 @@ class SourceKind(ABC):
     kind: ClassVar[str]
     Source: ClassVar[type[Strict]]
     extra: ClassVar[tuple[tuple[str, ...], str] | None] = None  # (modules it imports, pip extra that installs them)
-    gives_torch: ClassVar[bool] = False  # an nn.Module: can give weights and torch programs
+    framework: ClassVar[str | None] = None  # the model's own framework ("torch": an nn.Module, which gives weights and torch programs)
     tokenizes_text: ClassVar[bool] = False  # has a tokenizer, so .txt data can feed it
     simplify_onnx: ClassVar[bool] = True  # onnxsim may run on its ONNX (not on ai.onnx.ml graphs)
     reference_tools: ClassVar[tuple[str, ...]] = REFERENCE_TOOLS
@@ -53,7 +53,7 @@ class SourceKind(ABC):
     # ---- definition ---------------------------------------------------------------------------
 
     def check_target(self, name: str, target: Any) -> None:
-        """Raise CrossError for a target this source cannot give (beyond what gives_torch says)."""
+        """Raise CrossError for a target this source cannot give (beyond what its framework says)."""
 
     def check_spec(self, spec: Any) -> None:
         """Raise CrossError for what else this source demands of the manifest."""

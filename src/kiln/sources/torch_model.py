@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 
 class TorchKind(SourceKind):
-    gives_torch: ClassVar[bool] = True
+    framework: ClassVar[str | None] = "torch"
     keyword_inputs: ClassVar[bool] = False  # forward(**inputs by name) rather than forward(*inputs in order)
 
     @abstractmethod

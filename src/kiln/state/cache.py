@@ -3,6 +3,10 @@
     .kiln/cache/objects/<sha256[:2]>/<sha256>   file contents, by digest (one copy however many steps made them)
     .kiln/cache/keys/<key[:2]>/<key>.json        a step key -> its outputs (role, name, sha256, bytes) and facts
 
+A folder output (model.mlpackage) is stored file by file: its entry also lists "files" ([relative
+path, sha256, bytes] each, as the step record does), every file is an object of its own, and its
+"sha256" is the tree digest (kiln.base.hashing.tree_sha256), re-checked on restore.
+
 A step whose key has an entry is restored instead of run: switching a manifest back to an earlier
 configuration, checking out an older branch or wiping build/ brings the outputs back in the time it
 takes to copy them (ccache / Bazel's disk cache / DVC's run-cache). The cache lives beside build/,
@@ -24,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from kiln.base.env import switched_off
-from kiln.base.fsio import write_bytes_atomic
-from kiln.base.hashing import copy_hashing
+from kiln.base.fsio import remove_artifact, replace_artifact, write_bytes_atomic
+from kiln.base.hashing import copy_hashing, tree_sha256
 from kiln.base.temps import sweep_stale_temps, temp_path
 
 
@@ -53,11 +57,15 @@ class Cache:
     # ---- writing ------------------------------------------------------------------------------
 
     def store(self, key: str, outputs: dict[str, dict[str, Any]], root: Path, info: dict[str, Any]) -> None:
-        """Remember a finished step: outputs is role -> {"path" (workspace-relative), "sha256", "bytes"}."""
+        """Remember a finished step: outputs is role -> {"path" (workspace-relative), "sha256", "bytes"}
+        and, for a folder, "files" (its listing, kiln.base.digests.listing)."""
         for out in outputs.values():
-            self._store_object(root / out["path"], out["sha256"])
-        entry = {"key": key, "outputs": {role: {"name": Path(o["path"]).name, "sha256": o["sha256"], "bytes": o["bytes"]} for role, o in outputs.items()},
-                 "info": info}
+            if "files" in out:
+                for rel, sha256, _ in out["files"]:
+                    self._store_object(root / out["path"] / rel, sha256)
+            else:
+                self._store_object(root / out["path"], out["sha256"])
+        entry = {"key": key, "outputs": {role: _entry_output(o) for role, o in outputs.items()}, "info": info}
         write_bytes_atomic(self.entry_path(key), (json.dumps(entry, sort_keys=True, indent=1) + "\n").encode())
 
     def _store_object(self, path: Path, sha256: str) -> None:
@@ -80,7 +88,7 @@ class Cache:
             entry = json.loads(self.entry_path(key).read_text())
         except (OSError, ValueError):
             return None
-        if not all(self.object_path(o["sha256"]).is_file() for o in entry["outputs"].values()):
+        if not all(self.object_path(sha256).is_file() for o in entry["outputs"].values() for sha256 in _objects_of(o)):
             return None
         return entry
 
@@ -98,18 +106,38 @@ class Cache:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 sweep_stale_temps(dest.parent)
                 temps[role] = temp_path(dest, "restore")
-                if copy_hashing(self.object_path(out["sha256"]), temps[role]) != out["sha256"]:
-                    self.object_path(out["sha256"]).unlink(missing_ok=True)
+                if not self._copy_out(out, temps[role]):
                     self.entry_path(key).unlink(missing_ok=True)
                     return None
             for role, tmp in temps.items():
-                os.replace(tmp, destinations[role])
+                replace_artifact(tmp, destinations[role])
             temps = {}
         finally:
             for tmp in temps.values():
-                tmp.unlink(missing_ok=True)
+                remove_artifact(tmp)
         os.utime(self.entry_path(key))  # least recently used goes first in gc
         return entry
+
+    def _copy_out(self, out: dict[str, Any], dest: Path) -> bool:
+        """Copy one output's object(s) to dest (a file, or a folder of its files), re-hashing every
+        byte. False when an object no longer has its digest (that object is dropped), or a folder
+        entry's listing does not add up to its digest or names a path outside the folder."""
+        if "files" not in out:
+            return self._copy_object(out["sha256"], dest)
+        if not all(_inside(rel) for rel, _, _ in out["files"]):
+            return False
+        dest.mkdir()
+        for rel, sha256, _ in out["files"]:
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            if not self._copy_object(sha256, dest / rel):
+                return False
+        return tree_sha256((rel, sha256) for rel, sha256, _ in out["files"]) == out["sha256"]
+
+    def _copy_object(self, sha256: str, dest: Path) -> bool:
+        if copy_hashing(self.object_path(sha256), dest) != sha256:
+            self.object_path(sha256).unlink(missing_ok=True)
+            return False
+        return True
 
     # ---- keeping it bounded -------------------------------------------------------------------
 
@@ -132,7 +160,7 @@ class Cache:
             except (OSError, ValueError):
                 path.unlink(missing_ok=True)
                 continue
-            entries.append((path.stat().st_mtime, path, {o["sha256"]: o["bytes"] for o in entry["outputs"].values()}))
+            entries.append((path.stat().st_mtime, path, {sha: size for o in entry["outputs"].values() for sha, size in _objects_of(o).items()}))
         entries.sort(key=lambda e: e[0], reverse=True)  # newest first: kept first
         kept: dict[str, int] = {}
         kept_bytes = removed_entries = 0
@@ -151,6 +179,26 @@ class Cache:
                 obj.unlink(missing_ok=True)
                 removed_objects += 1
         return {"entries_removed": removed_entries, "objects_removed": removed_objects, "bytes_freed": freed, "bytes_kept": kept_bytes}
+
+
+def _entry_output(out: dict[str, Any]) -> dict[str, Any]:
+    """An output as its cache entry keeps it: its name, sha256 and bytes (and a folder's files)."""
+    kept = {"name": Path(out["path"]).name, "sha256": out["sha256"], "bytes": out["bytes"]}
+    return kept | ({"files": out["files"]} if "files" in out else {})
+
+
+def _objects_of(out: dict[str, Any]) -> dict[str, int]:
+    """sha256 -> bytes of the objects an entry's output is made of: the file, or each file of a folder."""
+    if "files" in out:
+        return {sha256: size for _, sha256, size in out["files"]}
+    return {out["sha256"]: out["bytes"]}
+
+
+def _inside(rel: str) -> bool:
+    """Whether a folder entry's relative path stays inside the folder (an edited entry must not
+    make a restore write elsewhere)."""
+    parts = rel.split("/")
+    return bool(rel) and not rel.startswith("/") and ".." not in parts and "" not in parts and "." not in parts
 
 
 def parse_size(text: str) -> int:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.base.digests import digest
 from kiln.base.fsio import read_json, write_json_atomic
-from kiln.base.hashing import sha256_file
+from kiln.base.hashing import UnsafeFolderEntry, sha256_path
 from kiln.base.paths import relative
 from kiln.state.provenance import FILE, statements
 from kiln.state.records import read_record, tools_of
@@ -65,8 +65,9 @@ def write_provenance(plan: Plan) -> None:
 
 
 def verify(plan: Plan) -> list[str]:
-    """Re-hash every file the lockfile lists (reading the bytes, not trusting any cache) and the
-    provenance statements' subjects. Returns the problems, one line each; [] when all match."""
+    """Re-hash every file (and folder: kiln.base.hashing.tree_sha256) the lockfile lists, reading the
+    bytes, not trusting any cache, and the provenance statements' subjects. Returns the problems,
+    one line each; [] when all match."""
     lock = read_json(lock_path(plan))
     if lock is None:
         return [f"{relative(lock_path(plan), plan.root)}: no lockfile (not built yet, or the last build failed)"]
@@ -75,9 +76,15 @@ def verify(plan: Plan) -> list[str]:
         files = [artifact] + [v for v in artifact.values() if isinstance(v, dict) and "sha256" in v]
         for entry in files:
             path = plan.root / entry["path"]
-            if not path.is_file():
+            if not path.is_file() and not path.is_dir():
                 problems.append(f"{entry['path']}: missing (locked sha256 {entry['sha256'][:12]})")
-            elif (found := sha256_file(path)) != entry["sha256"]:
+                continue
+            try:
+                found = sha256_path(path)
+            except UnsafeFolderEntry as err:
+                problems.append(err.naming(entry["path"]))
+                continue
+            if found != entry["sha256"]:
                 problems.append(f"{entry['path']}: sha256 {found[:12]} differs from the locked {entry['sha256'][:12]}")
         statement = read_json(plan.root / Path(artifact["path"]).parent / FILE)
         subjects = {s["name"]: s["digest"]["sha256"] for s in (statement or {}).get("subject", [])}

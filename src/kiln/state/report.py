@@ -56,7 +56,9 @@ def build_report(plan: Plan, statuses: dict[str, str], seconds: float) -> dict[s
             artifact = {"target": step.targets[0], "status": entry["status"], "metrics": info.get("metrics"), "thresholds": info.get("thresholds"), "passed": info.get("passed")}
             if info.get("latency"):
                 artifact["latency"] = info["latency"]  # measured when the artifact was last validated
-            if info.get("not_validated"):
+            if info.get("validated") == "structural":  # checked, not run: the reason says why (Core ML off macOS)
+                artifact["validation"] = info["not_validated"]
+            elif info.get("not_validated"):
                 artifact["validation"] = f"not validated: {info['not_validated']}"
             files = [o for o in entry.get("outputs", []) if not o["path"].endswith("validation.json")]
             if files:  # the artifact's path; bytes of all its files (OpenVINO: .xml + .bin)

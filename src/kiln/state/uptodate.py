@@ -17,9 +17,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kiln.base.digests import digest
+from kiln.base.digests import digest, listing
 from kiln.base.fsio import read_json
-from kiln.base.hashing import canonical_json, sha256_text
+from kiln.base.hashing import UnsafeFolderEntry, canonical_json, sha256_text
 from kiln.base.paths import relative
 from kiln.base.tools import tool_versions
 from kiln.state.records import last_path, read_record
@@ -59,6 +59,8 @@ def why(step: Step, root: Path) -> str | None:
         current = components(step, root)
     except FileNotFoundError as err:
         return f"input {relative(Path(err.filename), root)} is not built yet"
+    except UnsafeFolderEntry as err:  # the step fails with this when it runs
+        return f"input {err.naming(relative(err.folder, root))}"
     return reason(step, root, current)
 
 
@@ -78,9 +80,26 @@ def reason(step: Step, root: Path, current: dict[str, Any]) -> str | None:
             found = digest(root, root / out["path"])
         except FileNotFoundError:
             return f"output {out['path']} is missing"
+        except UnsafeFolderEntry as err:
+            return f"output {out['path']} is not what this step wrote: {err.naming(relative(err.folder, root))}"
         if found != out["sha256"]:
-            return f"output {out['path']} is not what this step wrote (changed on disk, or built by another configuration)"
+            return f"output {out['path']} is not what this step wrote ({_what_changed(root, out)}changed on disk, or built by another configuration)"
     return None
+
+
+def _what_changed(root: Path, out: dict[str, Any]) -> str:
+    """For a folder output, the first file in it that differs from what the record lists, as
+    "<file> changed|added|removed; " (empty for a file output, or a folder that became a file)."""
+    path = root / out["path"]
+    if "files" not in out or not path.is_dir():
+        return ""
+    before = {rel: sha256 for rel, sha256, _ in out["files"]}
+    after = {rel: sha256 for rel, sha256, _ in listing(root, path)}
+    for rel in sorted(before.keys() | after.keys()):
+        if before.get(rel) != after.get(rel):
+            change = "added" if rel not in before else "removed" if rel not in after else "changed"
+            return f"{out['path']}/{rel} {change}; "
+    return ""
 
 
 def _change_since_last(step: Step, root: Path, current: dict[str, Any]) -> str | None:

@@ -1,0 +1,202 @@
+"""format = "tflite": a LiteRT (TensorFlow Lite) flatbuffer, converted from a TensorFlow source by
+TF's TFLiteConverter (build_rules/convert_tflite.py) and validated in the LiteRT interpreter
+(ai-edge-litert) against the source model. Needs pip install 'kiln[tensorflow]'.
+
+Precisions:
+- fp32: the model as it is;
+- fp16: weights stored as float16 (`target_spec.supported_types = [tf.float16]`), computed in fp32;
+- int8, `options.quantization = "dynamic"` (default): dynamic-range quantization, int8 weights
+  (TF quantizes weight tensors of 1024 elements or more), activations quantized at run time;
+- int8, `options.quantization = "static"`: full integer, activation ranges from TF's calibrator fed
+  the manifest's [calibration] data through kiln's data loader (`representative_dataset`), int8
+  builtin ops only; `options.integer_io = true` (default) makes the float inputs and outputs int8
+  too (the runner quantizes and dequantizes them with each tensor's scale and zero point).
+Only LiteRT builtin ops: a model needing TensorFlow ops through the Flex delegate (Select TF ops),
+which the LiteRT runtime cannot run, fails the conversion naming them; a .tflite holding Flex ops
+fails validation. An int8 or fp16 target whose file holds no int8 or float16 tensor (nothing was
+quantized: every weight below TF's size limit) fails instead of passing as a float model.
+
+Layout: the source's. Keras models take NHWC images, and the .tflite keeps exactly the signature
+the manifest declares (input names, dynamic axes as -1); kiln inserts no transposes. The convert
+step's facts in report.json give each input's dtype, shape and quantization as the artifact has them.
+
+Validation runs the interpreter with one thread (a fixed reduction order, as onnxruntime's), inputs
+by name through the "serving_default" signature, the batch resized per feed. Default thresholds are
+the precision's (kiln.schema.fields.PRECISION_DEFAULTS): full-integer int8 on the example convnet
+(manifests/keras_convnet.toml) gives min cosine ~0.999 on logits, far inside int8's 0.9 / 0.98.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field
+
+from kiln.errors import StepError, one_line
+from kiln.formats.base import TargetFormat
+from kiln.runtime.runners import Artifact, Runner, require_outputs
+from kiln.schema.fields import CrossError, Strict, TargetBase, check_option_precisions
+
+if TYPE_CHECKING:
+    from kiln.plan.chains import Planner
+
+SIGNATURE = "serving_default"
+
+
+class TfliteOptions(Strict):
+    quantization: Literal["dynamic", "static"] = Field("dynamic", description="int8: 'dynamic' (dynamic range: int8 weights, activations quantized at run time) or 'static' (full integer: activation ranges calibrated on [calibration].data)")
+    integer_io: bool = Field(True, description="int8 static: int8 model inputs and outputs (float ones quantized with their scale and zero point); false keeps them float32")
+
+
+OPTION_PRECISIONS = {"quantization": ("int8",), "integer_io": ("int8",)}
+
+
+class TfliteTarget(TargetBase):
+    """A LiteRT flatbuffer (model.tflite) from a TensorFlow source, validated in LiteRT's interpreter."""
+
+    format: Literal["tflite"]
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    options: TfliteOptions = TfliteOptions()
+
+
+class Tflite(TargetFormat):
+    format = "tflite"
+    Target = TfliteTarget
+    extra = ("ai_edge_litert", "tensorflow")
+    source_frameworks = frozenset({"tensorflow"})  # TF's converter, from the model itself (kiln.define.spec)
+    validation_tools = ("ai-edge-litert",)
+
+    def check(self, spec: Any, name: str, target: TfliteTarget) -> None:
+        options = target.options
+        check_option_precisions(name, target, OPTION_PRECISIONS)
+        if "integer_io" in options.model_fields_set and options.quantization != "static":
+            raise CrossError(f"targets.{name}.options.integer_io", options.integer_io, "no integer_io with quantization = \"dynamic\" (it applies to quantization = \"static\" only: dynamic range keeps float inputs and outputs)")
+        if target.precision == "int8" and options.quantization == "static" and spec.calibration is None:
+            raise CrossError(f"targets.{name}.options.quantization", "static", "a [calibration] table naming the calibration data (or quantization = \"dynamic\")")
+
+    def chain(self, planner: Planner, name: str, target: TfliteTarget) -> None:
+        """reference -> convert_tflite (from the source itself; static int8 also reads the calibration
+        data) -> validate."""
+        reference = planner.reference(name)
+        params: dict[str, Any] = {"source": planner.source_params, "inputs": planner.inputs, "outputs": planner.outputs, "precision": target.precision}
+        inputs = {"source": planner.resolved.source_files}
+        if target.precision == "int8":
+            params["quantization"] = target.options.quantization
+            if target.options.quantization == "static":
+                calibration = planner.spec.calibration
+                params |= {"integer_io": target.options.integer_io, "batch_size": calibration.batch_size,
+                           "max_length": planner.max_length(calibration), "max_samples": calibration.max_samples}
+                inputs["data"] = (planner.resolved.calibration_file,)
+        step = planner.add(name, "convert_tflite", params, inputs, {"model": "model.tflite"})
+        planner.validate(name, target, step.outputs["model"], step, reference)
+
+    def open_runner(self, artifact: Artifact) -> Runner:
+        """The LiteRT interpreter on the file, one thread; inputs by name, quantized where the model
+        takes int8, outputs dequantized back to float."""
+        interpreter = open_interpreter(artifact.path.read_bytes(), artifact.path.name, artifact.step)
+        require_precision(tensor_dtypes(interpreter), artifact.precision, artifact.path.name, artifact.step)
+        if SIGNATURE not in interpreter.get_signature_list():
+            raise StepError(artifact.step, f"{artifact.path.name} has no {SIGNATURE!r} signature (it has {sorted(interpreter.get_signature_list())}): kiln feeds inputs by the signature's names")
+        runner = interpreter.get_signature_runner(SIGNATURE)
+        in_details, out_details = runner.get_input_details(), runner.get_output_details()
+        names = artifact.outputs
+        require_outputs(set(out_details), names, "TFLite", artifact.step)
+
+        def run(feed: dict) -> dict:
+            missing = [n for n in in_details if n not in feed]
+            if missing:
+                raise StepError(artifact.step, f"{artifact.path.name} takes input {missing[0]!r}, which the validation data does not have (it has {sorted(feed)})")
+            result = runner(**{n: quantize(feed[n], d) for n, d in in_details.items()})
+            return {n: dequantize(result[n], out_details[n]) for n in names}
+
+        return run
+
+    def latency(self, artifact: Path, feed: dict) -> dict[str, Any] | None:
+        """CPU latency in LiteRT on the first validation sample, as onnx_latency measures ONNX: 2
+        threads, the median of 30 runs after 5 warm-ups. Report only."""
+        import time
+
+        import numpy as np
+
+        runner = open_interpreter(artifact.read_bytes(), artifact.name, "latency", threads=2).get_signature_runner(SIGNATURE)
+        shaped = {n: quantize(feed[n], d) for n, d in runner.get_input_details().items()}
+        for _ in range(5):
+            runner(**shaped)
+        times = []
+        for _ in range(30):
+            start = time.perf_counter()
+            runner(**shaped)
+            times.append(time.perf_counter() - start)
+        return {"median_ms": round(1000 * float(np.median(times)), 3), "p10_ms": round(1000 * float(np.percentile(times, 10)), 3),
+                "runs": 30, "threads": 2, "shape": {k: list(v.shape) for k, v in shaped.items()}}
+
+
+def open_interpreter(content: bytes, label: str, step: str, threads: int = 1):
+    """LiteRT's interpreter on a .tflite, tensors allocated. A model with TensorFlow (Flex) ops, which
+    this runtime has no delegate for, or a damaged file, is a StepError naming the cause."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    try:
+        interpreter = Interpreter(model_content=content, num_threads=threads)
+        interpreter.allocate_tensors()
+    except Exception as err:  # ValueError for a bad flatbuffer, RuntimeError for ops it cannot run
+        flex = flex_ops(content)
+        if flex:
+            raise StepError(step, f"{label} needs TensorFlow Flex ops {flex}, which the LiteRT runtime cannot run (no Flex delegate)") from None
+        raise StepError(step, f"LiteRT cannot run {label}: {one_line(err)[:300]}") from None
+    return interpreter
+
+
+def flex_ops(content: bytes) -> list[str]:
+    """The Flex (Select TF) custom op names a .tflite lists, for the error: they are stored as
+    "Flex<Op>" strings among its operator codes."""
+    import re
+
+    return sorted({m.decode() for m in re.findall(rb"Flex[A-Z][A-Za-z0-9]*", content)})
+
+
+def tensor_dtypes(interpreter) -> dict[str, int]:
+    """How many of the model's tensors hold each dtype (numpy names), and how many are quantized
+    (carry scales): what precision the file really has."""
+    import numpy as np
+
+    counts: dict[str, int] = {}
+    for detail in interpreter.get_tensor_details():
+        for key in (np.dtype(detail["dtype"]).name, "quantized" if len(detail["quantization_parameters"]["scales"]) else None):
+            if key:
+                counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def require_precision(dtypes: dict[str, int], precision: str | None, label: str, step: str) -> None:
+    """An fp16 target must hold float16 tensors and an int8 one quantized tensors; an fp32 one
+    neither: a file at another precision than its target's would be gated by the wrong thresholds."""
+    if precision == "fp16" and not dtypes.get("float16"):
+        raise StepError(step, f"{label} holds no float16 tensor (its tensors: {dtypes}): nothing was converted to fp16")
+    if precision == "int8" and not dtypes.get("quantized"):
+        raise StepError(step, f"{label} holds no quantized tensor (its tensors: {dtypes}): nothing was quantized to int8 (TF's dynamic range quantizes only weight tensors of 1024 elements or more)")
+    if precision == "fp32" and (dtypes.get("float16") or dtypes.get("quantized")):
+        raise StepError(step, f"{label} holds float16 or quantized tensors ({dtypes}); an fp32 target holds the model unquantized")
+
+
+def quantize(value, detail: dict):
+    """A float input for a tensor that takes int8/uint8: round(x / scale + zero_point), clipped."""
+    import numpy as np
+
+    dtype = np.dtype(detail["dtype"])
+    scale, zero_point = detail["quantization"]
+    if dtype.kind in "iu" and value.dtype.kind == "f" and scale:
+        info = np.iinfo(dtype)
+        return np.clip(np.round(value / scale + zero_point), info.min, info.max).astype(dtype)
+    return value.astype(dtype, copy=False)
+
+
+def dequantize(value, detail: dict):
+    """An int8/uint8 output back to float32: (q - zero_point) * scale."""
+    import numpy as np
+
+    scale, zero_point = detail["quantization"]
+    if value.dtype.kind in "iu" and scale:
+        return ((value.astype(np.float32) - zero_point) * scale).astype(np.float32)
+    return value
