@@ -6,13 +6,19 @@ import functools
 from importlib import metadata
 
 import kiln
+from kiln.base.toolenv import PREFIX as TOOLENV
+from kiln.base.toolenv import tool_env
 
 
 @functools.cache
 def tool_version(name: str) -> str:
-    """Installed version of a tool (a distribution name, or "kiln"); read once per process."""
+    """Installed version of a tool (a distribution name, or "kiln"), or the identity of a tool
+    environment ("toolenv:<name>", kiln.base.toolenv: its pinned requirements, which are its lock);
+    read once per process."""
     if name == "kiln":
         return kiln.__version__
+    if name.startswith(TOOLENV):
+        return tool_env(name[len(TOOLENV):]).version()
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:

@@ -1,6 +1,15 @@
 """format = "tflite": a LiteRT (TensorFlow Lite) flatbuffer, converted from a TensorFlow source by
-TF's TFLiteConverter (build_rules/convert_tflite.py) and validated in the LiteRT interpreter
-(ai-edge-litert) against the source model. Needs pip install 'kiln[tensorflow]'.
+TF's TFLiteConverter (build_rules/convert_tflite.py), or from a PyTorch source (torch, huggingface)
+by litert-torch in its own tool environment (build_rules/convert_tflite_torch.py; kiln.base.toolenv:
+litert-torch pins typing-extensions and pydantic below what kiln and coremltools need), and validated
+in the LiteRT interpreter (ai-edge-litert) against the source model. Needs pip install
+'kiln[tflite]' (the runtime; a TensorFlow source needs 'kiln[tensorflow]', which includes it).
+
+From PyTorch: fp32, fp16 and dynamic-range int8 (ai-edge-quantizer, offline); static int8 is
+refused at check time. The file keeps PyTorch's layout (NCHW) and has fixed shapes (litert-torch
+0.10 cannot export a dynamic batch here): converted at batch 2, it is resized at run time by LiteRT,
+and the convert step checks that it runs at another batch, failing with the reason when the graph
+cannot be resized.
 
 Precisions:
 - fp32: the model as it is;
@@ -37,6 +46,7 @@ from kiln.errors import StepError, one_line
 from kiln.formats.base import TargetFormat
 from kiln.runtime.runners import Artifact, Runner, require_outputs
 from kiln.schema.fields import CrossError, Strict, TargetBase, check_option_precisions
+from kiln.sources import source_kind
 
 if TYPE_CHECKING:
     from kiln.plan.chains import Planner
@@ -63,8 +73,9 @@ class TfliteTarget(TargetBase):
 class Tflite(TargetFormat):
     format = "tflite"
     Target = TfliteTarget
-    extra = ("ai_edge_litert", "tensorflow")
-    source_frameworks = frozenset({"tensorflow"})  # TF's converter, from the model itself (kiln.define.spec)
+    extra = ("ai_edge_litert", "tflite")  # the runtime; a TensorFlow source's own extra brings the converter
+    # from the model itself (kiln.define.spec): TF's converter, or litert-torch in its tool environment
+    source_frameworks = frozenset({"tensorflow", "torch"})
     validation_tools = ("ai-edge-litert",)
 
     def check(self, spec: Any, name: str, target: TfliteTarget) -> None:
@@ -72,6 +83,8 @@ class Tflite(TargetFormat):
         check_option_precisions(name, target, OPTION_PRECISIONS)
         if "integer_io" in options.model_fields_set and options.quantization != "static":
             raise CrossError(f"targets.{name}.options.integer_io", options.integer_io, "no integer_io with quantization = \"dynamic\" (it applies to quantization = \"static\" only: dynamic range keeps float inputs and outputs)")
+        if target.precision == "int8" and options.quantization == "static" and source_kind(spec.source.kind).framework == "torch":
+            raise CrossError(f"targets.{name}.options.quantization", "static", 'quantization = "dynamic" (a PyTorch source converts through litert-torch: dynamic-range int8 only)')
         if target.precision == "int8" and options.quantization == "static" and spec.calibration is None:
             raise CrossError(f"targets.{name}.options.quantization", "static", "a [calibration] table naming the calibration data (or quantization = \"dynamic\")")
 
@@ -81,6 +94,12 @@ class Tflite(TargetFormat):
         reference = planner.reference(name)
         params: dict[str, Any] = {"source": planner.source_params, "inputs": planner.inputs, "outputs": planner.outputs, "precision": target.precision}
         inputs = {"source": planner.resolved.source_files}
+        if planner.source.framework == "torch":  # litert-torch in its tool environment (build_rules/convert_tflite_torch.py)
+            if target.precision == "int8":
+                params["quantization"] = "dynamic"
+            step = planner.add(name, "convert_tflite_torch", params, inputs, {"model": "model.tflite"})
+            planner.validate(name, target, step.outputs["model"], step, reference)
+            return
         if target.precision == "int8":
             params["quantization"] = target.options.quantization
             if target.options.quantization == "static":
