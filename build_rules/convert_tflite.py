@@ -2,7 +2,8 @@
 
 The model's serving function (kiln.sources.tensorflow.export_serving: the manifest's inputs as
 TensorSpecs, named axes dynamic, a dict of the manifest's outputs, variables frozen by Keras'
-ExportArchive) is written as a SavedModel into a private folder and converted from there, so the
+ExportArchive) is written as a SavedModel into a scratch folder (kiln.sources.tensorflow.scratch_serving_savedmodel)
+and converted from there, so the
 .tflite's "serving_default" signature has the manifest's input and output names. Precisions (see
 kiln.formats.tflite): fp32; fp16 weights; int8 dynamic range; int8 full integer calibrated on the
 [calibration] data read by kiln's loader (the `data` input), int8 builtin ops only and, with
@@ -40,7 +41,7 @@ class ConvertTfliteParams(Params):
 @register
 class ConvertTflite(Rule):
     name = "convert_tflite"
-    version = 1
+    version = 2  # 2: two or more inputs and outputs meet the model's by name, not by position
     tools = ("tensorflow", "tensorflow-cpu", "keras", "ai-edge-litert")
     Params = ConvertTfliteParams
     memory_base_mib, memory_per_input = 1024, 4.0  # TensorFlow itself, the model, the converter's copies
@@ -63,18 +64,16 @@ def child_main() -> None:
     """Export the serving SavedModel, convert it at the precision, check the result runs in LiteRT at
     that precision, write it and its facts."""
     import json
-    import tempfile
 
     from kiln.formats.tflite import SIGNATURE, open_interpreter, require_precision, tensor_dtypes
-    from kiln.sources.tensorflow import export_serving, import_tensorflow
+    from kiln.sources.tensorflow import import_tensorflow, scratch_serving_savedmodel
 
     job = read_job()
     params = ConvertTfliteParams(**job["params"])
     tf = import_tensorflow()
     output = Path(job["model"])
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".kiln-savedmodel-") as tmp:
-        export_serving(params.source, [Path(p) for p in job["files"]], params.inputs, params.outputs, Path(job["root"]), Path(tmp) / "saved")
-        converter = tf.lite.TFLiteConverter.from_saved_model(str(Path(tmp) / "saved"), signature_keys=[SIGNATURE])
+    with scratch_serving_savedmodel(params.source, [Path(p) for p in job["files"]], params.inputs, params.outputs, Path(job["root"]), output) as saved:
+        converter = tf.lite.TFLiteConverter.from_saved_model(str(saved), signature_keys=[SIGNATURE])
         configure(converter, params, job, tf)
         try:
             content = converter.convert()

@@ -6,10 +6,18 @@ convert_to="mlprogram", the target's compute precision and minimum deployment ta
 outputs take the manifest's names; named dims become ct.RangeDim(1, bound) (one per name, shared by
 every input that has it), int64 tensors int32 (kiln.formats.coreml says why).
 
+Checked in torch before conversion (Core ML cannot run off macOS, so this is what checks the
+package's function there): the traced or exported program is run against the source nn.Module on
+the example and on inputs whose named dims all have another size within their bound (the example's
+values repeated); a trace fixed to the example's shapes (int(x.shape[1]), a Python branch on a size)
+fails the step in one line naming the size, the difference and the tracer's first warning (all of
+them are in the step's log). The sizes checked are the report's "trace_checked_at".
+
 Reproducible bytes: coremltools writes random item UUIDs into Manifest.json and the conversion date
 into the model's metadata. The package is normalised after saving: the date dropped, model.mlmodel
 re-serialised deterministically (protobuf maps in key order), each item's UUID derived from its path
-and contents; coremltools then loads the package again (a normalisation that broke it fails here).
+and contents, an empty weights folder (a model whose constants are all inline) dropped with its item
+so the package does not depend on copies keeping empty folders; coremltools then loads the package again (a normalisation that broke it fails here).
 Runs in a fresh child (kiln.runtime.child): the tracer's and MIL's generated names come from
 process-wide counters. Its noise (coremltools' "Torch version ... has not been tested", progress bars)
 goes to the step's log.
@@ -17,12 +25,14 @@ goes to the step's log.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
 from kiln.base.temps import temp_path
+from kiln.errors import StepError, one_line
 from kiln.rules import TORCH_MODEL_MEMORY, Params, Rule, RunContext, register
-from kiln.runtime.child import fail, in_fresh_stack, run_in_child
+from kiln.runtime.child import fail, in_fresh_stack, portable_code_paths, read_job, run_in_child
 
 CONVERSION_DATE = "com.github.apple.coremltools.conversion_date"  # the one metadata entry that varies run to run
 
@@ -40,7 +50,7 @@ class ExportCoremlParams(Params):
 @register
 class ExportCoreml(Rule):
     name = "export_coreml"
-    version = 1
+    version = 2  # 2: the trace checked against the source (facts: trace_checked_at); no empty weights folder
     tools = ("torch", "transformers", "coremltools")
     Params = ExportCoremlParams
     memory_base_mib, memory_per_input = TORCH_MODEL_MEMORY
@@ -48,9 +58,23 @@ class ExportCoreml(Rule):
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ExportCoremlParams, ctx: RunContext) -> dict[str, Any]:
         from kiln.sources.jobs import source_job
 
+        import json
+
         out = outputs["model"]
-        run_in_child(ctx.step, "kiln.build_rules.export_coreml:child_main", source_job(params, inputs, out, ctx.root), "coremltools could not convert the model")
-        return {"via": params.via, "minimum_deployment_target": params.minimum_deployment_target, "bytes": _folder_bytes(out)}
+        checked = temp_path(out, "checked")  # the child writes where it checked the trace (report facts)
+        try:
+            try:
+                run_in_child(ctx.step, "kiln.build_rules.export_coreml:child_main", source_job(params, inputs, out, ctx.root) | {"checked": str(checked)},
+                             "coremltools could not convert the model")
+            except StepError:
+                verdict = json.loads(checked.read_text()) if checked.exists() else {}
+                if "error" in verdict:  # the trace check's own one-line error, not the child's exit
+                    raise StepError(ctx.step, verdict["error"]) from None
+                raise
+            trace_checked_at = json.loads(checked.read_text())["checked_at"]
+        finally:
+            checked.unlink(missing_ok=True)
+        return {"via": params.via, "minimum_deployment_target": params.minimum_deployment_target, "bytes": _folder_bytes(out), "trace_checked_at": trace_checked_at}
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -58,14 +82,20 @@ def _folder_bytes(folder: Path) -> int:
 
 
 def child_main() -> None:
-    import shutil
     import tempfile
 
+    import json
+    import sys
+
     from kiln.formats.coreml import import_coremltools
-    from kiln.sources.jobs import read_source_job
+    from kiln.sources import model_and_example
 
     ct = import_coremltools()
-    params, model, args, out = read_source_job(ExportCoremlParams)
+    job = read_job()
+    params = ExportCoremlParams(**job["params"])
+    model, args = model_and_example(params.source, [Path(f) for f in job["files"]], params.inputs, params.outputs, Path(job["root"]))
+    portable_code_paths(job["root"], model)
+    out = Path(job["out"])
     register_missing_torch_ops()
     # coremltools keeps its working package in the temp folder: a private one beside the output,
     # so nothing large is left in /tmp and the step's temp sweep owns it
@@ -74,11 +104,23 @@ def child_main() -> None:
     tempfile.tempdir = str(work)
     try:
         try:
-            program = in_fresh_stack(_trace, model, args) if params.via == "trace" else _export(model, args, params.inputs)
+            if params.via == "trace":
+                program, warned = in_fresh_stack(_trace, model, args)
+            else:
+                program, warned = _export(model, args, params.inputs), []
+        except Exception as err:  # the tracer and torch.export raise many types
+            fail(err)
+        # Core ML cannot run here (Linux): what can be checked is that the program coremltools converts
+        # computes what the source does, in torch, at the example's shapes and at other sizes
+        verdict = check_program(params, model, program if params.via == "trace" else program.module(), args, warned)
+        Path(job["checked"]).write_text(json.dumps(verdict))
+        if "error" in verdict:
+            sys.exit(1)
+        try:
             mlmodel = ct.convert(program, inputs=core_ml_inputs(ct, params, args), outputs=[ct.TensorType(name=t["name"]) for t in params.outputs],
                                  convert_to="mlprogram", compute_precision=ct.precision.FLOAT16 if params.precision == "fp16" else ct.precision.FLOAT32,
                                  minimum_deployment_target=getattr(ct.target, params.minimum_deployment_target))
-        except Exception as err:  # the tracer, torch.export and coremltools raise many types
+        except Exception as err:  # coremltools raises many types
             fail(err)
         saved = work / "model.mlpackage"  # coremltools insists on the .mlpackage suffix
         mlmodel.save(str(saved))
@@ -92,13 +134,109 @@ def child_main() -> None:
 
 
 def _trace(model, args):
+    """(the traced module, the tracer's warnings, one line each). TracerWarnings say the trace fixed
+    a Python value (often a shape) to the example's: each is written to the step's log, and
+    check_program names them when the trace is wrong at another size."""
+    import sys
     import warnings
 
     import torch
 
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
-        return torch.jit.trace(model, args, strict=False)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always", torch.jit.TracerWarning)
+        traced = torch.jit.trace(model, args, strict=False)
+    lines = list(dict.fromkeys(f"{w.filename}:{w.lineno}: {w.category.__name__}: {one_line(w.message)}" for w in caught))
+    for line in lines:
+        print(line, file=sys.stderr)
+    # for the error: where, and the warning's first sentence ("Converting a tensor to a Python integer ...")
+    warned = list(dict.fromkeys(f"{w.filename}:{w.lineno}: {one_line(w.message).split('. ')[0]}" for w in caught if issubclass(w.category, torch.jit.TracerWarning)))
+    return traced, warned
+
+
+def other_sizes(params: ExportCoremlParams, args) -> dict[str, int]:
+    """Each named dim at a size other than the example's, within 1..its bound (the example's + 1, or
+    - 1 at the bound); a dim whose bound leaves no other size is left out."""
+    example = example_sizes(params, args)
+    sizes = {}
+    for dim, size in example.items():
+        bound = params.max_sizes.get(dim, size)
+        other = size + 1 if size + 1 <= bound else size - 1
+        if other >= 1 and other != size:
+            sizes[dim] = other
+    return sizes
+
+
+def example_sizes(params: ExportCoremlParams, args) -> dict[str, int]:
+    """Each named dim's size in the example inputs."""
+    sizes: dict[str, int] = {}
+    for tensor, example in zip(params.inputs, args, strict=True):
+        for axis, dim in enumerate(tensor.get("shape") or []):
+            if isinstance(dim, str):
+                sizes.setdefault(dim, int(example.shape[axis]))
+    return sizes
+
+
+def resized(params: ExportCoremlParams, args, sizes: dict[str, int]) -> tuple:
+    """The example inputs with each named dim at `sizes`' size: the example's values repeated along
+    that axis (or cut), so token ids, masks and value ranges stay ones the model takes."""
+    import torch
+
+    out = []
+    for tensor, example in zip(params.inputs, args, strict=True):
+        for axis, dim in enumerate(tensor.get("shape") or []):
+            if isinstance(dim, str) and dim in sizes:
+                index = torch.arange(sizes[dim]) % example.shape[axis]
+                example = example.index_select(axis, index)
+        out.append(example.contiguous())
+    return tuple(out)
+
+
+def check_program(params: ExportCoremlParams, model, program, args, warned: list[str]) -> dict[str, Any]:
+    """The traced (or exported) program gives the source's outputs on the example and on inputs whose
+    named dims all have other sizes (other_sizes): a trace that fixed a shape to the example's would
+    otherwise convert to a package that accepts every size in the range and is wrong at all but one,
+    which nothing off macOS could notice. Returns {"checked_at": the sizes, for the report} or
+    {"error": one line saying where the program differs}."""
+    example = example_sizes(params, args)
+    checked = {"example": example}
+    other = other_sizes(params, args)
+    if other:
+        checked["other"] = other
+    try:
+        _compare(params, model, program, args, example, warned)
+        if other:
+            _compare(params, model, program, resized(params, args, other), other, warned)
+    except ValueError as err:
+        return {"error": str(err)}
+    return {"checked_at": checked}
+
+
+def _compare(params: ExportCoremlParams, model, program, args, sizes: dict[str, int], warned: list[str]) -> None:
+    """Raises ValueError (one line) where the program's outputs are not the source's."""
+    import torch
+
+    where = ", ".join(f"{dim}={n}" for dim, n in sizes.items()) or "the example's shapes"
+    hint = f"use via = {'torch_export' if params.via == 'trace' else 'trace'} or fix the model"
+    if warned:
+        hint += f" (the tracer warned at {warned[0][:200]}{f' and {len(warned) - 1} more' if len(warned) > 1 else ''})"
+    with torch.no_grad():
+        want = _as_tuple(model(*args))
+        try:
+            got = _as_tuple(program(*args))
+        except Exception as err:  # the trace's fixed shapes meet other ones: any torch error
+            raise ValueError(f"the {params.via} is specialised to the example's shapes: at {where} it fails ({type(err).__name__}: {one_line(err)[:200]}); {hint}") from None
+    for spec, expected, actual in zip(params.outputs, want, got, strict=False):
+        expected, actual = expected.detach().double(), actual.detach().double()
+        if expected.shape != actual.shape:
+            raise ValueError(f"the {params.via} is specialised to the example's shapes: at {where} output {spec['name']!r} has shape {list(actual.shape)}, the source's {list(expected.shape)}; {hint}")
+        diff = (expected - actual).abs().max().item() if expected.numel() else 0.0
+        scale = expected.abs().max().item() if expected.numel() else 0.0
+        if not diff <= 1e-4 * (1.0 + scale):  # float noise of the same ops; also catches NaN
+            raise ValueError(f"the {params.via} is specialised to the example's shapes: at {where} output {spec['name']!r} differs from the source's (max abs diff {diff:.4g}); {hint}")
+
+
+def _as_tuple(result) -> tuple:
+    return tuple(result) if isinstance(result, (tuple, list)) else (result,)
 
 
 def _export(model, args, inputs: list[dict]):
@@ -141,6 +279,7 @@ def normalise_package(package: Path) -> None:
     data = package / "Data"
     manifest_path = package / "Manifest.json"
     manifest = json.loads(manifest_path.read_text())
+    drop_empty_folder_items(data, manifest)
     for item in manifest["itemInfoEntries"].values():
         if item["path"].endswith(".mlmodel"):
             spec_path = data / item["path"]
@@ -157,6 +296,18 @@ def normalise_package(package: Path) -> None:
     manifest["itemInfoEntries"] = {renamed[k]: v for k, v in manifest["itemInfoEntries"].items()}
     manifest["rootModelIdentifier"] = renamed[manifest["rootModelIdentifier"]]
     manifest_path.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
+
+
+def drop_empty_folder_items(data: Path, manifest: dict) -> None:
+    """A model whose constants are all small (stored inline) leaves the weights item an empty folder,
+    which Manifest.json still lists: a copy that does not keep empty folders (a cache, an archive,
+    git) is then a package Core ML refuses ("Item does not exist for identifier"). The folder and its
+    item go; coremltools loads the package without them (checked after normalising)."""
+    for identifier, item in list(manifest["itemInfoEntries"].items()):
+        folder = data / item["path"]
+        if identifier != manifest["rootModelIdentifier"] and folder.is_dir() and not any(p.is_file() for p in folder.rglob("*")):
+            shutil.rmtree(folder)
+            del manifest["itemInfoEntries"][identifier]
 
 
 def register_missing_torch_ops() -> None:

@@ -2,7 +2,7 @@
 
 The model's serving function (kiln.sources.tensorflow.export_serving: the manifest's inputs as
 TensorSpecs, named axes dynamic, a dict of the manifest's outputs) is written as a SavedModel into a
-private folder, loaded back, and converted with tf2onnx.convert.from_function
+scratch folder (kiln.sources.tensorflow.scratch_serving_savedmodel), loaded back, and converted with tf2onnx.convert.from_function
 (tf2onnx.convert.from_keras is broken with Keras 3). The graph's inputs and outputs carry the
 manifest's names, outputs in the manifest's order. The layout is the source's (Keras: NHWC).
 
@@ -31,7 +31,7 @@ class ExportOnnxTfParams(Params):
 @register
 class ExportOnnxTf(Rule):
     name = "export_onnx_tf"
-    version = 1
+    version = 2  # 2: two or more inputs and outputs meet the model's by name, not by position
     tools = ("tensorflow", "tensorflow-cpu", "keras", "tf2onnx", "onnx")
     Params = ExportOnnxTfParams
     memory_base_mib, memory_per_input = 1024, 4.0  # TensorFlow itself, the model, the frozen graph, tf2onnx's copy
@@ -46,10 +46,8 @@ class ExportOnnxTf(Rule):
 
 
 def child_main() -> None:
-    import tempfile
-
     from kiln.runtime.onnx_graph import publish
-    from kiln.sources.tensorflow import SERVING_SIGNATURE, export_serving, import_tensorflow, tensor_specs
+    from kiln.sources.tensorflow import SERVING_SIGNATURE, import_tensorflow, scratch_serving_savedmodel, tensor_specs
 
     job = read_job()
     tf = import_tensorflow()
@@ -57,9 +55,8 @@ def child_main() -> None:
 
     output = Path(job["model"])
     names = [t["name"] for t in job["inputs"]]
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".kiln-savedmodel-") as tmp:
-        export_serving(job["source"], [Path(p) for p in job["files"]], job["inputs"], job["outputs"], Path(job["root"]), Path(tmp) / "saved")
-        loaded = tf.saved_model.load(str(Path(tmp) / "saved"))  # kept alive: the signature reads its variables
+    with scratch_serving_savedmodel(job["source"], [Path(p) for p in job["files"]], job["inputs"], job["outputs"], Path(job["root"]), output) as saved:
+        loaded = tf.saved_model.load(str(saved))  # kept alive: the signature reads its variables
         signature = loaded.signatures[SERVING_SIGNATURE]  # takes its inputs by keyword only
         function = tf.function(lambda *args: signature(**dict(zip(names, args, strict=True))))
         try:

@@ -7,6 +7,7 @@ Keras' ExportArchive, whose object graph lists the variables in an order that ch
 to process). Runs in a fresh child (kiln.runtime.child): saved_model.pb names its functions from
 process-wide counters (__inference_serve_1234). fingerprint.pb is deleted: it holds a random
 UUID per save, and tf.saved_model.load does not need it. With both, two exports are byte-identical.
+A model computing in float16 or bfloat16 (a Keras mixed precision policy) is refused: the target is fp32.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class ExportSavedmodelParams(Params):
 @register
 class ExportSavedmodel(Rule):
     name = "export_savedmodel"
-    version = 1
+    version = 2  # 2: two or more inputs and outputs meet the model's by name, not by position
     tools = ("tensorflow", "tensorflow-cpu", "keras")
     Params = ExportSavedmodelParams
     memory_base_mib, memory_per_input = 1024, 4.0  # TensorFlow itself, the model, the saver's copies
@@ -42,12 +43,13 @@ class ExportSavedmodel(Rule):
 
 
 def child_main() -> None:
-    from kiln.sources.tensorflow import SERVING_SIGNATURE, load_model, serving_function, import_tensorflow
+    from kiln.sources.tensorflow import SERVING_SIGNATURE, import_tensorflow, load_model, require_float32, serving_function
 
     job = read_job()
     params = ExportSavedmodelParams(**job["params"])
     tf = import_tensorflow()
     model = load_model(params.source, [Path(p) for p in job["files"]], Path(job["root"]))
+    require_float32(model, "savedmodel")  # the format claims fp32 and is gated by fp32's thresholds
     serve, specs = serving_function(model, params.inputs, params.outputs)
     module = tf.Module()
     module.model = model  # tracked: its variables are saved

@@ -56,6 +56,15 @@ class Validate(Rule):
 
         return (*target_format(params["format"]).validation_tools, *cls.tools)
 
+    @classmethod
+    def hardware_for(cls, params: dict[str, Any]) -> dict[str, Any] | None:
+        """Where the format's runtime may exist or not (Core ML: macOS only), whether it exists here:
+        a result checked structurally on Linux is then not up to date on a Mac, which reruns it with
+        the reason "hardware changed". None for every other format, so their keys stay as they were."""
+        from kiln.formats import target_format
+
+        return target_format(params["format"]).validation_hardware()
+
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ValidateParams, ctx: RunContext) -> dict[str, Any]:
         from kiln.formats import target_format
         from kiln.runtime.data import sample_count

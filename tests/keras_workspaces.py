@@ -10,8 +10,9 @@ import numpy as np
 
 from conftest import Workspace, new_workspace
 
-# Factories: a conv net on NHWC images (two outputs, so names and order matter), a dense model on
-# feature vectors, and a model with an op LiteRT has no builtin kernel for. Layer widths keep a
+# Factories: a conv net on NHWC images (two named outputs, so names and order matter), a dense model on
+# feature vectors, models with two inputs and two outputs of one shape (pair, dict_pair,
+# unnamed_pair), and a model with an op LiteRT has no builtin kernel for. Layer widths keep a
 # weight tensor of 1024+ elements in each, the size below which TF leaves weights unquantized.
 KMODELS = '''
 import keras
@@ -25,7 +26,29 @@ def convnet():
     x = keras.layers.MaxPooling2D()(x)
     x = keras.layers.Conv2D(16, 3, padding="same", activation="relu")(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
-    return keras.Model(image, [keras.layers.Dense(5)(x), keras.layers.Dense(2)(x)])
+    return keras.Model(image, [keras.layers.Dense(5, name="logits")(x), keras.layers.Dense(2, name="aux")(x)])
+
+
+def pair():
+    """Two inputs and two outputs of one shape: fed or labelled by position against a manifest that
+    lists them in another order, every tensor would still fit, and be wrong."""
+    a = keras.Input((6,), name="a")
+    b = keras.Input((6,), name="b")
+    return keras.Model([a, b], [keras.layers.Add(name="sum")([a, b]), keras.layers.Subtract(name="diff")([a, b])])
+
+
+def dict_pair():
+    """pair() with dict inputs and outputs, keyed by other names than its Input tensors'."""
+    a = keras.Input((6,), name="tensor_a")
+    b = keras.Input((6,), name="tensor_b")
+    return keras.Model({"a": a, "b": b}, {"sum": keras.layers.Add()([a, b]), "diff": keras.layers.Subtract()([a, b])})
+
+
+def unnamed_pair():
+    """Two outputs whose layers carry Keras' automatic names only."""
+    keras.utils.set_random_seed(4)
+    x = keras.Input((6,), name="features")
+    return keras.Model(x, [keras.layers.Dense(3)(x), keras.layers.Dense(3)(x)])
 
 
 def dense():
@@ -47,9 +70,34 @@ def flex():
     return keras.Model(x, keras.layers.Dense(4)(Inverse()(x)))
 
 
+def flex_head():
+    """flex() with a layer whose name starts with "Flex" and a capital, as a Flex op's (it lands among the file's tensor names)."""
+    keras.utils.set_random_seed(2)
+    x = keras.Input((4, 4), name="features")
+    return keras.Model(x, keras.layers.Dense(4, name="FlexHead")(Inverse()(x)))
+
+
 def small():
     keras.utils.set_random_seed(3)
     return keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])  # 18 weights: below TF's quantization size
+
+
+class Twice(keras.layers.Layer):
+    def call(self, x):
+        return 2 * x
+
+
+def custom():
+    """A model with a custom layer class, which a .keras file names but does not hold."""
+    x = keras.Input((6,), name="features")
+    return keras.Model(x, Twice()(x))
+
+
+def mixed():
+    """dense() computing in float16 (Keras' mixed precision), its variables float32."""
+    keras.utils.set_random_seed(1)
+    return keras.Sequential([keras.Input((6,)), keras.layers.Dense(32, activation="tanh", dtype="mixed_float16", name="half"),
+                             keras.layers.Dense(3, dtype="float32")])
 
 
 def not_a_model():
@@ -135,6 +183,39 @@ batch_size = 4
 '''
 
 
+# inputs and outputs in the other order than pair()'s: b before a, diff before sum
+PAIR_MANIFEST = '''
+[model]
+name = "{name}"
+
+[source]
+kind = "tensorflow"
+factory = "kmodels:{factory}"
+
+[[inputs]]
+name = "b"
+shape = ["batch", 6]
+
+[[inputs]]
+name = "a"
+shape = ["batch", 6]
+
+[[outputs]]
+name = "diff"
+shape = ["batch", 6]
+
+[[outputs]]
+name = "sum"
+shape = ["batch", 6]
+
+{targets}
+
+[validation]
+data = "data/pairs.npz"
+batch_size = 8
+'''
+
+
 def targets(**tables: str) -> str:
     """[targets.<name>] tables from name=body pairs."""
     return "\n".join(f"[targets.{name}]\n{body}\n" for name, body in tables.items())
@@ -151,6 +232,8 @@ def keras_workspace(root: Path, manifests: dict[str, str]) -> Workspace:
     np.savez(data / "features.npz", features=rng.standard_normal((40, 6)).astype(np.float32))
     matrices = rng.standard_normal((8, 4, 4)) + 4 * np.eye(4)  # well conditioned: the inverse is tame
     np.savez(data / "matrices.npz", features=matrices.astype(np.float32))
+    # a and b far apart (a ~ 100, b ~ 1): a swapped input or output is off by ~100, not by rounding
+    np.savez(data / "pairs.npz", a=(100 + rng.standard_normal((16, 6))).astype(np.float32), b=rng.standard_normal((16, 6)).astype(np.float32))
     return ws
 
 

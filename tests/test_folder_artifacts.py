@@ -9,7 +9,8 @@ digest and bytes in the lockfile, provenance and report, and `kiln verify` passe
 up to date; a file edited, added or removed in the published folder, or edited in the .steps/
 intermediate, makes the step that wrote it run again, its record naming the file; a rerun that fails
 (the rule, or validation) leaves the published folder as it was; with a cache, a fresh workspace
-restores both folders with identical bytes; `doit clean` removes folder outputs."""
+restores both folders with identical bytes; empty folders inside are published, restored, and
+missed (by name) when removed; `doit clean` removes folder outputs."""
 
 from __future__ import annotations
 
@@ -47,8 +48,8 @@ class MakeParams(Params):
 
 @register
 class MakeFolder(Rule):
-    """Writes a folder at its output: one file per "<relative path>=<text>" line of its input; a line
-    "fail" fails the step after writing part of it."""
+    """Writes a folder at its output: one file per "<relative path>=<text>" line of its input, an
+    empty folder per "<relative path>/" line; a line "fail" fails the step after writing part of it."""
 
     name: ClassVar[str] = MAKE
     version: ClassVar[int] = 1
@@ -59,6 +60,9 @@ class MakeFolder(Rule):
         for line in inputs["text"][0].read_text().splitlines():
             if line == "fail":
                 raise StepError(ctx.step, "the spec says fail")
+            if line.endswith("/"):  # a SavedModel's empty assets/, a Core ML package's empty weights folder
+                (outputs["model"] / line).mkdir(parents=True, exist_ok=True)
+                continue
             rel, text = line.split("=", 1)
             (outputs["model"] / rel).parent.mkdir(parents=True, exist_ok=True)
             (outputs["model"] / rel).write_text(text)
@@ -78,6 +82,9 @@ class ScaleFormat:
     def latency(self, artifact: Path, sample: dict) -> None:
         return None
 
+    def validation_hardware(self) -> None:
+        return None
+
 
 @pytest.fixture(autouse=True)
 def scale_format(monkeypatch):
@@ -86,7 +93,7 @@ def scale_format(monkeypatch):
     monkeypatch.delenv("KILN_CACHE_DIR", raising=False)
 
 
-SPEC = "Manifest.json={}\nData/scale.txt=2\nData/weights/weight.bin=0123456789"
+SPEC = "Manifest.json={}\nData/scale.txt=2\nData/weights/weight.bin=0123456789\nassets/"
 
 
 def workspace(root: Path, spec: str = SPEC) -> Plan:
@@ -134,10 +141,14 @@ def tree(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def empty_folders(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() + "/" for p in folder.rglob("*") if p.is_dir() and not any(p.iterdir()))
+
+
 def tree_digest(folder: Path) -> str:
-    """The definition, computed here by hand."""
-    files = tree(folder)
-    return hashlib.sha256("".join(f"{rel}\0{hashlib.sha256(data).hexdigest()}\n" for rel, data in sorted(files.items())).encode()).hexdigest()
+    """The definition, computed here by hand: files and empty folders, after the version tag."""
+    lines = {rel: hashlib.sha256(data).hexdigest() for rel, data in tree(folder).items()} | dict.fromkeys(empty_folders(folder), "dir")
+    return hashlib.sha256(b"kiln-tree-v1\0" + "".join(f"{rel}\0{lines[rel]}\n" for rel in sorted(lines)).encode()).hexdigest()
 
 
 def ran(lines: list[str]) -> list[str]:
@@ -184,8 +195,9 @@ PUBLISHED = "build/m/t/model.pkg"
 def test_the_first_build_publishes_the_folder_and_locks_its_digest_and_bytes(built: Path):
     published = built / PUBLISHED
     assert published.is_dir() and tree(published) == {"Data/scale.txt": b"2", "Data/weights/weight.bin": b"0123456789", "Manifest.json": b"{}"}
+    assert empty_folders(published) == ["assets/"]  # published with the folder, though it holds nothing
     plan = replan(built)
-    assert tree(plan.steps[0].outputs["model"]) == tree(published)
+    assert tree(plan.steps[0].outputs["model"]) == tree(published) and empty_folders(plan.steps[0].outputs["model"]) == ["assets/"]
     digest, size = tree_digest(published), 1 + 10 + 2
     lock = read_json(lock_path(plan))
     (artifact,) = lock["artifacts"]
@@ -225,6 +237,17 @@ def test_a_file_changed_in_the_published_folder_makes_validate_publish_it_again(
     word = {"edit": "changed", "add": "added", "remove": "removed"}[change]
     assert read_record(root, plan.steps[1]).reason.startswith(f"output {PUBLISHED} is not what this step wrote ({PUBLISHED}/{file} {word};")
     assert tree(published) == good and verify(plan) == []
+
+
+def test_an_empty_folder_removed_from_the_published_folder_makes_validate_publish_it_again_naming_it(ws):
+    root, plan = ws
+    published = root / PUBLISHED
+    (published / "assets").rmdir()
+    assert len(verify(plan)) == 1 and verify(plan)[0].startswith(f"{PUBLISHED}: sha256 ")
+    code, lines = build(plan)
+    assert code == 0 and ran(lines) == ["m/t/validate"]
+    assert read_record(root, plan.steps[1]).reason.startswith(f"output {PUBLISHED} is not what this step wrote ({PUBLISHED}/assets/ removed;")
+    assert empty_folders(published) == ["assets/"] and verify(plan) == []
 
 
 def test_a_file_edited_in_the_intermediate_folder_makes_its_step_run_again_naming_it(ws):
@@ -267,6 +290,7 @@ def test_a_fresh_workspace_restores_both_folders_from_the_cache_with_identical_b
         for role, path in step_first.outputs.items():
             other = step_second.outputs[role]
             assert (tree(path) == tree(other)) if path.is_dir() else (path.read_bytes() == other.read_bytes())
+            assert not path.is_dir() or empty_folders(other) == ["assets/"]
     assert read_json(lock_path(second))["artifacts"] == read_json(lock_path(first))["artifacts"]
     assert verify(second) == []
     assert up_to_date(build(second)[1]) == ["m/t/test_folder_make", "m/t/validate"]

@@ -128,3 +128,23 @@ def test_remember_listing_keeps_a_folders_files_from_being_read_again(tmp_path: 
     keys.remember_listing(tmp_path, folder, listing)
     calls = _count_hashes(monkeypatch)
     assert keys.listing(tmp_path, folder) == listing and calls == {"sha256": 0, "blake3": 0}
+
+
+def test_a_folders_listing_holds_its_empty_folders_and_its_digest_counts_them(tmp_path: Path, monkeypatch):
+    """An empty folder (a Core ML weights/ folder its Manifest.json names) is an entry of the record's
+    listing, [path + "/", "dir", 0], so removing it is seen; remember_listing skips it."""
+    from kiln.base.hashing import sha256_path
+
+    folder = tmp_path / "model.mlpackage"
+    (folder / "Data" / "weights").mkdir(parents=True)
+    (folder / "Manifest.json").write_bytes(b"{}")
+    cache = DigestCache(tmp_path / "state" / "d.sqlite")
+    assert cache.listing(folder) == [["Data/weights/", "dir", 0], ["Manifest.json", sha256_file(folder / "Manifest.json"), 2]]
+    with_it = cache.digest(folder)
+    assert with_it == sha256_path(folder)
+    keys.remember_listing(tmp_path, folder, keys.listing(tmp_path, folder))  # no digest remembered for a folder
+    (folder / "Data" / "weights").rmdir()
+    assert cache.listing(folder)[0] == ["Data/", "dir", 0]  # now Data/ is the empty one
+    (folder / "Data").rmdir()
+    assert cache.listing(folder) == [["Manifest.json", sha256_file(folder / "Manifest.json"), 2]]
+    assert cache.digest(folder) == sha256_path(folder) != with_it

@@ -3,8 +3,9 @@
 write_json_atomic (no write when unchanged, no temp left behind, durable and by-line forms),
 read_json (cached while the stat is unchanged, sees a replaced file, None for missing or torn
 JSON), write_bytes_atomic, and dumps_by_line (valid JSON equal to the data, one key per line).
-Artifacts that are folders: replace_artifact (whole, the old one set aside and put back on failure),
-copy_artifact (atomic, only regular files, a symlink refused), remove_artifact, artifact_bytes.
+Artifacts that are folders: replace_artifact (whole; an atomic exchange on Linux, so the destination
+is never absent; elsewhere the old one set aside and put back on failure), copy_artifact (atomic,
+regular files and empty folders, a symlink refused), remove_artifact, artifact_bytes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from kiln.base import fsio
 from kiln.base.fsio import (artifact_bytes, copy_artifact, dumps_by_line, read_json, remove_artifact, replace_artifact, write_bytes_atomic,
                             write_json_atomic)
 from kiln.base.hashing import UnsafeFolderEntry
@@ -152,7 +154,59 @@ def test_replace_artifact_replaces_a_file_by_a_folder_and_back(tmp_path: Path, o
     assert _listing(tmp_path) == ["model"]
 
 
+def _libc_has_renameat2() -> bool:
+    import ctypes
+    import sys
+
+    return sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "renameat2")
+
+
+needs_exchange = pytest.mark.skipif(not _libc_has_renameat2(), reason="no renameat2 here (not Linux, or glibc < 2.28)")
+
+
+@needs_exchange
+@pytest.mark.parametrize("old_is_folder", [True, False])
+def test_replace_artifact_swaps_a_folder_in_without_the_destination_ever_being_absent(tmp_path: Path, monkeypatch, old_is_folder: bool):
+    """One atomic exchange: no rename leaves `dest` missing (a crash then would lose the last good
+    build), so os.replace / os.rename are never called."""
+    dest = tmp_path / "model.mlpackage"
+    _make(dest, {"Manifest.json": b"old"}) if old_is_folder else dest.write_bytes(b"old file")
+    new = _make(temp_path(dest), {"Manifest.json": b"new"})
+
+    def no_rename(*args):
+        raise AssertionError(f"renamed {args}: the destination would be absent for a moment")
+
+    monkeypatch.setattr(os, "replace", no_rename)
+    monkeypatch.setattr(os, "rename", no_rename)
+    replace_artifact(new, dest)
+    monkeypatch.undo()
+    assert _tree(dest) == {"Manifest.json": b"new"} and _listing(tmp_path) == ["model.mlpackage"]
+
+
+def test_replace_artifact_renames_aside_where_no_exchange_is_possible(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(fsio, "_renameat2", lambda: None)  # another OS, or an old libc
+    dest = _make(tmp_path / "model.mlpackage", {"Manifest.json": b"old"})
+    replace_artifact(_make(temp_path(dest), {"Manifest.json": b"new"}), dest)
+    assert _tree(dest) == {"Manifest.json": b"new"} and _listing(tmp_path) == ["model.mlpackage"]
+
+
+@needs_exchange
+def test_an_exchange_the_filesystem_refuses_falls_back_to_renaming_aside(tmp_path: Path, monkeypatch):
+    import ctypes
+    import errno
+
+    def refusing(*args):
+        ctypes.set_errno(errno.EINVAL)  # what a filesystem without RENAME_EXCHANGE answers
+        return -1
+
+    monkeypatch.setattr(fsio, "_renameat2", lambda: refusing)
+    dest = _make(tmp_path / "model.mlpackage", {"Manifest.json": b"old"})
+    replace_artifact(_make(temp_path(dest), {"Manifest.json": b"new"}), dest)
+    assert _tree(dest) == {"Manifest.json": b"new"} and _listing(tmp_path) == ["model.mlpackage"]
+
+
 def test_replace_artifact_puts_the_old_folder_back_when_the_new_one_cannot_move_in(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(fsio, "_renameat2", lambda: None)  # the rename-aside path
     dest = _make(tmp_path / "model.mlpackage", {"Manifest.json": b"old"})
     new = _make(temp_path(dest), {"Manifest.json": b"new"})
     real, calls = os.replace, []
@@ -173,14 +227,26 @@ def test_replace_artifact_puts_the_old_folder_back_when_the_new_one_cannot_move_
 
 def test_copy_artifact_copies_a_folders_files_atomically_over_an_existing_folder(tmp_path: Path):
     source = _make(tmp_path / "steps" / "model.mlpackage", {"Manifest.json": b"{}", "Data/com.apple.CoreML/weights/weight.bin": b"w" * 10})
-    (source / "empty").mkdir()
     dest = _make(tmp_path / "build" / "model.mlpackage", {"Manifest.json": b"older", "stale": b"x"})
     copy_artifact(source, dest)
-    assert _tree(dest) == _tree(source) and not (dest / "stale").exists() and not (dest / "empty").exists()
+    assert _tree(dest) == _tree(source) and not (dest / "stale").exists()
     assert (dest / "Manifest.json").stat().st_ino != (source / "Manifest.json").stat().st_ino  # a copy, not a link
     assert _listing(dest.parent) == ["model.mlpackage"]
     copy_artifact(source / "Manifest.json", tmp_path / "build" / "copied.json")
     assert (tmp_path / "build" / "copied.json").read_bytes() == b"{}"
+
+
+def test_copy_artifact_keeps_empty_folders(tmp_path: Path):
+    """A Core ML package's Manifest.json may name an empty weights/ folder, a SavedModel loader may
+    expect assets/: the published copy has them."""
+    source = _make(tmp_path / "steps" / "model.mlpackage", {"Manifest.json": b"{}"})
+    (source / "Data" / "com.apple.CoreML" / "weights").mkdir(parents=True)
+    (source / "assets").mkdir()
+    dest = tmp_path / "build" / "model.mlpackage"
+    copy_artifact(source, dest)
+    assert (dest / "Data" / "com.apple.CoreML" / "weights").is_dir() and (dest / "assets").is_dir()
+    assert list((dest / "assets").iterdir()) == [] and _tree(dest) == {"Manifest.json": b"{}"}
+    assert artifact_bytes(dest) == 2  # an empty folder holds no bytes
 
 
 def test_copy_artifact_refuses_a_folder_with_a_symlink_before_writing_anything(tmp_path: Path):
@@ -210,3 +276,39 @@ def test_artifact_bytes_is_a_files_size_or_the_sum_of_a_folders_files(tmp_path: 
     folder = _make(tmp_path / "f", {"a": b"12345", "b/c": b"123"})
     (folder / "empty").mkdir()
     assert artifact_bytes(folder) == 8 and artifact_bytes(folder / "a") == 5
+
+
+def test_a_build_killed_between_the_two_renames_loses_nothing(tmp_path: Path):
+    """Where no exchange is possible, a process killed after setting the old folder aside and before
+    moving the new one in leaves `dest` absent; the next writer's sweep in that folder puts the
+    last good build back (it used to delete it)."""
+    import subprocess
+    import sys
+
+    from kiln.base.temps import sweep_stale_temps
+
+    dest = _make(tmp_path / "model.mlpackage", {"Manifest.json": b"last good build"})
+    (dest / "assets").mkdir()
+    killed = subprocess.run([sys.executable, "-c", f"""
+import os
+from pathlib import Path
+from kiln.base import fsio
+from kiln.base.temps import temp_path
+fsio._renameat2 = lambda: None
+dest = Path({str(dest)!r})
+new = temp_path(dest)
+new.mkdir()
+(new / "Manifest.json").write_bytes(b"new")
+real, calls = os.replace, []
+def dying(source, target):
+    calls.append(source)
+    if len(calls) == 2:
+        os._exit(9)
+    real(source, target)
+os.replace = dying
+fsio.replace_artifact(new, dest)
+"""], check=False)
+    assert killed.returncode == 9 and not dest.exists()  # the crash state
+    sweep_stale_temps(tmp_path)
+    assert _tree(dest) == {"Manifest.json": b"last good build"} and (dest / "assets").is_dir()
+    assert _listing(tmp_path) == ["model.mlpackage"]  # the unfinished new folder was swept away

@@ -75,21 +75,66 @@ PACKAGE = {"Manifest.json": b"{}", "Data/com.apple.CoreML/model.mlmodel": b"spec
 def test_a_folders_digest_is_sha256_of_its_sorted_listing_of_file_digests(tmp_path: Path):
     folder = _write_tree(tmp_path / "model.mlpackage", PACKAGE)
     listing = "".join(f"{rel}\0{hashlib.sha256(data).hexdigest()}\n" for rel, data in sorted(PACKAGE.items()))
-    expected = hashlib.sha256(listing.encode()).hexdigest()
+    expected = hashlib.sha256(b"kiln-tree-v1\0" + listing.encode()).hexdigest()
     assert sha256_path(folder) == expected
     assert [rel for rel, _ in list_tree(folder)] == sorted(PACKAGE)
     assert all(Path(path) == folder / rel for rel, path in list_tree(folder))
-    assert tree_sha256([]) == hashlib.sha256(b"").hexdigest()
+    assert tree_sha256([]) == hashlib.sha256(b"kiln-tree-v1\0").hexdigest()
     assert sha256_path(folder / "Manifest.json") == sha256_file(folder / "Manifest.json")  # a file is its own sha256
 
 
-def test_a_folders_digest_ignores_mtimes_creation_order_location_and_empty_folders(tmp_path: Path):
+def test_a_folders_digest_ignores_mtimes_creation_order_and_location(tmp_path: Path):
     one = _write_tree(tmp_path / "a" / "model.mlpackage", PACKAGE)
     other = _write_tree(tmp_path / "elsewhere" / "deeper" / "copy", dict(reversed(PACKAGE.items())))
     os.utime(other / "Manifest.json", ns=(1, 1))
-    (other / "assets" / "nothing").mkdir(parents=True)
     assert sha256_path(one) == sha256_path(other)
     assert tree_sha256(reversed([(rel, sha256_file(path)) for rel, path in list_tree(one)])) == sha256_path(one)
+
+
+def test_empty_folders_are_entries_of_the_listing_and_count_in_the_digest(tmp_path: Path):
+    """A Core ML package whose Manifest.json names an empty weights/ folder is unloadable without it:
+    an empty folder is listed as "<path>/" (only the innermost of nested empty ones) with digest "dir"."""
+    folder = _write_tree(tmp_path / "model.mlpackage", {"Manifest.json": b"{}"})
+    without = sha256_path(folder)
+    (folder / "Data" / "com.apple.CoreML" / "weights").mkdir(parents=True)
+    (folder / "assets").mkdir()
+    assert [(rel, Path(path)) for rel, path in list_tree(folder)] == [
+        ("Data/com.apple.CoreML/weights/", folder / "Data/com.apple.CoreML/weights"), ("Manifest.json", folder / "Manifest.json"),
+        ("assets/", folder / "assets")]
+    listing = f"Data/com.apple.CoreML/weights/\0dir\nManifest.json\0{hashlib.sha256(b'{}').hexdigest()}\nassets/\0dir\n"
+    assert sha256_path(folder) == hashlib.sha256(b"kiln-tree-v1\0" + listing.encode()).hexdigest() != without
+    (folder / "assets").rmdir()
+    assert sha256_path(folder) not in (without, hashlib.sha256(b"kiln-tree-v1\0" + listing.encode()).hexdigest())
+    assert list_tree(tmp_path / "model.mlpackage" / "Data" / "com.apple.CoreML" / "weights") == []  # the artifact itself is no entry
+
+
+def test_a_listing_entry_must_say_plainly_whether_it_is_an_empty_folder():
+    with pytest.raises(ValueError, match="empty folder"):
+        tree_sha256([("weights/", hashlib.sha256(b"").hexdigest())])
+    with pytest.raises(ValueError, match="empty folder"):
+        tree_sha256([("weights", "dir")])
+
+
+def test_a_folders_digest_is_no_files_sha256(tmp_path: Path):
+    """Domain separation: an empty folder is not an empty file, and a file holding a folder's
+    listing is not that folder."""
+    empty_folder, empty_file = tmp_path / "empty", tmp_path / "empty.bin"
+    empty_folder.mkdir()
+    empty_file.write_bytes(b"")
+    assert sha256_path(empty_folder) != sha256_path(empty_file)
+    folder = _write_tree(tmp_path / "f", PACKAGE)
+    forged = tmp_path / "listing.bin"
+    forged.write_bytes("".join(f"{rel}\0{hashlib.sha256(data).hexdigest()}\n" for rel, data in sorted(PACKAGE.items())).encode())
+    assert sha256_path(forged) != sha256_path(folder)
+
+
+def test_sha256_path_follows_a_link_to_a_folder_as_the_digest_cache_does(tmp_path: Path):
+    from kiln.base.digests import DigestCache
+
+    folder = _write_tree(tmp_path / "model.mlpackage", PACKAGE)
+    link = tmp_path / "linked.mlpackage"
+    link.symlink_to(folder, target_is_directory=True)
+    assert sha256_path(link) == sha256_path(folder) == DigestCache(tmp_path / "d.sqlite").digest(link)
 
 
 @pytest.mark.parametrize("change", ["edit", "rename", "add", "remove", "move into a subfolder"])

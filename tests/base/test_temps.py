@@ -49,11 +49,41 @@ def test_final_name_is_the_name_a_temp_file_is_renamed_to():
 
 def test_sweep_deletes_a_dead_writers_temp_folder_and_keeps_a_live_ones(tmp_path: Path):
     """A folder output (model.mlpackage) being written, or an old one set aside while its
-    replacement moves in, is a temp folder: a killed build's goes whole, a live writer's stays."""
+    replacement moved in, is a temp folder: a killed build's goes whole, a live writer's stays."""
+    (tmp_path / "model.mlpackage").mkdir()  # the replacement is in place: what was set aside is stale
     dead = tmp_path / f".model.mlpackage.kiln-{_dead_pid()}-1.old.tmp"
     (dead / "Data").mkdir(parents=True)
     (dead / "Data" / "weight.bin").write_bytes(b"w")
+    dead_output = tmp_path / f".model.mlpackage.kiln-{_dead_pid()}-1.tmp"
+    (dead_output / "Data").mkdir(parents=True)
     live = temp_path(tmp_path / "model.mlpackage")
     (live / "Data").mkdir(parents=True)
     sweep_stale_temps(tmp_path)
-    assert [p.name for p in tmp_path.iterdir()] == [live.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "model.mlpackage"])
+    assert list((tmp_path / "model.mlpackage").iterdir()) == []
+
+
+def test_sweep_puts_back_an_artifact_a_killed_build_had_set_aside(tmp_path: Path):
+    """The crash state of a rename-aside replace_artifact killed between its two renames: the
+    destination is absent and the last good build sits under `.old.tmp`. The sweep renames it back
+    instead of deleting it; an unfinished new output (no tag) is still deleted."""
+    pid = _dead_pid()
+    aside = tmp_path / f".model.mlpackage.kiln-{pid}-7.old.tmp"
+    (aside / "Data" / "weights").mkdir(parents=True)
+    (aside / "Manifest.json").write_bytes(b"last good build")
+    unfinished = tmp_path / f".model.mlpackage.kiln-{pid}-7.tmp"
+    (unfinished / "Data").mkdir(parents=True)
+    aside_file = tmp_path / f".model.onnx.kiln-{pid}-7.old.tmp"
+    aside_file.write_bytes(b"onnx")
+    sweep_stale_temps(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.mlpackage", "model.onnx"]
+    assert (tmp_path / "model.mlpackage" / "Manifest.json").read_bytes() == b"last good build"
+    assert (tmp_path / "model.mlpackage" / "Data" / "weights").is_dir() and (tmp_path / "model.onnx").read_bytes() == b"onnx"
+
+
+def test_sweep_leaves_a_live_writers_set_aside_artifact_alone(tmp_path: Path):
+    """A build still running may be between its two renames: its `.old.tmp` is not touched."""
+    aside = temp_path(tmp_path / "model.mlpackage", "old")
+    aside.mkdir()
+    sweep_stale_temps(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [aside.name]

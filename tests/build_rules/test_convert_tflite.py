@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import Workspace
-from keras_workspaces import CONVNET_MANIFEST, DENSE_MANIFEST, FLEX_MANIFEST, keras_workspace, save_keras_model, targets
+from keras_workspaces import CONVNET_MANIFEST, DENSE_MANIFEST, FLEX_MANIFEST, PAIR_MANIFEST, keras_workspace, save_keras_model, targets
 from kiln.rules import RunContext
 
 pytest.importorskip("tensorflow")
@@ -218,3 +218,67 @@ def test_a_torch_only_target_from_a_tensorflow_source_fails_the_manifest_in_one_
     assert lines == [f"kiln: error: {ws.manifest('conv')}: targets.ts.format: 'torchscript' is not allowed; expected a format a tensorflow source can give "
                      "('onnx', 'openvino', 'tensorrt', 'tflite', 'savedmodel'); torchscript needs a torch or huggingface source"]
     assert not (ws.root / "build").exists()
+
+
+@pytest.mark.slow
+def test_inputs_and_outputs_in_another_order_than_the_models_build_matched_by_name(tmp_path: Path):
+    """pair(): inputs a, b and outputs sum, diff; the manifest lists b, a and diff, sum, all of one
+    shape. The reference and every artifact must be the model fed by name (diff = a - b), never by
+    position (which would validate a wrong artifact against an equally wrong reference)."""
+    import importlib.util
+
+    import onnxruntime
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+
+    from kiln.native.safetensors import load_file
+
+    manifest = PAIR_MANIFEST.format(name="pair", factory="pair", targets=targets(onnx='format = "onnx"', tflite='format = "tflite"', savedmodel='format = "savedmodel"'))
+    ws = keras_workspace(tmp_path / "ws", {"pair": manifest})
+    ws.doit("build")
+    report = ws.report("pair")
+    assert report["ok"] and sorted(a["target"] for a in report["artifacts"]) == ["onnx", "savedmodel", "tflite"]
+    assert all(a["passed"] for a in report["artifacts"])
+
+    spec = importlib.util.spec_from_file_location("kmodels_pair_build", ws.root / "kmodels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    data = np.load(ws.root / "manifests/data/pairs.npz")
+    a, b = data["a"], data["b"]
+    total, difference = (t.numpy() for t in module.pair()({"a": a, "b": b}))
+    np.testing.assert_allclose(difference, a - b, rtol=1e-6)
+
+    [step] = [s for s in report["steps"] if s["rule"] == "reference_outputs"]
+    reference = load_file(str(ws.root / step["outputs"][0]["path"]))  # "<batch>/in/<input>", "<batch>/out/<output>"
+    batches = sorted({key.split("/")[0] for key in reference})
+    assert len(batches) == 2
+    for batch in batches:
+        fed = {name: reference[f"{batch}/in/{name}"] for name in ("a", "b")}
+        expected_sum, expected_diff = (t.numpy() for t in module.pair()(fed))
+        np.testing.assert_array_equal(reference[f"{batch}/out/diff"], expected_diff)
+        np.testing.assert_array_equal(reference[f"{batch}/out/sum"], expected_sum)
+        assert float(fed["a"].mean()) > 50  # the data's a (~100) went to the model's a
+
+    build = ws.root / "build/pair"
+    onnx = onnxruntime.InferenceSession(str(build / "onnx/model.onnx")).run(["diff", "sum"], {"a": a, "b": b})
+    lite = Interpreter(model_path=str(build / "tflite/model.tflite")).get_signature_runner("serving_default")(a=a, b=b)
+    saved = tf.saved_model.load(str(build / "savedmodel/model.savedmodel")).signatures["serving_default"](a=tf.constant(a), b=tf.constant(b))
+    for diff, sum_ in ((onnx[0], onnx[1]), (lite["diff"], lite["sum"]), (saved["diff"].numpy(), saved["sum"].numpy())):
+        np.testing.assert_allclose(diff, difference, atol=1e-4)
+        np.testing.assert_allclose(sum_, total, atol=1e-4)
+
+
+def test_a_mixed_precision_model_is_refused_as_an_fp32_savedmodel(tmp_path: Path):
+    """The SavedModel would compute in float16 and be gated by fp32's thresholds against a reference
+    computing in float16 too: refused in one line, nothing written."""
+    from kiln.build_rules.export_savedmodel import ExportSavedmodel, ExportSavedmodelParams
+    from kiln.errors import StepError
+
+    ws = keras_workspace(tmp_path / "ws", {"d": DENSE_MANIFEST.format(name="d", source='factory = "kmodels:mixed"', targets="")})
+    params = ExportSavedmodelParams(source={"kind": "tensorflow", "factory": "kmodels:mixed", "path": None},
+                                    inputs=[{"name": "features", "dtype": "float32", "shape": ["batch", 6]}],
+                                    outputs=[{"name": "scores", "dtype": "float32", "shape": ["batch", 3]}])
+    with pytest.raises(StepError, match=r"layer 'half' computes in float16 \(dtype policy 'mixed_float16'\); a savedmodel target is fp32") as caught:
+        ExportSavedmodel().run({"source": [ws.root / "kmodels.py"]}, {"model": tmp_path / "model.savedmodel"}, params, RunContext(ws.root, "m/sm/export_savedmodel"))
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "model.savedmodel").exists()

@@ -150,6 +150,7 @@ max_sizes = { sequence = 64 }
 [validation]
 data = "data/sentences.txt"
 batch_size = 8
+max_length = 64
 padding_mask = "attention_mask"
 '''
 
@@ -183,13 +184,13 @@ def test_a_transformers_bert_converts_with_the_new_ones_shim(tmp_path: Path):
 def test_doit_builds_publishes_locks_and_reproduces_the_packages(tmp_path: Path):
     a, b = coreml_workspace(tmp_path / "a"), coreml_workspace(tmp_path / "elsewhere")
     proc = a.doit("build")
-    assert "kiln: tinycnn/coreml_fp32: published not validated: structural check only: Core ML needs macOS to run" in proc.stdout + proc.stderr
+    assert "kiln: tinycnn/coreml_fp32: published structural check only: Core ML needs macOS to run" in proc.stdout + proc.stderr
     assert "has not been tested with coremltools" not in proc.stdout + proc.stderr  # coremltools' noise stays in the step log
     report = a.report("tinycnn")
     assert report["ok"] and sorted(x["target"] for x in report["artifacts"]) == ["coreml_fp16", "coreml_fp32"]
     for artifact in report["artifacts"]:
         assert artifact["passed"] is True and artifact["metrics"] is None
-        assert artifact["validation"] == "not validated: structural check only: Core ML needs macOS to run"
+        assert artifact["validation"] == "structural check only: Core ML needs macOS to run"
         written = json.loads((a.root / "build/tinycnn" / artifact["target"] / "validation.json").read_text())
         assert written["validated"] == "structural"
     lock = json.loads((a.root / "build/tinycnn/kiln.lock.json").read_text())
@@ -199,3 +200,61 @@ def test_doit_builds_publishes_locks_and_reproduces_the_packages(tmp_path: Path)
     for target in ("coreml_fp32", "coreml_fp16"):
         rel = f"build/tinycnn/{target}/model.mlpackage"
         assert package_files(a.root / rel) == package_files(b.root / rel), target
+
+
+BATCH_FIXED = '''import torch
+
+class MeanOverBatch(torch.nn.Module):
+    def forward(self, image):
+        return image.flatten(1)[:, :10] / int(image.shape[0])  # int(): the tracer keeps the example's batch
+
+def build():
+    return MeanOverBatch()
+'''
+
+
+def test_a_trace_fixed_to_the_examples_shapes_fails_naming_the_size_and_the_tracer_warning(tmp_path: Path):
+    from kiln.errors import StepError
+
+    ws = coreml_workspace(tmp_path / "ws", '[targets.c]\nformat = "coreml"\n')
+    (ws.root / "manifests/models/tinycnn.py").write_text(BATCH_FIXED)
+    with pytest.raises(StepError) as caught:
+        export(ws, "c", tmp_path / "c.mlpackage")
+    message = str(caught.value)
+    assert message.startswith("tinycnn/c/export_coreml: the trace is specialised to the example's shapes: at batch=3 output 'logits' differs from the source's (max abs diff ")
+    assert "use via = torch_export or fix the model (the tracer warned at manifests/models/tinycnn.py:5: Converting a tensor to a Python integer might cause the trace to be incorrect)" in message and "\n" not in message
+    assert not (tmp_path / "c.mlpackage").exists() and not list(tmp_path.glob(".*"))
+
+
+def test_the_export_reports_the_sizes_it_checked_the_trace_at(ws, tmp_path: Path):
+    from kiln.rules import RunContext, get_rule
+
+    step = step_for(ws, "coreml_fp32", "export_coreml")
+    rule = get_rule("export_coreml")
+    facts = rule().run({role: list(files) for role, files in step.inputs.items()}, {"model": tmp_path / "m.mlpackage"}, rule.Params(**step.params), RunContext(ws.root, step.name))
+    assert facts["trace_checked_at"] == {"example": {"batch": 2}, "other": {"batch": 3}}
+
+
+WEIGHTLESS = '''import torch
+
+class Scaled(torch.nn.Module):
+    def forward(self, image):
+        return image.flatten(1)[:, :10] * 2.0 + 1.0  # only scalar constants: stored inline, nothing in weights/
+
+def build():
+    return Scaled()
+'''
+
+
+def test_a_model_without_stored_weights_has_no_empty_weights_folder_to_lose(tmp_path: Path):
+    """coremltools leaves an empty weights/ folder listed in Manifest.json; a copy that drops empty
+    folders made such a package unloadable. The export leaves out the folder and its item."""
+    ws = coreml_workspace(tmp_path / "ws", '[targets.c]\nformat = "coreml"\n')
+    (ws.root / "manifests/models/tinycnn.py").write_text(WEIGHTLESS)
+    package = export(ws, "c", tmp_path / "c.mlpackage")
+    assert not (package / "Data/com.apple.CoreML/weights").exists()
+    items = json.loads((package / "Manifest.json").read_text())["itemInfoEntries"]
+    assert [item["path"] for item in items.values()] == ["com.apple.CoreML/model.mlmodel"]
+    assert not [p for p in package.rglob("*") if p.is_dir() and not any(p.iterdir())]  # no empty folder at all
+    ct.models.MLModel(str(package), skip_model_load=True)
+    ct.utils.load_spec(str(package))

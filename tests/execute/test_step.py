@@ -470,7 +470,7 @@ def tree(folder: Path) -> dict[str, str]:
 
 def tree_digest_by_hand(files: dict[str, bytes]) -> str:
     listing = "".join(f"{rel}\0{hashlib.sha256(data).hexdigest()}\n" for rel, data in sorted(files.items()))
-    return hashlib.sha256(listing.encode()).hexdigest()
+    return hashlib.sha256(b"kiln-tree-v1\0" + listing.encode()).hexdigest()
 
 
 def test_a_folder_output_lands_whole_with_its_tree_digest_bytes_and_files_in_the_record(tmp_path: Path):
@@ -536,8 +536,10 @@ def test_a_file_edited_added_or_removed_in_a_folder_output_makes_the_step_out_of
     (out / "a.txt").unlink()
     assert why(step, tmp_path).startswith(f"output {path} is not what this step wrote ({path}/a.txt removed;")
     (out / "a.txt").write_text("one")
-    (out / "empty").mkdir()  # an empty folder holds no bytes: not part of the artifact
     assert is_up_to_date(step, tmp_path)
+    (out / "empty").mkdir()  # an empty folder is part of the artifact (a Core ML weights/ folder)
+    assert why(step, tmp_path).startswith(f"output {path} is not what this step wrote ({path}/empty/ added;")
+    (out / "empty").rmdir()
     (out / "link").symlink_to(out / "a.txt")
     assert why(step, tmp_path).startswith(f"output {path} is not what this step wrote: ") and f"{path}/link is a symbolic link" in why(step, tmp_path)
 

@@ -111,6 +111,87 @@ def test_the_plan_gives_the_export_every_bound_and_the_validate_step_the_tensors
     assert validate_step.params["output_specs"][0]["shape"] == ["batch", 10]
 
 
+HF_TEXT = '''
+[model]
+name = "tinybert"
+
+[source]
+kind = "huggingface"
+path = "tiny-bert"
+
+[[inputs]]
+name = "input_ids"
+dtype = "int64"
+shape = ["batch", "sequence"]
+
+[[inputs]]
+name = "attention_mask"
+dtype = "int64"
+shape = ["batch", "sequence"]
+
+[[outputs]]
+name = "last_hidden_state"
+shape = ["batch", "sequence", 32]
+
+[targets.c]
+format = "coreml"
+%s
+
+[validation]
+data = "data/sentences.txt"
+%s
+'''
+
+
+def _hf_spec(target_lines: str = "", validation_lines: str = ""):
+    return validate(RawManifest(MANIFEST, tomllib.loads(HF_TEXT % (target_lines, validation_lines))))
+
+
+def test_a_text_length_bound_below_the_validation_max_length_is_refused():
+    """The package would refuse the longer validation lines; off macOS nothing would feed them."""
+    with pytest.raises(ManifestError) as caught:
+        _hf_spec("max_sizes = { sequence = 32 }", "max_length = 64")
+    message = str(caught.value)
+    assert "targets.c.max_sizes" in message and "a 'sequence' bound of at least validation.max_length (64)" in message and "\n" not in message
+    with pytest.raises(ManifestError, match=r"at least validation.max_length \(128\)"):
+        _hf_spec("max_sizes = { sequence = 32 }")  # the default max_length counts too
+    _hf_spec("max_sizes = { sequence = 64 }", "max_length = 64")
+
+
+def test_a_huggingface_text_length_defaults_to_the_models_positions():
+    from kiln.define.resolve import Resolved
+    from kiln.plan.chains import plan
+
+    root = Path("/ws")
+    resolved = Resolved((root / "manifests/tiny-bert/config.json",), root / "manifests/data/sentences.txt", None, text_positions=40)
+    steps = plan(_hf_spec(), resolved, MANIFEST, root).steps
+    (export_step,) = [s for s in steps if s.rule == "export_coreml"]
+    (validate_step,) = [s for s in steps if s.rule == "validate"]
+    assert export_step.params["max_sizes"] == {"batch": 1024, "sequence": 40}  # not 1024 tokens the model has no positions for
+    assert validate_step.params["format_options"]["max_sizes"] == {"batch": 1024, "sequence": 40}
+
+
+def test_the_validate_key_says_whether_core_ml_runs_here_so_a_mac_revalidates(monkeypatch):
+    """A structural result from Linux is not up to date on a Mac (and a cached one not restored):
+    Core ML's runtime is in the validate step's key; every other format's key has no hardware."""
+    import platform
+
+    from kiln.formats import coreml
+    from kiln.rules import get_rule
+    from kiln.state.uptodate import describe_change
+
+    validate_rule = get_rule("validate")
+    linux = validate_rule.hardware_for({"format": "coreml"})
+    assert linux == {"coreml_runtime": f"none ({sys.platform})"} or sys.platform == "darwin"
+    assert validate_rule.hardware_for({"format": "onnx"}) is None and validate_rule.hardware_for({"format": "tensorrt"}) is None
+    monkeypatch.setattr(coreml, "native_runtime", lambda: True)
+    monkeypatch.setattr(platform, "mac_ver", lambda: ("15.1", ("", "", ""), "arm64"))
+    mac = validate_rule.hardware_for({"format": "coreml"})
+    assert mac == {"coreml_runtime": "macOS 15.1"}
+    base = {"rule": "validate", "version": validate_rule.version, "params": {}, "inputs": {}, "tools": {}}
+    assert describe_change(base | {"hardware": {"coreml_runtime": "none (linux)"}}, base | {"hardware": mac}).startswith("hardware changed")
+
+
 # ---- the structural check -------------------------------------------------------------------------
 
 
@@ -198,6 +279,14 @@ def test_a_missing_weight_blob_or_a_broken_package_fails(packages, tmp_path: Pat
     assert "which the package does not hold" in _mismatch(_artifact(broken, "fp32"))
     (broken / "Manifest.json").write_text("{}")
     assert "coremltools cannot load c.mlpackage" in _mismatch(_artifact(broken, "fp32"))
+
+
+def test_a_manifest_item_missing_from_the_package_fails_naming_it(packages, tmp_path: Path):
+    """An empty weights folder lost in a copy: Core ML would refuse the package ("Item does not exist")."""
+    broken = tmp_path / "c.mlpackage"
+    shutil.copytree(packages["coreml_fp32"], broken)
+    shutil.rmtree(broken / "Data/com.apple.CoreML/weights")
+    assert "c.mlpackage's Manifest.json lists item 'com.apple.CoreML/weights' (CoreML Model Weights), which the package does not hold" in _mismatch(_artifact(broken, "fp32"))
 
 
 @pytest.mark.skipif(sys.platform != "darwin", reason="Core ML runs only on macOS; elsewhere kiln checks the package structurally")

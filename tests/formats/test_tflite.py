@@ -15,7 +15,7 @@ import pytest
 from keras_workspaces import CONVNET_MANIFEST, FLEX_MANIFEST, keras_workspace, targets
 from kiln.define.spec import validate
 from kiln.errors import ManifestError, StepError
-from kiln.formats.tflite import Tflite, dequantize, quantize
+from kiln.formats.tflite import Tflite, dequantize, flex_ops, quantize
 from kiln.runtime.runners import Artifact
 from kiln.schema.manifest import RawManifest
 
@@ -172,3 +172,27 @@ def test_a_model_with_flex_ops_never_passes(models, tmp_path: Path):
                               [{"name": "y", "dtype": "float32", "shape": ["batch", 4, 4]}], select_tf_ops))
     with pytest.raises(StepError, match=r"model.tflite needs TensorFlow Flex ops \['FlexMatrixInverse'\], which the LiteRT runtime cannot run"):
         Tflite().open_runner(Artifact(flex, ["y"], STEP, precision="fp32"))
+
+
+def test_a_tensor_named_like_a_flex_op_is_not_taken_for_one(models, tmp_path: Path):
+    """A file LiteRT cannot run for another reason (a custom op it has no kernel for) whose bytes hold
+    "FlexHead" (a layer's name): the error is LiteRT's own, not "needs Flex ops"."""
+    ws, _, _, _ = models
+
+    def custom_ops(converter, tf):
+        converter.allow_custom_ops = True  # MatrixInverse written as a custom op, not a Flex one
+
+    path = tmp_path / "model.tflite"
+    path.write_bytes(_convert(ws, "flex_head", [{"name": "features", "dtype": "float32", "shape": ["batch", 4, 4]}],
+                              [{"name": "y", "dtype": "float32", "shape": ["batch", 4, 4]}], custom_ops))
+    assert b"FlexHead" in path.read_bytes()
+    assert flex_ops(path.read_bytes()) == []
+    with pytest.raises(StepError, match="LiteRT cannot run model.tflite") as caught:
+        Tflite().open_runner(Artifact(path, ["y"], STEP, precision="fp32"))
+    assert "Flex" not in str(caught.value).replace("FlexHead", "")
+
+
+def test_flex_ops_are_read_from_the_operator_codes(models):
+    _, files, _, _ = models
+    assert flex_ops(files["fp32"].read_bytes()) == []  # builtin ops only
+    assert flex_ops(b"FlexMatrixInverse, but no flatbuffer") == []

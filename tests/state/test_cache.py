@@ -386,3 +386,35 @@ def test_gc_drops_least_recently_used_first(tmp_path: Path):
     # newest first: entry 0 (100 B, used last) and entry 2 (300 B) fit in 450; entry 1 (200 B) would not
     assert done["entries_removed"] == 1 and done["objects_removed"] == 1 and done["bytes_kept"] == 400
     assert cache.lookup(f"{0:064d}") is not None and cache.lookup(f"{2:064d}") is not None and cache.lookup(f"{1:064d}") is None
+
+
+def test_a_folders_empty_folders_are_stored_in_its_entry_and_made_again_on_restore(tmp_path: Path, cache: Cache):
+    """A Core ML package's empty weights/ folder (named by its Manifest.json) and a SavedModel's empty
+    assets/ come back from the cache: without them the restored artifact does not load."""
+    from kiln.base.digests import listing
+
+    root = tmp_path / "ws"
+    built = root / "build/.steps/k/model.mlpackage"
+    _write_tree(built, {"Manifest.json": b"{}"})
+    (built / "Data" / "com.apple.CoreML" / "weights").mkdir(parents=True)
+    (built / "assets").mkdir()
+    files = listing(root, built)
+    out = {"path": "build/.steps/k/model.mlpackage", "sha256": tree_sha256((r, s) for r, s, _ in files), "bytes": 2, "files": files}
+    cache.store(KEY_1, {"model": out}, root, {})
+    assert cache.stats() == {"entries": 1, "objects": 1, "bytes": 2}  # no object for an empty folder
+    dest = tmp_path / "clean" / "model.mlpackage"
+    assert cache.restore(KEY_1, {"model": dest}) is not None
+    assert (dest / "Data" / "com.apple.CoreML" / "weights").is_dir() and (dest / "assets").is_dir()
+    assert tree(dest) == {"Manifest.json": b"{}"} and listing(root, dest) == files
+
+
+@pytest.mark.parametrize(("rel", "digest"), [("../escaped/", "dir"), ("assets/", "0" * 64), ("assets", "dir"), ("/abs/", "dir")])
+def test_a_folder_entry_with_a_malformed_empty_folder_restores_nothing(tmp_path: Path, cache: Cache, rel: str, digest: str):
+    import json
+
+    stored_folder(cache, tmp_path / "ws", KEY_1)
+    entry = json.loads(cache.entry_path(KEY_1).read_text())
+    entry["outputs"]["model"]["files"].append([rel, digest, 0])
+    cache.entry_path(KEY_1).write_text(json.dumps(entry))
+    assert cache.restore(KEY_1, {"model": tmp_path / "out" / "model.mlpackage"}) is None
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "out" / "model.mlpackage").exists()

@@ -232,3 +232,19 @@ def test_a_plan_without_publishing_steps_has_complete_provenance(tmp_path: Path)
     plan = make_plan(tmp_path)
     plan.steps = [plan.steps[0]]
     assert provenance_complete(plan)
+
+
+def test_verify_reports_a_published_artifact_replaced_by_a_link_in_one_line(tmp_path: Path):
+    """A link to a folder used to crash verify (IsADirectoryError); a link to a file with the locked
+    bytes is not what the build published either. Each is one line naming the artifact."""
+    plan = locked_and_attested(tmp_path)
+    artifact = tmp_path / "build/m/onnx/model.onnx"
+    locked = sha256(artifact.read_bytes())
+    elsewhere = write_file(tmp_path / "elsewhere" / "model.onnx", artifact.read_bytes())
+    artifact.unlink()
+    artifact.symlink_to(elsewhere.parent, target_is_directory=True)
+    assert verify(plan) == [f"build/m/onnx/model.onnx: a symbolic link (to {elsewhere.parent}), not the file or folder the build "
+                            f"published (locked sha256 {locked[:12]}); build again to replace it"]
+    artifact.unlink()
+    artifact.symlink_to(elsewhere)
+    assert len(verify(plan)) == 1 and verify(plan)[0].startswith(f"build/m/onnx/model.onnx: a symbolic link (to {elsewhere})")

@@ -3,7 +3,8 @@
 DigestCache is the store (build/.kiln/digests.sqlite); digest(), listing() and remember() are the
 per-process accessors every part of kiln uses, so a file is looked up in one place whoever asks. A
 folder (a step output such as model.mlpackage) is not an entry of its own: its digest is
-kiln.base.hashing.tree_sha256 over its files' entries, so a no-op build stats its files and reads none.
+kiln.base.hashing.tree_sha256 over its files' entries (and its empty folders, listed as
+[relative path + "/", EMPTY_FOLDER, 0]), so a no-op build stats its files and reads none.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from kiln.base.hashing import blake3_file, list_tree, sha256_file, tree_sha256
+from kiln.base.hashing import EMPTY_FOLDER, blake3_file, is_empty_folder, list_tree, sha256_file, tree_sha256
 from kiln.base.paths import state_dir
 
 
@@ -27,8 +28,9 @@ def digest(root: Path, path: Path | str) -> str:
 
 
 def listing(root: Path, folder: Path | str) -> list[list]:
-    """[relative POSIX path, sha256, bytes] of every regular file in a folder, in tree_sha256's
-    order, through the stat-keyed cache: what a step record and the step cache keep of a folder."""
+    """[relative POSIX path, sha256, bytes] of every regular file in a folder, and [relative path +
+    "/", EMPTY_FOLDER, 0] of every empty folder in it, in tree_sha256's order, through the
+    stat-keyed cache: what a step record and the step cache keep of a folder."""
     return _cache(root, os.getpid()).listing(folder)
 
 
@@ -41,7 +43,8 @@ def remember_listing(root: Path, folder: Path | str, files: list[list]) -> None:
     """remember() for each file of a folder, given its listing() (after a restore or a hard link)."""
     cache = _cache(root, os.getpid())
     for rel, sha256, _ in files:
-        cache.remember(os.path.join(folder, rel), sha256)
+        if not is_empty_folder(rel):
+            cache.remember(os.path.join(folder, rel), sha256)
 
 
 @functools.cache
@@ -105,9 +108,13 @@ class DigestCache:
         return self._file_digest(path, st)
 
     def listing(self, folder: Path | str) -> list[list]:
-        """[relative path, sha256, bytes] of each regular file of a folder (kiln.base.digests.listing)."""
-        found = []
+        """[relative path, sha256, bytes] of each regular file (and empty folder) of a folder
+        (kiln.base.digests.listing)."""
+        found: list[list] = []
         for rel, path in list_tree(os.path.abspath(folder)):  # absolute: the entries' keys
+            if is_empty_folder(rel):
+                found.append([rel, EMPTY_FOLDER, 0])
+                continue
             st = os.stat(path)
             found.append([rel, self._file_digest(path, st), st.st_size])
         return found

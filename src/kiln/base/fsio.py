@@ -3,18 +3,23 @@ once per process while its stat is unchanged.
 
 An artifact (a step output, a published model) is a file or a folder (model.mlpackage, a SavedModel):
 replace_artifact, copy_artifact, remove_artifact and artifact_bytes treat both alike. A folder is its
-regular files (kiln.base.hashing.list_tree): empty folders are not part of it and a symlink inside
-is refused, so what is copied is exactly what its digest covers."""
+regular files and its empty folders (kiln.base.hashing.list_tree; a Core ML package may list an
+empty weights/ folder): a symlink inside is refused, so what is copied is exactly what its digest
+covers. On Linux a folder replaces what is at its destination in one atomic exchange
+(renameat2 RENAME_EXCHANGE), so the destination is never absent."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
-from kiln.base.hashing import list_tree
+from kiln.base.hashing import is_empty_folder, list_tree
 from kiln.base.temps import sweep_stale_temps, temp_path
 
 _READ: dict[str, tuple[tuple[int, int, int], Any]] = {}  # path -> (stat stamp, parsed JSON)
@@ -71,13 +76,18 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 def replace_artifact(temp: Path, dest: Path) -> None:
     """Move a finished artifact (file or folder) from its temp path onto `dest`. A file replacing a
-    file is one atomic rename, as always. Otherwise whatever is at `dest` is renamed aside first, the
-    new one renamed in, and only then the old one deleted: `dest` never holds a half-written folder,
-    and if the second rename fails the old one is put back. (A crash between the two renames leaves
-    `dest` absent, which the step's record reads as "output missing", and the old one under a temp
-    name that the next build in that folder sweeps away.)"""
+    file is one atomic rename, as always. Otherwise, where the filesystem can (Linux), the new one
+    and whatever is at `dest` swap places in one atomic exchange and the old one, now at the temp
+    path, is deleted: `dest` always holds the old or the new artifact whole. Elsewhere the old one is
+    renamed aside (`.<name>.kiln-<pid>-<thread>.old.tmp`), the new one renamed in, and only then the
+    old one deleted; if the second rename fails the old one is put back, and a crash between the two
+    renames leaves `dest` absent, which the next build's sweep in that folder
+    (kiln.base.temps.sweep_stale_temps) repairs by renaming the old one back."""
     if not _is_folder(temp) and not _is_folder(dest):
         os.replace(temp, dest)
+        return
+    if os.path.lexists(dest) and _exchange(temp, dest):
+        remove_artifact(temp)  # the old artifact, swapped out
         return
     aside = None
     if os.path.lexists(dest):
@@ -93,10 +103,48 @@ def replace_artifact(temp: Path, dest: Path) -> None:
         remove_artifact(aside)
 
 
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
+
+
+def _exchange(one: Path | str, other: Path | str) -> bool:
+    """Swap two existing paths atomically (Linux renameat2 RENAME_EXCHANGE, glibc 2.28+). False, having
+    changed nothing, where the OS, libc or filesystem cannot (the caller renames aside instead)."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(one), _AT_FDCWD, os.fsencode(other), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _UNSUPPORTED:
+        return False
+    raise OSError(code, os.strerror(code), os.fspath(one), None, os.fspath(other))
+
+
+_LIBC: list = []  # [renameat2 or None], once looked up
+
+
+def _renameat2():
+    if not _LIBC:
+        function = None
+        if sys.platform.startswith("linux"):
+            try:
+                function = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+            except OSError:
+                function = None
+            if function is not None:
+                function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+                function.restype = ctypes.c_int
+        _LIBC.append(function)
+    return _LIBC[0]
+
+
 def copy_artifact(source: Path, dest: Path) -> None:
     """Copy a file or a folder to `dest`, atomically: the copy is written beside `dest` under a temp
     name and moved in by replace_artifact (so an existing folder there is replaced whole, never
-    merged into). A folder's regular files are copied with their relative paths; a symlink in it
+    merged into). A folder's regular files are copied with their relative paths, and its empty
+    folders made again; a symlink in it
     raises kiln.base.hashing.UnsafeFolderEntry before anything is written. `source` itself may be a
     symlink (a file in a Hugging Face cache): what it points to is copied. Bytes only: the copy's
     permissions and times are the new file's own."""
@@ -109,6 +157,9 @@ def copy_artifact(source: Path, dest: Path) -> None:
             tmp.mkdir()
             for rel, path in files:
                 target = tmp / rel
+                if is_empty_folder(rel):
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(path, target)
         else:
@@ -135,7 +186,7 @@ def artifact_bytes(path: Path | str) -> int:
     """A file's size, or the sum of the sizes of a folder's regular files (what records, lockfiles
     and reports call an output's bytes). Like a digest, it follows `path` itself if it is a symlink."""
     if os.path.isdir(path):
-        return sum(os.stat(file).st_size for _, file in list_tree(path))
+        return sum(os.stat(file).st_size for rel, file in list_tree(path) if not is_empty_folder(rel))
     return os.stat(path).st_size
 
 

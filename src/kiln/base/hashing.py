@@ -5,7 +5,10 @@ sha256 is the one digest in keys, lockfiles, the cache and provenance. BLAKE3 is
 "same bytes as before?" re-check of a touched file (kiln.base.digests).
 
 A step output or published artifact may be a folder (Core ML's model.mlpackage, a TensorFlow
-SavedModel). Its digest is tree_sha256 of its listing (list_tree), defined there.
+SavedModel). Its digest is tree_sha256 of its listing (list_tree), defined there. The listing holds
+its regular files and its empty folders (a Core ML package may list an empty weights/ folder in its
+Manifest.json, a SavedModel loader may expect assets/): an empty folder is an entry whose relative
+path ends in "/" and whose digest is EMPTY_FOLDER.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 CHUNK = 1 << 20
+EMPTY_FOLDER = "dir"  # the digest of an empty folder's entry in a listing (its relative path ends in "/")
+_TREE_TAG = b"kiln-tree-v1\0"  # first bytes of a folder's digest input: no file or older listing form shares it
 
 
 def canonical_json(obj: Any) -> str:
@@ -34,10 +39,17 @@ def sha256_file(path: Path) -> str:
 
 
 def sha256_path(path: Path) -> str:
-    """sha256 of a file, or tree_sha256 of a folder, every byte read (no digest cache: kiln verify)."""
-    if os.path.isdir(path) and not os.path.islink(path):
-        return tree_sha256((rel, sha256_file(file)) for rel, file in list_tree(path))
+    """sha256 of a file, or tree_sha256 of a folder, every byte read (no digest cache: kiln verify).
+    Like kiln.base.digests.digest, it follows `path` itself when it is a symlink (to a file or a
+    folder); links inside a folder are refused (list_tree)."""
+    if os.path.isdir(path):
+        return tree_sha256((rel, EMPTY_FOLDER if is_empty_folder(rel) else sha256_file(file)) for rel, file in list_tree(path))
     return sha256_file(path)
+
+
+def is_empty_folder(rel: str) -> bool:
+    """Whether a listing entry (list_tree, kiln.base.digests.listing) is an empty folder, not a file."""
+    return rel.endswith("/")
 
 
 class UnsafeFolderEntry(OSError):
@@ -55,14 +67,19 @@ class UnsafeFolderEntry(OSError):
 
 
 def list_tree(folder: Path | str) -> list[tuple[str, str]]:
-    """(relative POSIX path, absolute path) of every regular file under `folder`, in tree_sha256's
-    order. Empty folders are not listed (they hold no bytes). Raises UnsafeFolderEntry on a symlink
-    (to a file or a folder) or any entry that is neither a regular file nor a folder."""
+    """(relative POSIX path, absolute path) of every regular file under `folder`, and of every empty
+    folder under it with "/" after its relative path (e.g. "Data/weights/"), in tree_sha256's order.
+    A folder holding only empty folders is not an entry itself: recreating its entries recreates it.
+    Raises UnsafeFolderEntry on a symlink (to a file or a folder) or any entry that is neither a
+    regular file nor a folder."""
     found: list[tuple[str, str]] = []
     pending = [(os.fspath(folder), "")]
     while pending:
         where, prefix = pending.pop()
         with os.scandir(where) as entries:
+            entries = list(entries)
+            if not entries and prefix:
+                found.append((prefix, where))
             for entry in entries:
                 rel = prefix + entry.name
                 mode = entry.stat(follow_symlinks=False).st_mode
@@ -78,16 +95,23 @@ def list_tree(folder: Path | str) -> list[tuple[str, str]]:
 
 
 def tree_sha256(files: Iterable[tuple[str, str]]) -> str:
-    r"""The digest of a folder, given (relative POSIX path, sha256 of the file) for each regular file:
+    r"""The digest of a folder, given its listing (list_tree): (relative POSIX path, sha256 of the
+    file) for each regular file and (relative path + "/", EMPTY_FOLDER) for each empty folder:
 
-        sha256( for each file, sorted by the UTF-8 bytes of its relative path:
-                relpath + "\0" + file_sha256 + "\n" )
+        sha256( "kiln-tree-v1\0" +
+                for each entry, sorted by the UTF-8 bytes of its relative path:
+                  relpath + "\0" + file_sha256 + "\n"      a regular file
+                  relpath + "/" + "\0" + "dir" + "\n"       an empty folder )
 
-    so it depends on the files' paths inside the folder and their bytes only: not on mtimes,
-    permissions, the order the filesystem lists them in, where the folder is, or empty folders.
-    An empty folder's digest is sha256 of nothing."""
-    digest = hashlib.sha256()
+    A file's relative path never ends in "/" and a sha256 is never "dir", so the two kinds of line
+    cannot be confused; the leading tag keeps a folder's digest apart from any file's sha256 (an
+    empty folder is not an empty file, and a file holding a folder's listing is not that folder).
+    So it depends on the paths inside the folder, the files' bytes and which folders are empty
+    only: not on mtimes, permissions, the order the filesystem lists them in, or where it is."""
+    digest = hashlib.sha256(_TREE_TAG)
     for rel, sha256 in sorted(files, key=lambda item: _listing_name(item[0])):
+        if is_empty_folder(rel) != (sha256 == EMPTY_FOLDER):
+            raise ValueError(f"listing entry {rel!r} with digest {sha256!r}: an empty folder (ending in '/') and only one has digest {EMPTY_FOLDER!r}")
         digest.update(_listing_name(rel) + b"\0" + sha256.encode("ascii") + b"\n")
     return digest.hexdigest()
 

@@ -4,6 +4,11 @@ Every writer (records, cache, step outputs, the memory ledger, SafeTensors) writ
 `.<name>.kiln-<pid>-<thread>[.<tag>].tmp` and renames it into place. A build killed mid-write
 leaves such a file behind; the next writer in that folder deletes the ones whose pid is gone.
 The `kiln-` marker keeps the pid unambiguous whatever digits the file's own name holds.
+
+One tag is not litter: `.old` is an artifact set aside while its replacement moves in
+(kiln.base.fsio.replace_artifact, where no atomic exchange is possible). A build killed between the
+two renames leaves its destination absent and the old artifact under that temp name: the sweep
+renames it back to its final name (if that name is still free) instead of deleting the last good build.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pathlib import Path
 
 _TEMP = re.compile(r"^\..+\.kiln-(\d+)-\d+(?:\.[a-z]+)?\.tmp$")
 _FINAL = re.compile(r"^\.(.+)\.kiln-\d+-\d+(?:\.[a-z]+)?\.tmp$")
+_SET_ASIDE = ".old.tmp"  # replace_artifact's tag for the old artifact it renames aside
 _SWEPT: set[str] = set()
 
 
@@ -33,7 +39,8 @@ def final_name(path: Path) -> str:
 
 def sweep_stale_temps(folder: Path) -> None:
     """Delete temp files that a killed build left in `folder` (their writer's pid is gone), once per
-    folder per process. Temps are hidden and never read, but a crash must not leave litter."""
+    folder per process. Temps are hidden and never read, but a crash must not leave litter. An old
+    artifact set aside (`.old.tmp`) whose final name is absent is renamed back to it instead."""
     key = os.fspath(folder)
     if key in _SWEPT:
         return
@@ -45,6 +52,8 @@ def sweep_stale_temps(folder: Path) -> None:
     for entry in entries:
         match = _TEMP.match(entry.name)
         if match and not pid_alive(int(match.group(1))):
+            if entry.name.endswith(_SET_ASIDE) and _put_back(folder, entry):
+                continue
             try:
                 if entry.is_dir(follow_symlinks=False):  # a folder output, or an old one set aside
                     shutil.rmtree(entry.path)
@@ -52,6 +61,19 @@ def sweep_stale_temps(folder: Path) -> None:
                     os.unlink(entry.path)
             except OSError:
                 pass
+
+
+def _put_back(folder: Path, entry: os.DirEntry) -> bool:
+    """Rename an artifact set aside by a killed replace_artifact back to its final name, if nothing is
+    there (the new one never moved in). False when something is, or the rename fails: it is stale."""
+    final = os.path.join(folder, final_name(Path(entry.name)))
+    if os.path.lexists(final):
+        return False
+    try:
+        os.rename(entry.path, final)
+    except OSError:
+        return False
+    return True
 
 
 def pid_alive(pid: int) -> bool:

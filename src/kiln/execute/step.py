@@ -82,8 +82,9 @@ def run_step(step: Step, root: Path):
 
 def output_entry(root: Path, path: Path) -> dict:
     """What a record holds of one output: workspace-relative path, sha256 and bytes; for a folder,
-    its tree digest, the sum of its files' bytes and "files": [[relative path, sha256, bytes], ...]
-    (so a change inside it can be named, and the cache can store it file by file)."""
+    its tree digest, the sum of its files' bytes and "files": [[relative path, sha256, bytes], ...],
+    empty folders included as [relative path + "/", "dir", 0] (so a change inside it can be named,
+    and the cache can store it file by file and make its empty folders again)."""
     if path.is_dir():
         files = listing(root, path)
         return {"path": relative(path, root), "sha256": tree_sha256((rel, sha256) for rel, sha256, _ in files),

@@ -54,6 +54,11 @@ class TargetFormat(ABC):
         """A function batch -> outputs running the artifact as its users do. Raises
         RuntimeUnavailable when the runtime does not exist here, StepError for a bad artifact."""
 
+    def validation_hardware(self) -> dict[str, Any] | None:
+        """What about this machine decides whether the artifact can run here at all (Core ML: a
+        macOS runtime), for the validate step's key; None (most formats): nothing, the key is as before."""
+        return None
+
     def latency(self, artifact: Path, feed: dict) -> dict[str, Any] | None:
         """Latency of the artifact on one sample, for the report; None where kiln does not measure it."""
         return None

@@ -9,14 +9,22 @@ interpreter), so validation has two modes:
 - anywhere else: a structural check of the package (it parses; inputs and outputs have the
   manifest's names, dtypes and shapes, dynamic axes as declared ranges; the spec version, the ML
   Program opset and every op are within the deployment target's; every weight is stored at the
-  target's precision; every weight blob is in the package), then StructuralOnly: the artifact is
+  target's precision; every weight blob and every Manifest.json item is in the package), then StructuralOnly: the artifact is
   published with validation.json saying "validated": "structural" and which checks passed, never
-  metrics. Any structural mismatch fails the step, naming the tensor.
+  metrics. Any structural mismatch fails the step, naming the tensor. What the package computes is
+  checked before conversion instead (export_coreml runs the trace against the source in torch at
+  the example's and at other sizes).
+Whether Core ML runs here is in the validate step's key (Validate.hardware_for ->
+validation_hardware): a structural result from Linux is not up to date on a Mac ("hardware changed").
 
 Decisions (README, manifest reference):
 - Dynamic axes (named dims) become ct.RangeDim(1, max_size): coremltools refuses unbounded ranges
   for ML Programs, so each named dim has an upper bound, `max_sizes = { batch = 64 }`, default
-  DEFAULT_MAX_SIZE. Dims with the same name share one RangeDim (one symbol across inputs).
+  DEFAULT_MAX_SIZE, or for a Hugging Face model's text length (named dims of its token inputs other
+  than the batch) the positions its config.json has. Dims with the same name share one RangeDim (one
+  symbol across inputs). A text-length bound below validation.max_length is refused at check time
+  (against the manifest's max_length, the default 128 included: the positions that may cut it are
+  known only after resolve).
 - Core ML tensors are float32, float16 (iOS16 / macOS13 and later) or int32. An int64 input or
   output (token ids, class indices) is int32 in the package: ids fit, and coremltools casts int64
   to int32 anyway; the macOS runner feeds int64 data as int32 (refusing values that do not fit).
@@ -93,20 +101,25 @@ class Coreml(TargetFormat):
                 raise CrossError(f"targets.{name}.max_sizes", dim, f"a named dimension of the inputs: {sorted(dims)}")
         if BATCH in dims and spec.validation.batch_size > max_size(target, BATCH):
             raise CrossError(f"targets.{name}.max_sizes", dict(target.max_sizes), f"a {BATCH!r} bound of at least validation.batch_size ({spec.validation.batch_size}): validation feeds whole batches")
+        _check_text_length(spec, name, target)
         if spec.source.kind == "huggingface" and target.via == "torch_export":
             raise CrossError(f"targets.{name}.via", target.via, "\"trace\" for a huggingface source: coremltools cannot convert the masks transformers' models torch.export to (unsupported fx node __and__)")
 
     def chain(self, planner: Planner, name: str, target: CoremlTarget) -> None:
         reference = planner.reference(name)
-        params = {"source": planner.source_params, "inputs": planner.inputs, "outputs": planner.outputs} | conversion_params(planner.spec, target)
+        params = {"source": planner.source_params, "inputs": planner.inputs, "outputs": planner.outputs} | conversion_params(planner.spec, target, planner.resolved.text_positions)
         package = planner.add(name, "export_coreml", params, {"source": planner.resolved.source_files}, {"model": "model.mlpackage"})
         planner.validate(name, target, package.outputs["model"], package, reference)
 
     def validation(self, planner: Planner, name: str, target: CoremlTarget) -> tuple[dict, dict]:
         """The structural check compares the package with the manifest's tensors and the deployment
         target; the macOS runner feeds the inputs by name."""
-        options = {k: v for k, v in conversion_params(planner.spec, target).items() if k != "precision"}
+        options = {k: v for k, v in conversion_params(planner.spec, target, planner.resolved.text_positions).items() if k != "precision"}
         return {"inputs": planner.inputs, "output_specs": planner.outputs, "format_options": options}, {}
+
+    def validation_hardware(self) -> dict[str, str]:
+        """For the validate step's key (Validate.hardware_for): whether Core ML itself runs here."""
+        return {"coreml_runtime": runtime_name()}
 
     def open_runner(self, artifact: Artifact) -> Runner:
         """The structural check always; then MLModel.predict where Core ML exists (macOS), else
@@ -133,15 +146,42 @@ def named_dims(inputs: list) -> list[str]:
     return list(dict.fromkeys(d for t in inputs for d in (t.shape or []) if isinstance(d, str)))
 
 
-def max_size(target: CoremlTarget, dim: str) -> int:
-    return target.max_sizes.get(dim, DEFAULT_MAX_SIZE)
+def max_size(target: CoremlTarget, dim: str, default: int = DEFAULT_MAX_SIZE) -> int:
+    return target.max_sizes.get(dim, default)
 
 
-def conversion_params(spec: Any, target: CoremlTarget) -> dict[str, Any]:
+def sequence_dims(spec: Any) -> list[str]:
+    """The named dims of a Hugging Face source's token inputs (input_ids, attention_mask,
+    token_type_ids) other than the batch: the length of the text, which the model has positions for."""
+    from kiln.sources.huggingface import TEXT_INPUTS
+
+    if spec.source.kind != "huggingface":
+        return []
+    return list(dict.fromkeys(d for t in spec.inputs if t.name in TEXT_INPUTS for d in (t.shape or []) if isinstance(d, str) and d != BATCH))
+
+
+def _check_text_length(spec: Any, name: str, target: CoremlTarget) -> None:
+    """Text validation data is tokenized up to validation.max_length tokens; a text-length bound
+    below that gives a package that refuses the longer lines (and off macOS nothing would run them).
+    Checked against the max_length the manifest gives (the default too): the model's positions,
+    which may cut it further, are known only once the source is resolved. Calibration data never
+    reaches a Core ML package (it has no int8), so only validation counts."""
+    if not str(spec.validation.data).endswith(".txt"):
+        return
+    for dim in sequence_dims(spec):
+        if dim in target.max_sizes and target.max_sizes[dim] < spec.validation.max_length:
+            raise CrossError(f"targets.{name}.max_sizes", dict(target.max_sizes),
+                             f"a {dim!r} bound of at least validation.max_length ({spec.validation.max_length}): text is fed up to that many tokens (or set validation.max_length = {target.max_sizes[dim]})")
+
+
+def conversion_params(spec: Any, target: CoremlTarget, text_positions: int | None = None) -> dict[str, Any]:
     """What the export step needs besides the source: every named dim's bound, defaults filled in,
-    so the params say exactly what the package accepts."""
+    so the params say exactly what the package accepts. A Hugging Face model's text length defaults
+    to the positions it has (text_positions, from its config.json) rather than DEFAULT_MAX_SIZE:
+    longer text is what the model itself cannot take."""
+    text = set(sequence_dims(spec)) if text_positions else set()
     return {"precision": target.precision, "minimum_deployment_target": target.minimum_deployment_target, "via": target.via,
-            "max_sizes": {dim: max_size(target, dim) for dim in named_dims(spec.inputs)}}
+            "max_sizes": {dim: max_size(target, dim, text_positions if dim in text else DEFAULT_MAX_SIZE) for dim in named_dims(spec.inputs)}}
 
 
 # ---- coremltools ---------------------------------------------------------------------------------
@@ -177,6 +217,13 @@ def native_runtime() -> bool:
     return True
 
 
+def runtime_name() -> str:
+    """"macOS <version>" where Core ML runs (native_runtime), else "none (<platform>)"."""
+    import platform
+
+    return f"macOS {platform.mac_ver()[0]}" if native_runtime() else f"none ({sys.platform})"
+
+
 # ---- the structural check ------------------------------------------------------------------------
 
 
@@ -186,6 +233,7 @@ def structural_check(ct, artifact: Artifact) -> dict[str, Any]:
     step, path = artifact.step, artifact.path
     options = artifact.options or {}
     wanted = options.get("minimum_deployment_target", DEFAULT_DEPLOYMENT_TARGET)
+    items = _check_manifest_items(path, step)
     try:
         spec = ct.utils.load_spec(str(path))
     except Exception as err:  # coremltools raises Exception, KeyError, protobuf DecodeError...
@@ -197,12 +245,28 @@ def structural_check(ct, artifact: Artifact) -> dict[str, Any]:
     ops = list(_operations(function.block_specializations[function.opset].operations))
     dims = options.get("max_sizes", {})
     return {
-        "package": f"loads: specification version {spec.specificationVersion}, ML Program opset {function.opset}",
+        "package": f"loads: specification version {spec.specificationVersion}, ML Program opset {function.opset}; {items}",
         "deployment_target": _check_versions(ct, spec, function, ops, wanted, step),
         "inputs": _check_inputs(spec, artifact.inputs or [], dims, step),
         "outputs": _check_outputs(spec, function.block_specializations[function.opset], artifact.output_specs or [], step),
         "weights": _check_weights(ops, path, artifact.precision, step),
     }
+
+
+def _check_manifest_items(package: Path, step: str) -> str:
+    """Every item Manifest.json lists is in the package: Core ML refuses a package with one missing
+    ("Item does not exist for identifier"), e.g. an empty weights folder lost by a copy that drops
+    empty folders. A Manifest.json that does not parse is left to load_spec to report."""
+    import json
+
+    try:
+        items = json.loads((package / "Manifest.json").read_text()).get("itemInfoEntries") or {}
+    except (OSError, ValueError, AttributeError):
+        return "Manifest.json unreadable"
+    for item in items.values():
+        if not (package / "Data" / item.get("path", "")).exists() or not item.get("path"):
+            raise StepError(step, f"{package.name}'s Manifest.json lists item {item.get('path')!r} ({item.get('description', item.get('name'))}), which the package does not hold; Core ML refuses such a package")
+    return f"its {len(items)} Manifest.json items present"
 
 
 def _operations(operations):

@@ -16,11 +16,10 @@ from kiln.errors import StepError, one_line
 from kiln.formats.base import TargetFormat
 from kiln.runtime.runners import Artifact, Runner, require_outputs
 from kiln.schema.fields import TargetBase
+from kiln.sources.tensorflow import SERVING_SIGNATURE as SIGNATURE
 
 if TYPE_CHECKING:
     from kiln.plan.chains import Planner
-
-SIGNATURE = "serving_default"
 
 
 class SavedmodelTarget(TargetBase):

@@ -47,11 +47,10 @@ from kiln.formats.base import TargetFormat
 from kiln.runtime.runners import Artifact, Runner, require_outputs
 from kiln.schema.fields import CrossError, Strict, TargetBase, check_option_precisions
 from kiln.sources import source_kind
+from kiln.sources.tensorflow import SERVING_SIGNATURE as SIGNATURE  # one definition; convert_tflite_torch imports it from here
 
 if TYPE_CHECKING:
     from kiln.plan.chains import Planner
-
-SIGNATURE = "serving_default"
 
 
 class TfliteOptions(Strict):
@@ -168,11 +167,17 @@ def open_interpreter(content: bytes, label: str, step: str, threads: int = 1):
 
 
 def flex_ops(content: bytes) -> list[str]:
-    """The Flex (Select TF) custom op names a .tflite lists, for the error: they are stored as
-    "Flex<Op>" strings among its operator codes."""
-    import re
+    """The Flex (Select TF) ops a .tflite uses, for the error: its operator codes whose custom_code
+    starts with "Flex" (what LiteRT itself tests), read through the flatbuffer schema, not a search
+    of the bytes (a tensor named "FlexibleHead" is no op). A file the schema cannot read has none."""
+    from ai_edge_litert import schema_py_generated as schema
 
-    return sorted({m.decode() for m in re.findall(rb"Flex[A-Z][A-Za-z0-9]*", content)})
+    try:
+        model = schema.Model.GetRootAs(content, 0)
+        codes = [model.OperatorCodes(i).CustomCode() for i in range(model.OperatorCodesLength())]
+    except Exception:  # a damaged flatbuffer: struct.error, IndexError... the caller reports LiteRT's own error
+        return []
+    return sorted({code.decode() for code in codes if code and code.startswith(b"Flex")})
 
 
 def tensor_dtypes(interpreter) -> dict[str, int]:

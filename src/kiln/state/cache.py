@@ -5,7 +5,8 @@
 
 A folder output (model.mlpackage) is stored file by file: its entry also lists "files" ([relative
 path, sha256, bytes] each, as the step record does), every file is an object of its own, and its
-"sha256" is the tree digest (kiln.base.hashing.tree_sha256), re-checked on restore.
+"sha256" is the tree digest (kiln.base.hashing.tree_sha256), re-checked on restore. Its empty folders
+are entries of the listing too ([relative path + "/", EMPTY_FOLDER, 0], no object): a restore makes them.
 
 A step whose key has an entry is restored instead of run: switching a manifest back to an earlier
 configuration, checking out an older branch or wiping build/ brings the outputs back in the time it
@@ -29,7 +30,7 @@ from typing import Any
 
 from kiln.base.env import switched_off
 from kiln.base.fsio import remove_artifact, replace_artifact, write_bytes_atomic
-from kiln.base.hashing import copy_hashing, tree_sha256
+from kiln.base.hashing import EMPTY_FOLDER, copy_hashing, is_empty_folder, tree_sha256
 from kiln.base.temps import sweep_stale_temps, temp_path
 
 
@@ -62,7 +63,8 @@ class Cache:
         for out in outputs.values():
             if "files" in out:
                 for rel, sha256, _ in out["files"]:
-                    self._store_object(root / out["path"] / rel, sha256)
+                    if not is_empty_folder(rel):
+                        self._store_object(root / out["path"] / rel, sha256)
             else:
                 self._store_object(root / out["path"], out["sha256"])
         entry = {"key": key, "outputs": {role: _entry_output(o) for role, o in outputs.items()}, "info": info}
@@ -124,10 +126,13 @@ class Cache:
         entry's listing does not add up to its digest or names a path outside the folder."""
         if "files" not in out:
             return self._copy_object(out["sha256"], dest)
-        if not all(_inside(rel) for rel, _, _ in out["files"]):
+        if not all(_well_formed(rel, sha256) for rel, sha256, _ in out["files"]):
             return False
         dest.mkdir()
         for rel, sha256, _ in out["files"]:
+            if is_empty_folder(rel):
+                (dest / rel).mkdir(parents=True, exist_ok=True)
+                continue
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             if not self._copy_object(sha256, dest / rel):
                 return False
@@ -190,8 +195,16 @@ def _entry_output(out: dict[str, Any]) -> dict[str, Any]:
 def _objects_of(out: dict[str, Any]) -> dict[str, int]:
     """sha256 -> bytes of the objects an entry's output is made of: the file, or each file of a folder."""
     if "files" in out:
-        return {sha256: size for _, sha256, size in out["files"]}
+        return {sha256: size for rel, sha256, size in out["files"] if not is_empty_folder(rel)}
     return {out["sha256"]: out["bytes"]}
+
+
+def _well_formed(rel: str, sha256: str) -> bool:
+    """Whether a folder entry's listing line may be restored: a path inside the folder, and an empty
+    folder (a path ending in "/") exactly when its digest is EMPTY_FOLDER."""
+    if is_empty_folder(rel):
+        return sha256 == EMPTY_FOLDER and _inside(rel[:-1])
+    return sha256 != EMPTY_FOLDER and _inside(rel)
 
 
 def _inside(rel: str) -> bool:

@@ -3,6 +3,7 @@ sorted keys; rewritten only when its content changes."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +31,7 @@ def lock_data(plan: Plan) -> dict[str, Any] | None:
         return None
     steps = []
     artifacts = []
-    for step, record in zip(plan.steps, records):
+    for step, record in zip(plan.steps, records, strict=True):
         steps.append({"step": plan.step_name(step), "rule": step.rule, "key": record.key, "targets": plan.targets_of(step)})
         if step.publishes:
             files = {role: {k: out[k] for k in ("path", "sha256", "bytes")} for role, out in record.outputs.items()}
@@ -76,6 +77,10 @@ def verify(plan: Plan) -> list[str]:
         files = [artifact] + [v for v in artifact.values() if isinstance(v, dict) and "sha256" in v]
         for entry in files:
             path = plan.root / entry["path"]
+            if path.is_symlink():  # kiln publishes copies: a link there is not what the build wrote
+                problems.append(f"{entry['path']}: a symbolic link (to {os.readlink(path)}), not the file or folder "
+                                f"the build published (locked sha256 {entry['sha256'][:12]}); build again to replace it")
+                continue
             if not path.is_file() and not path.is_dir():
                 problems.append(f"{entry['path']}: missing (locked sha256 {entry['sha256'][:12]})")
                 continue
@@ -83,6 +88,9 @@ def verify(plan: Plan) -> list[str]:
                 found = sha256_path(path)
             except UnsafeFolderEntry as err:
                 problems.append(err.naming(entry["path"]))
+                continue
+            except OSError as err:  # unreadable: a problem to report, not a crash
+                problems.append(f"{entry['path']}: cannot be read ({err.strerror or err})")
                 continue
             if found != entry["sha256"]:
                 problems.append(f"{entry['path']}: sha256 {found[:12]} differs from the locked {entry['sha256'][:12]}")

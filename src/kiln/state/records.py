@@ -9,7 +9,7 @@ its log, build/.kiln/logs/<step id>.log (log_path).
     {"step": name, "id": id, "key": sha256 of the components,
      "components": {"rule", "version", "params", "inputs": {role: [[file name, sha256], ...]}, "tools": {name: version}, ["hardware": {...}]},
      "outputs": {role: {"path": workspace-relative, "sha256", "bytes"}},   a folder output (model.mlpackage) also has
-                 "files": [[relative path, sha256, bytes], ...]; its sha256 is their tree digest (kiln.base.hashing)
+                 "files": [[relative path, sha256, bytes], ...] (an empty folder: [path + "/", "dir", 0]); its sha256 is their tree digest (kiln.base.hashing)
      "reason": why it ran, "seconds", "info": the rule's facts, "restored": from the cache?}
 """
 
