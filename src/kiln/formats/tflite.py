@@ -44,7 +44,7 @@ from pydantic import Field
 
 from kiln.errors import StepError, one_line
 from kiln.formats.base import TargetFormat
-from kiln.runtime.runners import Artifact, Runner, require_outputs
+from kiln.runtime.runners import Artifact, Runner, require_outputs, timed
 from kiln.schema.fields import CrossError, Strict, TargetBase, check_option_precisions
 from kiln.sources import source_kind
 from kiln.sources.tensorflow import SERVING_SIGNATURE as SIGNATURE  # one definition; convert_tflite_torch imports it from here
@@ -133,21 +133,9 @@ class Tflite(TargetFormat):
     def latency(self, artifact: Path, feed: dict) -> dict[str, Any] | None:
         """CPU latency in LiteRT on the first validation sample, as onnx_latency measures ONNX: 2
         threads, the median of 30 runs after 5 warm-ups. Report only."""
-        import time
-
-        import numpy as np
-
         runner = open_interpreter(artifact.read_bytes(), artifact.name, "latency", threads=2).get_signature_runner(SIGNATURE)
         shaped = {n: quantize(feed[n], d) for n, d in runner.get_input_details().items()}
-        for _ in range(5):
-            runner(**shaped)
-        times = []
-        for _ in range(30):
-            start = time.perf_counter()
-            runner(**shaped)
-            times.append(time.perf_counter() - start)
-        return {"median_ms": round(1000 * float(np.median(times)), 3), "p10_ms": round(1000 * float(np.percentile(times, 10)), 3),
-                "runs": 30, "threads": 2, "shape": {k: list(v.shape) for k, v in shaped.items()}}
+        return timed(lambda: runner(**shaped), shaped, runs=30, threads=2)
 
 
 def open_interpreter(content: bytes, label: str, step: str, threads: int = 1):

@@ -111,21 +111,27 @@ def onnx_latency(artifact: Path, feed: dict, runs: int = 30, threads: int = 2) -
     `runs` timed runs after 5 warm-ups. No shape is invented, so the probe runs what validation ran.
     Goes to the report only: timings are not reproducible bytes. Raises what onnxruntime raises;
     the caller decides that a probe that cannot run fails nothing."""
-    import time
-
-    import numpy as np
-
     sess = session(artifact, threads=threads)
     missing = [i.name for i in sess.get_inputs() if i.name not in feed]
     if missing:
         raise ValueError(f"the validation data has no input {missing[0]!r}")
     shaped = {i.name: feed[i.name] for i in sess.get_inputs()}
+    return timed(lambda: sess.run(None, shaped), shaped, runs, threads)
+
+
+def timed(call: Callable[[], Any], shaped: dict, runs: int, threads: int) -> dict[str, Any]:
+    """The report's latency entry for `call` (one inference on `shaped`): the median and 10th
+    percentile of `runs` timed calls after 5 warm-ups, every runtime measured alike."""
+    import time
+
+    import numpy as np
+
     for _ in range(5):
-        sess.run(None, shaped)
+        call()
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        sess.run(None, shaped)
+        call()
         times.append(time.perf_counter() - start)
     return {"median_ms": round(1000 * float(np.median(times)), 3), "p10_ms": round(1000 * float(np.percentile(times, 10)), 3),
             "runs": runs, "threads": threads, "shape": {k: list(v.shape) for k, v in shaped.items()}}
