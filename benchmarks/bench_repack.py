@@ -55,6 +55,14 @@ def ort_int4(w: np.ndarray, block_size: int):
     return B, scales.reshape(-1), zero_points.reshape(-1)
 
 
+def copy_seconds(x, repeat: int) -> float:
+    """A plain memory copy of x, the bandwidth every kernel's GB/s is read against."""
+    into = np.empty_like(x)
+    np.copyto(into, x)
+    seconds, _ = best(lambda: np.copyto(into, x), repeat)
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=1024)
@@ -81,10 +89,7 @@ def main() -> None:
         ("transpose", lambda: repack.transpose2d(x), "np.ascontiguousarray(a.T)", lambda: np.ascontiguousarray(x.T)),
     ]
 
-    into = np.empty_like(x)
-    np.copyto(into, x)
-    t_copy, _ = best(lambda: np.copyto(into, x), args.repeat)
-    del into
+    t_copy = copy_seconds(x, args.repeat)
 
     simd = "AVX2+F16C" if _native.simd_supported() else "scalar"
     print(f"\nkiln repack, float32 [{rows}, {cols}] = {x.nbytes >> 20} MiB, best of {args.repeat}, "

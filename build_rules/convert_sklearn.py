@@ -33,7 +33,7 @@ class ConvertSklearn(Rule):
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ConvertSklearnParams, ctx: RunContext) -> dict[str, Any]:
         from skl2onnx import convert_sklearn
 
-        from kiln.runtime.onnx_graph import publish
+        from kiln.runtime.onnx_graph import canonicalize_converted, publish, rename_outputs
         from kiln.sources.sklearn import load_estimator
 
         estimator = load_estimator(params.source, inputs["source"], ctx.root)
@@ -43,8 +43,8 @@ class ConvertSklearn(Rule):
                                     options=options, target_opset=params.opset)
         except Exception as err:  # skl2onnx raises RuntimeError / MissingShapeCalculator / NotImplementedError
             raise StepError(ctx.step, f"skl2onnx cannot convert {type(estimator).__name__}: {one_line(err)[:300]}") from None
-        _rename_outputs(model, [t["name"] for t in params.outputs], ctx)
-        _canonicalize(model)
+        rename_outputs(model, [t["name"] for t in params.outputs], ctx.step)
+        canonicalize_converted(model)
         publish(model, outputs["model"], ctx.step)  # sorted, written, full-checked
         return {"estimator": type(estimator).__name__, "nodes": len(model.graph.node), "opset": params.opset}
 
@@ -58,27 +58,3 @@ def _initial_type(spec: dict[str, Any]):
         raise StepError("inputs", f"input {spec['name']!r}: dtype {spec['dtype']} is not one skl2onnx takes; use one of {sorted(types)}")
     dims = [d if isinstance(d, int) else None for d in spec.get("shape") or [None, None]]
     return spec["name"], types[spec["dtype"]](dims)
-
-
-def _rename_outputs(model, names: list[str], ctx: RunContext) -> None:
-    produced = [o.name for o in model.graph.output]
-    if len(produced) != len(names):
-        raise StepError(ctx.step, f"the converted estimator has {len(produced)} outputs {produced} but the manifest declares {len(names)}: {names}")
-    renames = dict(zip(produced, names))
-    for node in model.graph.node:
-        node.output[:] = [renames.get(n, n) for n in node.output]
-        node.input[:] = [renames.get(n, n) for n in node.input]
-    for output in model.graph.output:
-        output.name = renames[output.name]
-
-
-def _canonicalize(model) -> None:
-    """One import per domain (skl2onnx may list the default domain twice), in a fixed order."""
-    versions: dict[str, int] = {}
-    for opset in model.opset_import:
-        versions[opset.domain] = max(versions.get(opset.domain, 0), opset.version)
-    del model.opset_import[:]
-    for domain in sorted(versions):
-        entry = model.opset_import.add()
-        entry.domain, entry.version = domain, versions[domain]
-    model.graph.name = "kiln"

@@ -5,9 +5,9 @@ TensorSpecs, named axes dynamic, a dict of the manifest's outputs, variables fro
 ExportArchive) is written as a SavedModel into a scratch folder (kiln.sources.tensorflow.scratch_serving_savedmodel)
 and converted from there, so the
 .tflite's "serving_default" signature has the manifest's input and output names. Precisions (see
-kiln.formats.tflite): fp32; fp16 weights; int8 dynamic range; int8 full integer calibrated on the
-[calibration] data read by kiln's loader (the `data` input), int8 builtin ops only and, with
-integer_io, int8 float inputs/outputs. Only LiteRT builtin ops are allowed: a model that would need
+kiln.formats.tflite): fp32; fp16 weights; int8 dynamic range. Full-integer (static) int8 is not
+made here: its fp32 output goes through calibrate_tflite (kiln's observers) and quantize_tflite, as
+for a PyTorch source. Only LiteRT builtin ops are allowed: a model that would need
 TensorFlow's Flex ops fails here, naming them.
 
 Runs in a fresh child (kiln.runtime.child): the .tflite holds tensor names, which Keras derives from
@@ -31,11 +31,7 @@ class ConvertTfliteParams(Params):
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
     precision: Literal["fp32", "fp16", "int8"]
-    quantization: Literal["dynamic", "static"] | None = None  # int8 only
-    integer_io: bool = True  # int8 static: int8 float inputs/outputs
-    batch_size: int = 8  # int8 static: the calibration data's batches
-    max_length: int = 128
-    max_samples: int | None = None
+    quantization: Literal["dynamic"] | None = None  # int8 only: dynamic range (static: quantize_tflite)
 
 
 @register
@@ -51,7 +47,10 @@ class ConvertTflite(Rule):
 
         # the child's facts for the report, in a temp file a killed build's sweep removes
         facts_file = temp_path(outputs["model"].with_name(final_name(outputs["model"])), "facts")
-        job = {"params": params.model_dump(), "files": [str(p) for p in inputs["source"]], "data": [str(p) for p in inputs.get("data", [])],
+        if (params.quantization is not None) != (params.precision == "int8"):
+            raise StepError(ctx.step, f"quantization {params.quantization!r} with precision {params.precision!r}: int8 takes quantization = \"dynamic\" "
+                                      "(static int8 is calibrate_tflite + quantize_tflite), other precisions none")
+        job = {"params": params.model_dump(), "files": [str(p) for p in inputs["source"]],
                "root": str(ctx.root), "model": str(outputs["model"]), "facts": str(facts_file), "step": ctx.step}
         try:
             run_in_child(ctx.step, "kiln.build_rules.convert_tflite:child_main", job, "TFLite conversion failed")
@@ -65,7 +64,7 @@ def child_main() -> None:
     that precision, write it and its facts."""
     import json
 
-    from kiln.formats.tflite import SIGNATURE, open_interpreter, require_precision, tensor_dtypes
+    from kiln.formats.tflite import SIGNATURE, describe, open_interpreter, require_precision, tensor_dtypes
     from kiln.sources.tensorflow import import_tensorflow, scratch_serving_savedmodel
 
     job = read_job()
@@ -74,10 +73,10 @@ def child_main() -> None:
     output = Path(job["model"])
     with scratch_serving_savedmodel(params.source, [Path(p) for p in job["files"]], params.inputs, params.outputs, Path(job["root"]), output) as saved:
         converter = tf.lite.TFLiteConverter.from_saved_model(str(saved), signature_keys=[SIGNATURE])
-        configure(converter, params, job, tf)
+        configure(converter, params, tf)
         try:
             content = converter.convert()
-        except Exception as err:  # ConverterError for ops without a builtin kernel, and the calibrator's errors
+        except Exception as err:  # ConverterError for ops without a builtin kernel
             flex = needed_tf_ops(str(err))
             if flex:  # the child reports "<step>: source: the model needs ..."
                 raise StepError("source", f"the model needs TensorFlow ops without a LiteRT builtin kernel {flex}: they would run only through "
@@ -93,13 +92,13 @@ def child_main() -> None:
     facts = {
         "precision": params.precision, **({"quantization": params.quantization} if params.quantization else {}),
         "layout": "the source's (kiln inserts no transposes)", "tensor_dtypes": dtypes,
-        "inputs": {name: _describe(detail) for name, detail in sorted(runner.get_input_details().items())},
-        "outputs": {name: _describe(detail) for name, detail in sorted(runner.get_output_details().items())},
+        "inputs": {name: describe(detail) for name, detail in sorted(runner.get_input_details().items())},
+        "outputs": {name: describe(detail) for name, detail in sorted(runner.get_output_details().items())},
     }
     Path(job["facts"]).write_text(json.dumps(facts, sort_keys=True))
 
 
-def configure(converter, params: ConvertTfliteParams, job: dict, tf) -> None:
+def configure(converter, params: ConvertTfliteParams, tf) -> None:
     """Builtin ops only (no Flex), and the precision's settings."""
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     if params.precision == "fp16":
@@ -107,19 +106,6 @@ def configure(converter, params: ConvertTfliteParams, job: dict, tf) -> None:
         converter.target_spec.supported_types = [tf.float16]
     elif params.precision == "int8":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        if params.quantization == "static":
-            converter.representative_dataset = lambda: calibration_batches(params, job)
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-            if params.integer_io:
-                converter.inference_input_type = converter.inference_output_type = tf.int8
-
-
-def calibration_batches(params: ConvertTfliteParams, job: dict):
-    """The [calibration] data as kiln reads it for every other format, one dict per batch by input name."""
-    from kiln.runtime.data import batches
-
-    data = Path(job["data"][0])
-    yield from batches(data, [Path(p) for p in job["files"]], params.inputs, params.batch_size, params.max_length, params.max_samples)
 
 
 def needed_tf_ops(message: str) -> list[str]:
@@ -129,12 +115,3 @@ def needed_tf_ops(message: str) -> list[str]:
     if "not supported by the native TFLite runtime" not in message and "Select TF" not in message and "Flex" not in message:
         return []
     return sorted(set(re.findall(r"\btf\.([A-Z]\w*)", message)))
-
-
-def _describe(detail: dict) -> dict:
-    """An input's or output's dtype, shape (-1: dynamic) and quantization, as the artifact has them."""
-    import numpy as np
-
-    scale, zero_point = detail["quantization"]
-    described = {"dtype": np.dtype(detail["dtype"]).name, "shape": [int(d) for d in detail["shape_signature"]]}
-    return described | ({"scale": float(scale), "zero_point": int(zero_point)} if scale else {})

@@ -24,7 +24,9 @@ Layout: PyTorch's, e.g. NCHW images (`layout` in the facts); nothing is transpos
 Precisions: fp32; fp16 (weights stored as float16, computed in fp32: ai-edge-quantizer's
 FLOAT_CASTING weight-only recipe); int8 dynamic range (int8 channelwise weights, activations
 quantized at run time: ai-edge-quantizer's dynamic_wi8_afp32), both applied to the fp32 flatbuffer
-offline. Full-integer (static) int8 is not offered here. Two conversions are byte-identical (tests).
+offline. Full-integer (static) int8 starts from this rule's fp32 file: calibrate_tflite (kiln's
+observers in LiteRT) and quantize_tflite (ai-edge-quantizer fed kiln's ranges), as for a TensorFlow
+source. Two conversions are byte-identical (tests).
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def child_main() -> None:
     import json
 
     no_downloads()
-    from kiln.formats.tflite import SIGNATURE, open_interpreter, require_precision, tensor_dtypes
+    from kiln.formats.tflite import SIGNATURE, describe, open_interpreter, require_precision, tensor_dtypes
     from kiln.sources import model_and_example
 
     job = read_job()
@@ -103,8 +105,8 @@ def child_main() -> None:
     facts = {  # the shapes as the file has them: read before the batch check resizes the inputs
         "precision": params.precision, **({"quantization": params.quantization} if params.quantization else {}),
         "converter": "litert-torch", "layout": LAYOUT, "shapes": SHAPES, "tensor_dtypes": dtypes,
-        "inputs": {n: _describe(d) for n, d in sorted(runner.get_input_details().items())},
-        "outputs": {n: _describe(d) for n, d in sorted(runner.get_output_details().items())},
+        "inputs": {n: describe(d) for n, d in sorted(runner.get_input_details().items())},
+        "outputs": {n: describe(d) for n, d in sorted(runner.get_output_details().items())},
     }
     require_other_batch(runner, params.inputs, name)
     output.write_bytes(content)
@@ -166,12 +168,3 @@ def quantized(content: bytes, precision: str) -> bytes:
         chosen = recipe.dynamic_wi8_afp32()
     result = quantizer.Quantizer(bytearray(content), chosen).quantize(enable_progress_report=False)
     return bytes(result.quantized_model)
-
-
-def _describe(detail: dict) -> dict:
-    """An input's or output's dtype, shape (-1: dynamic) and quantization, as the artifact has them."""
-    import numpy as np
-
-    scale, zero_point = detail["quantization"]
-    described = {"dtype": np.dtype(detail["dtype"]).name, "shape": [int(d) for d in detail["shape_signature"]]}
-    return described | ({"scale": float(scale), "zero_point": int(zero_point)} if scale else {})

@@ -50,7 +50,7 @@ class ExportCoremlParams(Params):
 @register
 class ExportCoreml(Rule):
     name = "export_coreml"
-    version = 2  # 2: the trace checked against the source (facts: trace_checked_at); no empty weights folder
+    version = 3  # 2: the trace checked against the source (facts: trace_checked_at); no empty weights folder. 3: outputs typed as the manifest's (fp16 for iOS16+ made them float16)
     tools = ("torch", "transformers", "coremltools")
     Params = ExportCoremlParams
     memory_base_mib, memory_per_input = TORCH_MODEL_MEMORY
@@ -117,7 +117,7 @@ def child_main() -> None:
         if "error" in verdict:
             sys.exit(1)
         try:
-            mlmodel = ct.convert(program, inputs=core_ml_inputs(ct, params, args), outputs=[ct.TensorType(name=t["name"]) for t in params.outputs],
+            mlmodel = ct.convert(program, inputs=core_ml_inputs(ct, params, args), outputs=core_ml_outputs(ct, params.outputs),
                                  convert_to="mlprogram", compute_precision=ct.precision.FLOAT16 if params.precision == "fp16" else ct.precision.FLOAT32,
                                  minimum_deployment_target=getattr(ct.target, params.minimum_deployment_target))
         except Exception as err:  # coremltools raises many types
@@ -266,6 +266,17 @@ def core_ml_inputs(ct, params: ExportCoremlParams, args) -> list:
             shape.append(dim)
         types.append(ct.TensorType(name=tensor["name"], shape=ct.Shape(shape), dtype=dtypes[tensor.get("dtype", "float32")]))
     return types
+
+
+def core_ml_outputs(ct, outputs: list[dict], names: list[str] | None = None) -> list:
+    """ct.TensorType per manifest output, named (`names`: the ones the converter knows them by, else
+    the manifest's) and typed as the manifest's dtype in Core ML: without a dtype, an fp16 program
+    for iOS16 / macOS13 and later gets float16 outputs (coremltools' default), which the manifest's
+    float32 outputs are not."""
+    import numpy as np
+
+    dtypes = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int32}
+    return [ct.TensorType(name=name, dtype=dtypes[t.get("dtype", "float32")]) for t, name in zip(outputs, names or [t["name"] for t in outputs], strict=True)]
 
 
 def normalise_package(package: Path) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 from kiln.base.fsio import copy_artifact
 from kiln.errors import StepError, one_line
 from kiln.rules import Params, Rule, RunContext, register
-from kiln.runtime.runners import Artifact, RuntimeUnavailable, StructuralOnly
+from kiln.runtime.runners import Artifact, RuntimeUnavailable, StructuralOnly, close_runner
 
 
 class ValidateParams(Params):
@@ -46,7 +46,7 @@ class ValidateParams(Params):
 @register
 class Validate(Rule):
     name = "validate"
-    version = 3  # unchanged by companions / not-validated: what existing steps wrote is the same
+    version = 4  # 4: integer outputs counted (mismatched) and, for fp32 artifacts, required to match exactly
     tools = ("numpy",)  # and the runtime the format is validated in (tools_for)
     Params = ValidateParams
 
@@ -82,20 +82,23 @@ class Validate(Rule):
             return self._unvalidated(str(err), inputs, outputs, params, ctx)
         axes = _batch_axes(inputs["reference"][0])
         first_feed = None
-        for feed, expected in _reference_batches(inputs["reference"][0]):
-            first_feed = feed if first_feed is None else first_feed
-            got = run(feed)
-            samples += sample_count(feed, axes["inputs"])
-            padding = _padding(feed, params.padding_mask, axes["inputs"])
-            for name in params.outputs:
-                try:
-                    per_output[name].add(expected[name], got[name], padding, axes["outputs"].get(name, 0))
-                except ValueError as err:
-                    raise StepError(ctx.step, f"output {name!r}: {err}") from None
+        try:
+            for feed, expected in _reference_batches(inputs["reference"][0]):
+                first_feed = feed if first_feed is None else first_feed
+                got = run(feed)
+                samples += sample_count(feed, axes["inputs"])
+                padding = _padding(feed, params.padding_mask, axes["inputs"])
+                for name in params.outputs:
+                    try:
+                        per_output[name].add(expected[name], got[name], padding, axes["outputs"].get(name, 0))
+                    except ValueError as err:
+                        raise StepError(ctx.step, f"output {name!r}: {err}") from None
+        finally:
+            close_runner(run)
         metrics = {name: _select(m.summary(), params.metrics) for name, m in per_output.items()}
         gates = {k: v for k, v in params.thresholds.items() if v is not None}
         report = {"target": params.target, "samples": samples, "thresholds": gates, "metrics": metrics}
-        failed = failures(metrics, gates)
+        failed = failures(metrics, gates, exact_integers=params.precision == "fp32")
         if failed:
             raise StepError(ctx.step, "validation failed, artifact not published: " + "; ".join(failed), facts=report | {"passed": False})
         _publish(inputs, outputs, report | {"passed": True})
@@ -134,7 +137,7 @@ def _publish(inputs: dict[str, list[Path]], outputs: dict[str, Path], report: di
 
 
 def _select(summary: dict, wanted: list[str]) -> dict:
-    return {k: v for k, v in summary.items() if k in wanted or k in ("rows", "nonfinite")}
+    return {k: v for k, v in summary.items() if k in wanted or k in ("rows", "nonfinite", "mismatched")}
 
 
 def _latency(fmt: Any, artifact: Path, feed: dict, axes: dict[str, int | None]) -> dict[str, Any] | None:

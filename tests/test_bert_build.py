@@ -15,8 +15,8 @@ from conftest import Workspace
 # The five ONNX and two OpenVINO targets share export and simplify; every target shares the reference outputs.
 SHARED_EXPORT, SHARED_SIMPLIFY = (f"bert/onnx_fp32+6more/{r}" for r in ("export_onnx", "simplify_onnx"))
 EXPORT, SIMPLIFY, VALIDATE = (f"bert/onnx_fp32/{r}" for r in ("export_onnx", "simplify_onnx", "validate"))
-REFERENCE = "bert/onnx_fp32+10more/reference_outputs"
-TARGETS = ["onnx_fp16", "onnx_fp32", "onnx_int4", "onnx_int8", "onnx_int8_static", "openvino_fp16", "openvino_fp32", "safetensors_bf16", "safetensors_fp16", "torch_export", "torchscript"]
+REFERENCE = "bert/onnx_fp32+11more/reference_outputs"
+TARGETS = ["coreml_fp16", "onnx_fp16", "onnx_fp32", "onnx_int4", "onnx_int8", "onnx_int8_static", "openvino_fp16", "openvino_fp32", "safetensors_bf16", "safetensors_fp16", "torch_export", "torchscript"]
 STATIC = [f"bert/onnx_int8_static/{r}" for r in ("calibrate", "quantize_static", "validate")]
 
 
@@ -35,7 +35,7 @@ def test_build_publishes_a_validated_artifact_with_lockfile_and_report(built_ber
     for artifact in lock["artifacts"]:
         path = built_bert.root / artifact["path"]
         assert sha256(path) == artifact["sha256"] and path.stat().st_size == artifact["bytes"]
-    assert lock["artifacts"][1]["path"] == "build/bert/onnx_fp32/model.onnx"
+    assert lock["artifacts"][TARGETS.index("onnx_fp32")]["path"] == "build/bert/onnx_fp32/model.onnx"
     assert {"torch", "onnx", "onnxruntime", "onnxsim", "kiln"} <= set(lock["tools"])
     assert [s["rule"] for s in lock["steps"]][:4] == ["reference_outputs", "export_onnx", "simplify_onnx", "validate"]
     assert all(len(s["key"]) == 64 for s in lock["steps"])

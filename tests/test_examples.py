@@ -13,7 +13,7 @@ import pytest
 from conftest import example_workspace
 
 TINYCNN_TARGETS = {"onnx_fp32": 1e-5, "onnx_fp16": 1e-2, "openvino_fp32": 1e-5, "openvino_fp16": 1e-2, "torchscript": 0.0, "torch_export": 0.0,
-                   "pytorch_fp16": 1e-2, "tflite_fp32": 1e-5, "tflite_int8": 5e-2}
+                   "pytorch_fp16": 1e-2, "tflite_fp32": 1e-5, "tflite_int8": 5e-2, "tflite_int8_static": 5e-2}
 # Core ML runs only on Apple platforms: off macOS the package gets a structural check, no metrics.
 TINYCNN_STRUCTURAL = {"coreml_fp32", "coreml_fp16"}
 

@@ -40,7 +40,9 @@ LAYERS: list[tuple[str, ...]] = [
 # Importing one of these costs tenths of a second (or needs a GPU library): keep them off the paths
 # that must stay fast (planning imports no numpy; the no-op build imports no pydantic).
 HEAVY = {"numpy", "torch", "onnx", "onnxruntime", "onnxsim", "pydantic", "transformers", "tokenizers", "openvino",
-         "tensorrt", "ml_dtypes", "safetensors", "sklearn", "skl2onnx", "joblib", "cuda"}
+         "tensorrt", "ml_dtypes", "safetensors", "sklearn", "skl2onnx", "joblib", "cuda",
+         "tensorflow", "keras", "tf2onnx", "coremltools", "ai_edge_litert", "xgboost", "lightgbm", "onnxmltools",
+         "sklearn2pmml", "jpmml_evaluator", "pypmml"}
 REGISTRY_EDGE = ("kiln.rules", "kiln.build_rules")
 LAZY_IMPORTERS = ("kiln.cli",)
 

@@ -209,7 +209,7 @@ def test_make_example_models_writes_the_committed_files(tmp_path):
 def test_make_example_data_writes_the_committed_arrays(tmp_path):
     proc = subprocess.run([sys.executable, "manifests/data/make_example_data.py", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    for name in ("iris.npz", "tinycnn.npz", "tiny_vit.npz", "tiny_stateful.npz"):
+    for name in ("iris.npz", "tinycnn.npz", "tinycnn_calibration.npz", "tiny_vit.npz", "tiny_stateful.npz"):
         assert (tmp_path / name).read_bytes() == (REPO / "manifests/data" / name).read_bytes(), name
     arrays = np.load(tmp_path / "tiny_stateful.npz")
     assert arrays["audio"].shape == (SAMPLES, 160) and arrays["state"].shape == (2, SAMPLES, 16)

@@ -43,6 +43,9 @@ class StepError(KilnError):
     exit_code = 1
 
     def __init__(self, step: str, problem: str, facts: dict | None = None):
+        # A child process's StepError comes back as "<step>: <problem>" and is raised again for the
+        # same step: say the step once.
+        problem = problem.removeprefix(f"{step}: ")
         self.step = step
         self.problem = problem
         self.facts = facts or {}  # what the report should still show (e.g. the failed metrics)

@@ -12,11 +12,18 @@ import onnx
 import pytest
 
 from conftest import REPO, example_workspace, new_workspace
+from pmml_workspaces import without_pmml
 from kiln.errors import ManifestError
 from kiln.schema.manifest import RawManifest
 from kiln.define.spec import validate
 
-IRIS = (REPO / "manifests/sklearn_iris.toml").read_text()
+IRIS = without_pmml((REPO / "manifests/sklearn_iris.toml").read_text())  # these tests are about ONNX (no Java)
+
+
+def iris_workspace(path: Path):
+    ws = example_workspace(path, "sklearn_iris")
+    ws.manifest("sklearn_iris").write_text(IRIS)
+    return ws
 
 
 def sha256(path: Path) -> str:
@@ -24,7 +31,7 @@ def sha256(path: Path) -> str:
 
 
 def test_iris_classifier_converts_and_matches_the_estimator(tmp_path: Path):
-    ws = example_workspace(tmp_path / "ws", "sklearn_iris")
+    ws = iris_workspace(tmp_path / "ws")
     ws.doit("build")
     report = ws.report("sklearn_iris")
     assert report["ok"] and [s["rule"] for s in report["steps"]] == ["reference_outputs", "convert_sklearn", "validate"]
@@ -39,7 +46,7 @@ def test_iris_classifier_converts_and_matches_the_estimator(tmp_path: Path):
 
 
 def test_the_onnx_bytes_are_identical_across_workspaces(tmp_path: Path):
-    a, b = example_workspace(tmp_path / "a", "sklearn_iris"), example_workspace(tmp_path / "b", "sklearn_iris")
+    a, b = iris_workspace(tmp_path / "a"), iris_workspace(tmp_path / "b")
     a.doit("build")
     b.doit("build")  # skl2onnx names graphs with a random UUID; kiln names it
     assert sha256(a.root / "build/sklearn_iris/onnx/model.onnx") == sha256(b.root / "build/sklearn_iris/onnx/model.onnx")
@@ -50,7 +57,7 @@ def test_a_pickled_estimator_needs_allow_pickle(tmp_path: Path):
 
     from manifests_models import iris_build
 
-    ws = example_workspace(tmp_path / "ws", "sklearn_iris")
+    ws = iris_workspace(tmp_path / "ws")
     joblib.dump(iris_build(), ws.root / "manifests/iris.joblib")
     ws.edit('factory = "models.iris:build"', 'path = "iris.joblib"', name="sklearn_iris")
     proc = ws.doit("build", check=False)
@@ -137,7 +144,7 @@ def test_a_missing_extra_is_named_with_its_install_command(tmp_path: Path, monke
     from kiln.schema.manifest import read_manifest
     from kiln.define.resolve import resolve
 
-    ws = example_workspace(tmp_path / "ws", "sklearn_iris")
+    ws = iris_workspace(tmp_path / "ws")
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "skl2onnx" else real(name, *a))
     raw = read_manifest(ws.manifest("sklearn_iris"))

@@ -65,10 +65,14 @@ def test_uuids_follow_the_contents(packages):
 
 
 def test_the_deployment_target_and_bounds_reach_the_package(tmp_path: Path):
-    ws = coreml_workspace(tmp_path / "ws", '[targets.c]\nformat = "coreml"\nminimum_deployment_target = "macOS14"\nmax_sizes = { batch = 16 }\n')
+    from coremltools.proto import FeatureTypes_pb2
+
+    ws = coreml_workspace(tmp_path / "ws", '[targets.c]\nformat = "coreml"\nprecision = "fp16"\nminimum_deployment_target = "macOS14"\nmax_sizes = { batch = 16 }\n')
     spec, _ = _program(export(ws, "c", tmp_path / "c.mlpackage"))
     assert spec.specificationVersion == 8 and spec.mlProgram.functions["main"].opset == "CoreML7"
     assert spec.description.input[0].type.multiArrayType.shapeRange.sizeRanges[0].upperBound == 16
+    # fp16 from macOS13 on: coremltools would make the float32 outputs float16 unless told their dtype
+    assert [f.type.multiArrayType.dataType for f in spec.description.output] == [FeatureTypes_pb2.ArrayFeatureType.FLOAT32]
 
 
 def test_a_conversion_failure_is_one_line_naming_coremltools(tmp_path: Path):

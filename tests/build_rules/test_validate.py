@@ -240,3 +240,32 @@ def test_a_latency_probe_that_raises_is_reported_not_raised(no_runtime, monkeypa
     assert info["passed"] is True and info["samples"] == 3
     assert info["latency"] == {"skipped": "latency not measured: probe exploded second line"}
     assert outputs["artifact"].exists() and json.loads(outputs["validation"].read_text())["passed"] is True
+
+
+@pytest.mark.parametrize("factor,passed", [(2.0, True), (-2.0, False)])
+def test_a_runner_that_holds_something_open_is_closed_whether_the_gate_passes_or_fails(no_runtime, monkeypatch, factor: float, passed: bool):
+    """A pmml runner holds a JVM; a failed gate's traceback would keep the runner, and the JVM, alive."""
+    import numpy as np
+
+    from kiln.native.safetensors import save_file
+
+    inputs, outputs, ctx = no_runtime
+    closed = []
+
+    def open_runner(artifact):
+        def run(feed):
+            return {"y": feed["x"] * factor}
+
+        run.close = lambda: closed.append(True)
+        return run
+
+    monkeypatch.setattr(target_format("openvino"), "open_runner", open_runner)
+    monkeypatch.setattr(target_format("openvino"), "latency", lambda artifact, feed: None)
+    x = np.ones((3, 2), np.float32)
+    save_file({"00000/in/x": x, "00000/out/y": x * 2}, str(inputs["reference"][0]))
+    if passed:
+        assert Validate().run(inputs, outputs, _params(), ctx)["passed"] is True
+    else:
+        with pytest.raises(StepError, match="validation failed"):
+            Validate().run(inputs, outputs, _params(), ctx)
+    assert closed == [True]

@@ -16,6 +16,9 @@ from kiln.schema.manifest import RawManifest
 from kiln.define.spec import effective_thresholds, json_schema, validate
 
 GOOD = tomllib.loads((REPO / "manifests/bert.toml").read_text())
+# The bad-manifest cases change inputs and axes; the Core ML target's own axis bounds would then be
+# the first complaint, so the cases start from bert without it (its checks have their own tests).
+GOOD_WITHOUT_COREML = {**GOOD, "targets": {k: v for k, v in GOOD["targets"].items() if v.get("format") != "coreml"}}
 
 
 def _set(path: str, value):
@@ -112,7 +115,7 @@ def _unbatched(data: dict, npz: bool) -> None:
 
 @pytest.mark.parametrize("mutate,key,text", BAD, ids=[case[1] + ":" + case[2][:20] for case in BAD])
 def test_bad_manifest_names_file_key_value_and_what_is_allowed(mutate, key, text):
-    data = copy.deepcopy(GOOD)
+    data = copy.deepcopy(GOOD_WITHOUT_COREML)
     mutate(data)
     with pytest.raises(ManifestError) as caught:
         validate(RawManifest(REPO / "manifests/bert.toml", data))
@@ -124,7 +127,7 @@ def test_bad_manifest_names_file_key_value_and_what_is_allowed(mutate, key, text
 
 def test_the_default_manifest_is_valid():
     spec = validate(RawManifest(REPO / "manifests/bert.toml", GOOD))
-    assert spec.model.name == "bert" and list(spec.targets) == ["onnx_fp32", "onnx_fp16", "onnx_int8", "onnx_int8_static", "onnx_int4", "torchscript", "torch_export", "openvino_fp32", "openvino_fp16", "safetensors_fp16", "safetensors_bf16"]
+    assert spec.model.name == "bert" and list(spec.targets) == ["onnx_fp32", "onnx_fp16", "onnx_int8", "onnx_int8_static", "onnx_int4", "torchscript", "torch_export", "openvino_fp32", "openvino_fp16", "safetensors_fp16", "safetensors_bf16", "coreml_fp16"]
     assert spec.inputs[0].dynamic_axes == {0: "batch", 1: "sequence"}
 
 
@@ -144,7 +147,7 @@ def test_a_stateful_manifest_with_a_scalar_input_is_valid():
 
 
 def test_a_manifest_without_batched_inputs_is_valid_when_no_batch_setting_is_given():
-    data = copy.deepcopy(GOOD)
+    data = copy.deepcopy(GOOD_WITHOUT_COREML)
     _unbatched(data, npz=True)
     del data["validation"]["padding_mask"]
     spec = validate(RawManifest(REPO / "manifests/bert.toml", data))

@@ -61,10 +61,38 @@ def test_a_bad_deployment_target_is_one_line_naming_the_key_and_the_allowed_name
 
 @pytest.mark.parametrize("kind, source", [("onnx", {"kind": "onnx", "path": "models/m.onnx"}),
                                           ("sklearn", {"kind": "sklearn", "factory": "models.iris:build"})])
-def test_a_source_that_is_no_nn_module_cannot_give_coreml(kind: str, source: dict):
+def test_a_source_that_is_no_model_in_a_framework_cannot_give_coreml(kind: str, source: dict):
     message = _error('[targets.c]\nformat = "coreml"\n', lambda d: d.__setitem__("source", source))
     assert "targets.c.format: 'coreml' is not allowed" in message and f"{kind} source can give" in message
-    assert message.endswith("coreml needs a torch or huggingface source")
+    assert message.endswith("coreml needs a tensorflow or torch or huggingface source")
+
+
+def _keras_spec(target_lines: str = ""):
+    def keras(d):
+        d["source"] = {"kind": "tensorflow", "factory": "models.keras_convnet:build"}
+        d["inputs"][0]["shape"] = ["batch", 24, 24, 3]  # NHWC, as Keras takes images
+
+    return _spec(f'[targets.c]\nformat = "coreml"\n{target_lines}', keras)
+
+
+def test_a_tensorflow_source_plans_the_tf_export_without_via():
+    from kiln.define.resolve import Resolved
+    from kiln.plan.chains import plan
+
+    spec = _keras_spec('precision = "fp16"\nminimum_deployment_target = "macOS13"\nmax_sizes = { batch = 64 }\n')
+    root = Path("/ws")
+    steps = plan(spec, Resolved((root / "manifests/models/keras_convnet.py",), root / "manifests/data/tinycnn.npz", None), MANIFEST, root).steps
+    assert [s.rule for s in steps] == ["reference_outputs", "export_coreml_tf", "validate"]
+    assert {k: steps[1].params[k] for k in ("precision", "minimum_deployment_target", "max_sizes")} == {"precision": "fp16", "minimum_deployment_target": "macOS13", "max_sizes": {"batch": 64}}
+    assert "via" not in steps[1].params  # one way in: a via would change the key and mean nothing
+    assert steps[2].params["format_options"] == {"minimum_deployment_target": "macOS13", "max_sizes": {"batch": 64}}
+    assert steps[2].params["inputs"][0]["shape"] == ["batch", 24, 24, 3]
+
+
+def test_via_is_refused_for_a_tensorflow_source():
+    with pytest.raises(ManifestError) as caught:
+        _keras_spec('via = "trace"\n')
+    assert "targets.c.via: 'trace' is not allowed; expected no via for a tensorflow source" in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_a_huggingface_source_is_converted_traced_only():

@@ -28,7 +28,7 @@ from kiln.formats.base import TargetFormat
 from kiln.runtime.runners import Artifact, RuntimeUnavailable
 from kiln.schema.fields import TargetBase
 
-NAMES = ("onnx", "safetensors", "torchscript", "torch_export", "openvino", "tensorrt", "pytorch", "coreml", "tflite", "savedmodel")
+NAMES = ("onnx", "safetensors", "torchscript", "torch_export", "openvino", "tensorrt", "pytorch", "coreml", "tflite", "savedmodel", "pmml")
 STEP = "m/t/validate"
 
 
@@ -61,7 +61,7 @@ def test_validation_tools_are_the_runtimes_the_artifacts_run_in():
     assert tools == {"onnx": ("onnxruntime",), "safetensors": ("torch", "transformers"), "torchscript": ("torch",),
                      "torch_export": ("torch",), "openvino": ("openvino",), "tensorrt": ("tensorrt",),
                      "pytorch": ("torch", "transformers"), "coreml": ("coremltools",), "tflite": ("ai-edge-litert",),
-                     "savedmodel": ("tensorflow", "tensorflow-cpu")}
+                     "savedmodel": ("tensorflow", "tensorflow-cpu"), "pmml": ("jpmml_evaluator", "py4j", "pandas", "java")}
 
 
 class _FakeTarget(TargetBase):

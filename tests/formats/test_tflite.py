@@ -15,7 +15,7 @@ import pytest
 from keras_workspaces import CONVNET_MANIFEST, FLEX_MANIFEST, keras_workspace, targets
 from kiln.define.spec import validate
 from kiln.errors import ManifestError, StepError
-from kiln.formats.tflite import Tflite, dequantize, flex_ops, quantize
+from kiln.formats.tflite import Tflite, dequantize, flex_ops, int8_activations, quantize
 from kiln.runtime.runners import Artifact
 from kiln.schema.manifest import RawManifest
 
@@ -32,6 +32,10 @@ OUTPUTS = [{"name": "logits", "dtype": "float32", "shape": ["batch", 5]}, {"name
     ({"precision": "int4"}, "targets.lite.precision", "'int4' is not allowed; expected 'fp32', 'fp16' or 'int8'"),
     ({"precision": "fp16", "options": {"quantization": "static"}}, "targets.lite.options.quantization", "no quantization for precision = \"fp16\" (it applies to precision = \"int8\" only)"),
     ({"precision": "int8", "options": {"integer_io": False}}, "targets.lite.options.integer_io", "no integer_io with quantization = \"dynamic\""),
+    ({"precision": "int8", "options": {"calibration": "minmax"}}, "targets.lite.options.calibration", "no calibration with quantization = \"dynamic\""),
+    ({"precision": "int8", "options": {"quantization": "static", "calibration": "minmax", "percentile": 99.9}}, "targets.lite.options.percentile",
+     "no percentile with calibration = \"minmax\""),
+    ({"precision": "int8", "options": {"quantization": "static", "calibration": "max"}}, "targets.lite.options.calibration", "'max' is not allowed"),
     ({"precision": "int8", "opset": 17}, "targets.lite.opset", "unknown key"),
 ])
 def test_bad_tflite_targets_name_the_key(target, key, text):
@@ -68,7 +72,7 @@ def _convert(ws, factory: str, inputs: list[dict], outputs: list[dict], setup=la
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """fp32, fp16 and full-integer int8 .tflite files of the convnet, and the convnet's own outputs."""
+    """fp32, fp16, full-integer int8 and dynamic-range int8 .tflite files of the convnet, and the convnet's own outputs."""
     pytest.importorskip("tensorflow")
     pytest.importorskip("ai_edge_litert")
     ws = keras_workspace(tmp_path_factory.mktemp("lite") / "ws", {"flex": FLEX_MANIFEST})
@@ -85,7 +89,10 @@ def models(tmp_path_factory):
         converter.inference_input_type = converter.inference_output_type = tf.int8
 
     files = {}
-    for name, setup in (("fp32", lambda c, tf: None), ("fp16", fp16), ("int8", int8)):
+    def dynamic(converter, tf):
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+
+    for name, setup in (("fp32", lambda c, tf: None), ("fp16", fp16), ("int8", int8), ("dynamic", dynamic)):
         files[name] = ws.root / f"{name}.tflite"
         files[name].write_bytes(_convert(ws, "convnet", IMAGE, OUTPUTS, setup))
     import importlib.util
@@ -196,3 +203,37 @@ def test_flex_ops_are_read_from_the_operator_codes(models):
     _, files, _, _ = models
     assert flex_ops(files["fp32"].read_bytes()) == []  # builtin ops only
     assert flex_ops(b"FlexMatrixInverse, but no flatbuffer") == []
+
+
+def test_a_static_target_needs_int8_activations_not_just_int8_weights(models):
+    """Dynamic range holds int8 weights (quantized tensors) but computes in float: as a static target
+    it must not pass; a full-integer file does."""
+    ws, files, x, expected = models
+    assert int8_activations(files["fp32"].read_bytes()) == 0 and int8_activations(files["dynamic"].read_bytes()) == 0
+    assert int8_activations(files["int8"].read_bytes()) > 0
+    static = {"quantization": "static"}
+    Tflite().open_runner(Artifact(files["dynamic"], ["logits"], STEP, precision="int8"))  # as a dynamic target it is fine
+    with pytest.raises(StepError, match=r"^m/t/validate: dynamic.tflite holds no int8 activation: a static \(full integer\) int8 target must compute in int8"):
+        Tflite().open_runner(Artifact(files["dynamic"], ["logits"], STEP, precision="int8", options=static))
+    run = Tflite().open_runner(Artifact(files["int8"], ["logits"], STEP, precision="int8", options=static))
+    assert run({"image": x})["logits"].shape == (6, 5)
+
+
+def test_static_targets_plan_calibration_once_from_the_fp32_conversion():
+    """Both static targets read tflite_fp32's file and one calibrate_tflite step; their methods differ only in quantize_tflite."""
+    from kiln.define.resolve import Resolved
+    from kiln.plan.chains import plan
+
+    data = copy.deepcopy(CONVNET)
+    data["targets"] = {"lite": {"format": "tflite"},
+                       "a": {"format": "tflite", "precision": "int8", "options": {"quantization": "static"}},
+                       "b": {"format": "tflite", "precision": "int8", "options": {"quantization": "static", "calibration": "minmax", "integer_io": False}}}
+    root, manifest = Path("/ws"), Path("/ws/manifests/conv.toml")
+    resolved = Resolved((root / "kmodels.py",), root / "manifests/data/images.npz", root / "manifests/data/calibration.npz")
+    steps = plan(validate(RawManifest(manifest, data)), resolved, manifest, root).steps
+    by_rule = {rule: [s for s in steps if s.rule == rule] for rule in ("convert_tflite", "calibrate_tflite", "quantize_tflite")}
+    assert [sorted(s.targets) for s in by_rule["convert_tflite"]] == [["a", "b", "lite"]] and by_rule["convert_tflite"][0].params["precision"] == "fp32"
+    assert [sorted(s.targets) for s in by_rule["calibrate_tflite"]] == [["a", "b"]]
+    assert sorted((s.params["method"], s.params["integer_io"]) for s in by_rule["quantize_tflite"]) == [("minmax", False), ("percentile", True)]
+    validates = {s.targets[0]: s.params for s in steps if s.rule == "validate"}
+    assert validates["a"]["format_options"] == {"quantization": "static"} and "format_options" not in validates["lite"]

@@ -364,3 +364,72 @@ def test_text_whose_every_word_is_unknown_to_the_tokenizer_is_refused(tmp_path: 
         list(text_batches(data, _wordpiece(tmp_path / "tok"), [IDS, MASK], 1, 16, None))
     message = str(caught.value)
     assert message.startswith(f"{data}: ") and "'[UNK]'" in message and "4 word tokens" in message and "\n" not in message
+
+
+# ---- .csv tables -------------------------------------------------------------------------------
+
+TABLE = "mean radius,mean texture,target\n14.1,19.3,0\n20.6,,1\n9.5,12.4,1\n"
+
+
+def _csv(path: Path, text: str = TABLE) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_a_csv_input_takes_the_columns_it_names_in_that_order(tmp_path: Path):
+    features = {"name": "features", "dtype": "float32", "shape": ["batch", 2], "columns": ["mean texture", "mean radius"]}
+    got = load_arrays(_csv(tmp_path / "v.csv"), [features])["features"]
+    assert got.dtype == np.float32 and got.shape == (3, 2)
+    np.testing.assert_array_equal(got[[0, 2]], np.array([[19.3, 14.1], [12.4, 9.5]], np.float32))
+    assert np.isnan(got[1, 0]) and got[1, 1] == np.float32(20.6)  # an empty cell is a missing value
+
+
+def test_a_row_of_empty_cells_is_a_sample_with_every_value_missing(tmp_path: Path):
+    got = load_arrays(_csv(tmp_path / "v.csv", "a,b\n1,2\n,\nNaN,4\n"), [{"name": "x", "dtype": "float32", "shape": ["batch", 2]}])["x"]
+    assert got.shape == (3, 2) and np.isnan(got[1]).all() and np.isnan(got[2, 0]) and got[2, 1] == 4
+
+
+def test_a_one_dimensional_input_takes_its_own_column_and_an_only_input_every_column(tmp_path: Path):
+    path = _csv(tmp_path / "v.csv", "a,b\n1,2\n3,4\n")
+    both = load_arrays(path, [{"name": "x", "dtype": "float32", "shape": ["batch", 2]}])["x"]
+    np.testing.assert_array_equal(both, [[1, 2], [3, 4]])
+    got = load_arrays(path, [{"name": "a", "dtype": "int64", "shape": ["batch"]}, {"name": "b", "dtype": "float32", "shape": ["batch"]}])
+    assert got["a"].dtype == np.int64 and got["a"].tolist() == [1, 3] and got["b"].tolist() == [2.0, 4.0]
+    batches = list(array_batches(path, [{"name": "x", "dtype": "float32", "shape": ["batch", 2]}], batch_size=1, max_samples=None))
+    assert [b["x"].tolist() for b in batches] == [[[1, 2]], [[3, 4]]]
+
+
+@pytest.mark.parametrize("text,inputs,problem", [
+    (TABLE, [{"name": "features", "dtype": "float32", "shape": ["batch", 2]}],
+     "axis 1 is 3, expected 2"),  # every column, target included: the manifest must name the features
+    (TABLE, [{"name": "f", "dtype": "float32", "shape": ["batch", 2], "columns": ["mean radius", "area"]}],
+     "input 'f': columns ['area'] are not in the table; it has ['mean radius', 'mean texture', 'target']"),
+    ("a,b\n1,x\n", [{"name": "f", "dtype": "float32", "shape": ["batch", 2]}],
+     "row 2, column 'b': 'x' is not allowed; expected a finite number (or an empty cell or NaN for a missing value)"),
+    ("a,b\n1,1e400\n", [{"name": "f", "dtype": "float32", "shape": ["batch", 2]}], "row 2, column 'b': '1e400' is not allowed"),
+    ("a,b\n1,-Infinity\n", [{"name": "f", "dtype": "float32", "shape": ["batch", 2]}], "row 2, column 'b': '-Infinity' is not allowed"),
+    ("a,b\n1,1_000\n", [{"name": "f", "dtype": "float32", "shape": ["batch", 2]}], "row 2, column 'b': '1_000' is not allowed"),
+    ("a\n4294967297\n", [{"name": "a", "dtype": "int32", "shape": ["batch"]}],
+     "row 2, column 'a': '4294967297' is not allowed; expected an integer from -2147483648 to 2147483647 (int32)"),
+    ("a\n99999999999999999999\n", [{"name": "a", "dtype": "int64", "shape": ["batch"]}], "'99999999999999999999' is not allowed; expected an integer from"),
+    ("a,a\n1,2\n", [{"name": "f", "dtype": "float32", "shape": ["batch", 2]}], "columns ['a'] appear more than once in the header"),
+    ("a\n1\n\n", [{"name": "a", "dtype": "int64", "shape": ["batch"]}], None),
+    ("a\n1.5\n", [{"name": "a", "dtype": "int64", "shape": ["batch"]}], "row 2, column 'a': '1.5' is not allowed; expected an integer from"),
+    ("a,b\n1\n", [{"name": "f", "dtype": "float32", "shape": ["batch", 2]}], "row 2 has 1 cells, the header 2"),
+    ("", [{"name": "f", "dtype": "float32", "shape": ["batch", 2]}], "the table is empty"),
+    ("a,b\n1,2\n", [{"name": "x", "dtype": "float32", "shape": ["batch"]}, {"name": "y", "dtype": "float32", "shape": ["batch"]}],
+     "input 'x': no column is named so and the model has 2 inputs; name its columns with inputs.columns"),
+])
+def test_a_bad_csv_is_one_line_naming_the_file_row_and_column(tmp_path: Path, text: str, inputs: list[dict], problem: str | None):
+    path = _csv(tmp_path / "v.csv", text)
+    if problem is None:  # blank lines are skipped, not read as samples
+        assert load_arrays(path, inputs)["a"].tolist() == [1]
+        return
+    assert problem in _step_error(path, inputs)
+
+
+def test_integers_that_do_not_fit_the_inputs_dtype_are_refused_not_wrapped(tmp_path: Path):
+    path = _npz(tmp_path / "d.npz", ids=np.array([[1, 2**32 + 1]], np.int64))
+    assert "input 'ids': values from 1 to 4294967297 do not fit int32" in _step_error(path, [{"name": "ids", "dtype": "int32", "shape": ["batch", 2]}])
+    fits = _npz(tmp_path / "e.npz", ids=np.array([[1, 2]], np.int64))
+    assert load_arrays(fits, [{"name": "ids", "dtype": "int32", "shape": ["batch", 2]}])["ids"].dtype == np.int32

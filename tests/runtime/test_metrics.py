@@ -89,3 +89,28 @@ def test_an_output_without_a_batch_axis_is_compared_whole():
 def test_a_batch_axis_the_output_does_not_have_is_a_value_error():
     with pytest.raises(ValueError, match="shape \\[3\\] has no axis 1, where the manifest puts the batch"):
         OutputMetrics().add(np.ones((3,), np.float32), np.ones((3,), np.float32), batch_axis=1)
+
+
+def test_integer_outputs_count_mismatches_and_fail_an_fp32_artifact_whatever_the_gates():
+    # labels 1 vs 2 differ by 1.0: a loose max_abs_diff or cosine would pass them; the count does not
+    metrics = OutputMetrics()
+    metrics.add(np.array([0, 1, 2, 2], dtype=np.int64), np.array([0, 1, 2, 1], dtype=np.int64))
+    summary = metrics.summary()
+    assert summary["mismatched"] == 1
+    assert failures({"label": summary}, {"max_abs_diff": 2.0}, exact_integers=True) == [
+        "label has 1 integer values unlike the reference's (an fp32 artifact's integer outputs must match exactly)"]
+    assert failures({"label": summary}, {"max_abs_diff": 2.0}) == []  # a quantized artifact may flip a label: its gates decide
+
+
+def test_float_outputs_have_no_mismatch_count():
+    metrics = OutputMetrics()
+    metrics.add(np.ones((2, 3), np.float32), np.ones((2, 3), np.float32))
+    assert "mismatched" not in metrics.summary()
+
+
+def test_padded_positions_of_an_integer_output_are_not_counted():
+    metrics = OutputMetrics()
+    ref = np.array([[5, 6, 0, 0]], dtype=np.int64)  # token ids, the last two positions padding
+    out = np.array([[5, 6, 9, 9]], dtype=np.int64)
+    metrics.add(ref, out, padding=np.array([[1, 1, 0, 0]]))
+    assert metrics.summary()["mismatched"] == 0

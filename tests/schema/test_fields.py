@@ -30,3 +30,18 @@ def test_batch_on_two_axes_is_refused():
         TensorSpec(name="t", shape=[BATCH, 3, BATCH])
     error = caught.value.errors()[0]["ctx"]["error"]  # a CrossError: the manifest message names the key
     assert error.key == "shape" and error.allowed.startswith("'batch' on one axis at most")
+
+
+@pytest.mark.parametrize("shape,columns,problem", [
+    ([BATCH, 3], ["a", "b"], "3 column names, one per feature"),
+    ([BATCH], ["a", "b"], "one column for shape"),
+    ([BATCH, 2, 2], ["a", "b"], "a table row is one sample"),
+    ([2, BATCH], ["a", "b"], "a table row is one sample"),
+    ([BATCH, 2], ["a", "a"], "each column named once"),
+])
+def test_csv_columns_must_fit_the_inputs_shape(shape, columns, problem):
+    with pytest.raises(ValidationError) as caught:
+        TensorSpec(name="x", shape=shape, columns=columns)
+    error = caught.value.errors()[0]["ctx"]["error"]  # the CrossError the manifest's message is made from
+    assert error.key == "columns" and problem in error.allowed
+    assert TensorSpec(name="x", shape=[BATCH, "features"], columns=["a", "b", "c"]).columns == ["a", "b", "c"]

@@ -30,7 +30,7 @@ from kiln.sources.base import REFERENCE_TOOLS, SourceKind
 from kiln.sources.huggingface import HuggingFace
 from kiln.sources.sklearn import estimator_results
 
-KINDS = ("huggingface", "torch", "onnx", "sklearn", "tensorflow")
+KINDS = ("huggingface", "torch", "onnx", "sklearn", "tensorflow", "xgboost", "lightgbm")
 
 
 # ---- the registry -----------------------------------------------------------------------------
@@ -55,14 +55,17 @@ def test_what_each_kind_can_do():
         "huggingface": ("torch", True, True),
         "torch": ("torch", False, True),
         "onnx": (None, False, True),
-        "sklearn": (None, False, False),  # onnxsim does not know the ai.onnx.ml domain
+        "sklearn": ("sklearn", False, False),  # onnxsim does not know the ai.onnx.ml domain
         "tensorflow": ("tensorflow", False, True),
+        "xgboost": ("xgboost", False, False),  # ai.onnx.ml tree operators
+        "lightgbm": ("lightgbm", False, False),
     }
 
 
 @pytest.mark.parametrize("kind", SOURCES, ids=KINDS)
 def test_the_reference_step_is_keyed_by_the_kind_reference_tools(kind: SourceKind):
-    expected = {"sklearn": (*REFERENCE_TOOLS, "scikit-learn"), "tensorflow": (*REFERENCE_TOOLS, "tensorflow", "tensorflow-cpu", "keras")}.get(kind.kind, REFERENCE_TOOLS)
+    expected = {"sklearn": (*REFERENCE_TOOLS, "scikit-learn"), "tensorflow": (*REFERENCE_TOOLS, "tensorflow", "tensorflow-cpu", "keras"),
+                "xgboost": (*REFERENCE_TOOLS, "xgboost", "xgboost-cpu"), "lightgbm": (*REFERENCE_TOOLS, "lightgbm")}.get(kind.kind, REFERENCE_TOOLS)
     assert kind.reference_tools == expected
     assert ReferenceOutputs.tools_for({"source": {"kind": kind.kind}}) == expected
 

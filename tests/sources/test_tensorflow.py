@@ -50,7 +50,7 @@ def test_a_keras_factory_manifest_with_onnx_openvino_and_tflite_targets_is_valid
 @pytest.mark.parametrize("fmt", ["torchscript", "safetensors", "pytorch"])
 def test_a_torch_only_format_from_a_tensorflow_source_is_one_line_naming_what_it_can_give(fmt):
     message = _one_line_error(lambda d: d["targets"].update({"t": {"format": fmt}}))
-    assert f"conv.toml: targets.t.format: '{fmt}' is not allowed; expected a format a tensorflow source can give ('onnx', 'openvino', 'tensorrt', 'tflite', 'savedmodel'); {fmt} needs a torch or huggingface source" in message
+    assert f"conv.toml: targets.t.format: '{fmt}' is not allowed; expected a format a tensorflow source can give ('onnx', 'openvino', 'tensorrt', 'coreml', 'tflite', 'savedmodel'); {fmt} needs a torch or huggingface source" in message
 
 
 @pytest.mark.parametrize("fmt", ["savedmodel"])  # tflite comes from torch sources too (litert-torch)

@@ -1,4 +1,5 @@
-"""Versions of the tools a step's key holds (installed distributions, and kiln itself)."""
+"""Versions of the tools a step's key holds (installed distributions, kiln itself, and the Java
+runtime that PMML's converter and evaluator run in)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from kiln.base.toolenv import PREFIX as TOOLENV
 from kiln.base.toolenv import tool_env
 
 
+JAVA = "java"  # not a Python distribution: the JVM on PATH
+
+
 @functools.cache
 def tool_version(name: str) -> str:
     """Installed version of a tool (a distribution name, or "kiln"), or the identity of a tool
@@ -19,6 +23,8 @@ def tool_version(name: str) -> str:
         return kiln.__version__
     if name.startswith(TOOLENV):
         return tool_env(name[len(TOOLENV):]).version()
+    if name == JAVA:
+        return java_version()
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
@@ -27,3 +33,21 @@ def tool_version(name: str) -> str:
 
 def tool_versions(names: tuple[str, ...] | list[str]) -> dict[str, str]:
     return {name: tool_version(name) for name in sorted(set(names) | {"kiln"})}
+
+
+def java_version() -> str:
+    """java.version of the JVM on PATH (sklearn2pmml and JPMML run in it), or "not installed"."""
+    import shutil
+    import subprocess
+
+    if shutil.which("java") is None:
+        return "not installed"
+    try:
+        done = subprocess.run(["java", "-XshowSettings:properties", "-version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    for line in done.stderr.splitlines():
+        key, _, value = line.strip().partition(" = ")
+        if key == "java.version":
+            return value.strip()
+    return "unknown"

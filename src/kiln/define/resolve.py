@@ -149,11 +149,11 @@ def _require_modules(modules: tuple[str, ...], extra: str, what: str, raw: RawMa
 
 
 def _data_file(spec: Spec, resolver: ManifestResolver, table: str) -> Path:
-    """[validation].data or [calibration].data: an existing .txt (tokenized) or .npz/.npy file."""
+    """[validation].data or [calibration].data: an existing .txt (tokenized), .npz/.npy or .csv file."""
     text, key = getattr(spec, table).data, f"{table}.data"
     data = resolver.file(text, key)
-    if data.suffix not in (".txt", ".npz", ".npy"):
-        raise resolver.error(key, f"{text!r} is not allowed; expected a .txt, .npz or .npy file")
+    if data.suffix not in (".txt", ".npz", ".npy", ".csv"):
+        raise resolver.error(key, f"{text!r} is not allowed; expected a .txt, .npz, .npy or .csv file")
     if data.suffix == ".txt" and not source_kind(spec.source.kind).tokenizes_text:
         tokenizing = " or ".join(kind.kind for kind in SOURCES if kind.tokenizes_text)
         raise resolver.error(key, f"{text!r}: text data needs a tokenizer, which only a {tokenizing} source has; give .npz arrays named after the inputs")

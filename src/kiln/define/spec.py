@@ -44,6 +44,9 @@ class Spec(Strict):
                 if tensor.name in seen:
                     raise CrossError(f"{group}[{i}].name", tensor.name, "a name not used by another of the " + group)
                 seen.add(tensor.name)
+        for i, tensor in enumerate(self.outputs):
+            if tensor.columns is not None:
+                raise CrossError(f"outputs[{i}].columns", tensor.columns, "no columns on an output (columns say which .csv columns feed an input)")
         source = source_kind(self.source.kind)
         for name, target in self.targets.items():
             fmt = target_format(target.format)

@@ -12,6 +12,7 @@ from kiln.formats.base import TargetFormat
 from kiln.formats.coreml import Coreml
 from kiln.formats.onnx import Onnx
 from kiln.formats.openvino import Openvino
+from kiln.formats.pmml import Pmml
 from kiln.formats.pytorch import Pytorch
 from kiln.formats.safetensors import Safetensors
 from kiln.formats.savedmodel import Savedmodel
@@ -19,7 +20,7 @@ from kiln.formats.tensorrt import Tensorrt
 from kiln.formats.tflite import Tflite
 from kiln.formats.torch_program import TorchExport, Torchscript
 
-FORMATS: tuple[TargetFormat, ...] = (Onnx(), Safetensors(), Torchscript(), TorchExport(), Openvino(), Tensorrt(), Pytorch(), Coreml(), Tflite(), Savedmodel())
+FORMATS: tuple[TargetFormat, ...] = (Onnx(), Safetensors(), Torchscript(), TorchExport(), Openvino(), Tensorrt(), Pytorch(), Coreml(), Tflite(), Savedmodel(), Pmml())
 _BY_NAME = {fmt.format: fmt for fmt in FORMATS}
 
 

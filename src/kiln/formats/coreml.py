@@ -1,5 +1,7 @@
 """format = "coreml": a Core ML ML Program (model.mlpackage, a folder) converted by coremltools from
-the source nn.Module (traced, or torch.export), at fp32 or fp16 compute precision, for the
+the source nn.Module (traced, or torch.export: build_rules/export_coreml.py) or from a TensorFlow
+source's serving function (a Keras model or a SavedModel, inputs in the source's layout, NHWC for
+Keras images: build_rules/export_coreml_tf.py), at fp32 or fp16 compute precision, for the
 manifest's minimum deployment target. Needs `pip install 'kiln[coreml]'`.
 
 Core ML runs only on Apple platforms (coremltools' Linux wheels ship no runtime and there is no MIL
@@ -13,7 +15,8 @@ interpreter), so validation has two modes:
   published with validation.json saying "validated": "structural" and which checks passed, never
   metrics. Any structural mismatch fails the step, naming the tensor. What the package computes is
   checked before conversion instead (export_coreml runs the trace against the source in torch at
-  the example's and at other sizes).
+  the example's and at other sizes; a TensorFlow source's converted function is the reference's own,
+  with dynamic axes, so nothing was specialised to an example).
 Whether Core ML runs here is in the validate step's key (Validate.hardware_for ->
 validation_hardware): a structural result from Linux is not up to date on a Mac ("hardware changed").
 
@@ -43,6 +46,7 @@ from kiln.errors import StepError, one_line
 from kiln.formats.base import TargetFormat
 from kiln.runtime.runners import Artifact, Runner, StructuralOnly, require_outputs
 from kiln.schema.fields import BATCH, CrossError, TargetBase
+from kiln.sources import source_kind
 
 if TYPE_CHECKING:
     from kiln.plan.chains import Planner
@@ -87,7 +91,9 @@ class Coreml(TargetFormat):
     format = "coreml"
     Target = CoremlTarget
     extra = ("coremltools", "coreml")
-    source_frameworks = frozenset({"torch"})  # from the nn.Module; a TensorFlow source would convert its SavedModel instead
+    # from the model itself: the nn.Module (build_rules/export_coreml.py) or the TensorFlow source's
+    # serving function (build_rules/export_coreml_tf.py)
+    source_frameworks = frozenset({"torch", "tensorflow"})
     validation_tools = ("coremltools",)
 
     def check(self, spec: Any, name: str, target: CoremlTarget) -> None:
@@ -102,13 +108,16 @@ class Coreml(TargetFormat):
         if BATCH in dims and spec.validation.batch_size > max_size(target, BATCH):
             raise CrossError(f"targets.{name}.max_sizes", dict(target.max_sizes), f"a {BATCH!r} bound of at least validation.batch_size ({spec.validation.batch_size}): validation feeds whole batches")
         _check_text_length(spec, name, target)
+        if "via" in target.model_fields_set and source_kind(spec.source.kind).framework != "torch":
+            raise CrossError(f"targets.{name}.via", target.via, f"no via for a {spec.source.kind} source (coremltools converts its serving function; via picks how a PyTorch model is read)")
         if spec.source.kind == "huggingface" and target.via == "torch_export":
             raise CrossError(f"targets.{name}.via", target.via, "\"trace\" for a huggingface source: coremltools cannot convert the masks transformers' models torch.export to (unsupported fx node __and__)")
 
     def chain(self, planner: Planner, name: str, target: CoremlTarget) -> None:
         reference = planner.reference(name)
         params = {"source": planner.source_params, "inputs": planner.inputs, "outputs": planner.outputs} | conversion_params(planner.spec, target, planner.resolved.text_positions)
-        package = planner.add(name, "export_coreml", params, {"source": planner.resolved.source_files}, {"model": "model.mlpackage"})
+        rule = "export_coreml" if planner.source.framework == "torch" else "export_coreml_tf"
+        package = planner.add(name, rule, params, {"source": planner.resolved.source_files}, {"model": "model.mlpackage"})
         planner.validate(name, target, package.outputs["model"], package, reference)
 
     def validation(self, planner: Planner, name: str, target: CoremlTarget) -> tuple[dict, dict]:
@@ -180,7 +189,8 @@ def conversion_params(spec: Any, target: CoremlTarget, text_positions: int | Non
     to the positions it has (text_positions, from its config.json) rather than DEFAULT_MAX_SIZE:
     longer text is what the model itself cannot take."""
     text = set(sequence_dims(spec)) if text_positions else set()
-    return {"precision": target.precision, "minimum_deployment_target": target.minimum_deployment_target, "via": target.via,
+    via = {"via": target.via} if source_kind(spec.source.kind).framework == "torch" else {}  # a TensorFlow source has one way in
+    return {"precision": target.precision, "minimum_deployment_target": target.minimum_deployment_target, **via,
             "max_sizes": {dim: max_size(target, dim, text_positions if dim in text else DEFAULT_MAX_SIZE) for dim in named_dims(spec.inputs)}}
 
 

@@ -5,8 +5,8 @@ litert-torch pins typing-extensions and pydantic below what kiln and coremltools
 in the LiteRT interpreter (ai-edge-litert) against the source model. Needs pip install
 'kiln[tflite]' (the runtime; a TensorFlow source needs 'kiln[tensorflow]', which includes it).
 
-From PyTorch: fp32, fp16 and dynamic-range int8 (ai-edge-quantizer, offline); static int8 is
-refused at check time. The file keeps PyTorch's layout (NCHW) and has fixed shapes (litert-torch
+From PyTorch: fp32, fp16 and dynamic-range int8 (ai-edge-quantizer, offline), and static int8 as
+below. The file keeps PyTorch's layout (NCHW) and has fixed shapes (litert-torch
 0.10 cannot export a dynamic batch here): converted at batch 2, it is resized at run time by LiteRT,
 and the convert step checks that it runs at another batch, failing with the reason when the graph
 cannot be resized.
@@ -16,10 +16,15 @@ Precisions:
 - fp16: weights stored as float16 (`target_spec.supported_types = [tf.float16]`), computed in fp32;
 - int8, `options.quantization = "dynamic"` (default): dynamic-range quantization, int8 weights
   (TF quantizes weight tensors of 1024 elements or more), activations quantized at run time;
-- int8, `options.quantization = "static"`: full integer, activation ranges from TF's calibrator fed
-  the manifest's [calibration] data through kiln's data loader (`representative_dataset`), int8
-  builtin ops only; `options.integer_io = true` (default) makes the float inputs and outputs int8
-  too (the runner quantizes and dequantizes them with each tensor's scale and zero point).
+- int8, `options.quantization = "static"`: full integer, from either source framework by one path:
+  the fp32 .tflite (the very step a tflite_fp32 target has) -> calibrate_tflite (LiteRT runs it over
+  [calibration].data read by kiln's loader; every float activation folded into kiln's native
+  observers, one calibration shared by every static target of the model) -> quantize_tflite
+  (ai-edge-quantizer's static int8 recipe fed the ranges `options.calibration` derives: minmax,
+  percentile (default, `options.percentile`) or entropy, as the ONNX static target).
+  `options.integer_io = true` (default) makes the float inputs and outputs int8 too (the runner
+  quantizes and dequantizes them with each tensor's scale and zero point); false keeps them float32.
+  A static file with no int8 activation fails (at quantize and again at validation).
 Only LiteRT builtin ops: a model needing TensorFlow ops through the Flex delegate (Select TF ops),
 which the LiteRT runtime cannot run, fails the conversion naming them; a .tflite holding Flex ops
 fails validation. An int8 or fp16 target whose file holds no int8 or float16 tensor (nothing was
@@ -46,7 +51,6 @@ from kiln.errors import StepError, one_line
 from kiln.formats.base import TargetFormat
 from kiln.runtime.runners import Artifact, Runner, require_outputs, timed
 from kiln.schema.fields import CrossError, Strict, TargetBase, check_option_precisions
-from kiln.sources import source_kind
 from kiln.sources.tensorflow import SERVING_SIGNATURE as SIGNATURE  # one definition; convert_tflite_torch imports it from here
 
 if TYPE_CHECKING:
@@ -56,9 +60,12 @@ if TYPE_CHECKING:
 class TfliteOptions(Strict):
     quantization: Literal["dynamic", "static"] = Field("dynamic", description="int8: 'dynamic' (dynamic range: int8 weights, activations quantized at run time) or 'static' (full integer: activation ranges calibrated on [calibration].data)")
     integer_io: bool = Field(True, description="int8 static: int8 model inputs and outputs (float ones quantized with their scale and zero point); false keeps them float32")
+    calibration: Literal["minmax", "percentile", "entropy"] = Field("percentile", description="int8 static: how calibrated histograms become activation ranges")
+    percentile: float = Field(99.999, gt=0.0, le=100.0, description="int8 static, calibration = 'percentile': the share of |x| kept inside the range")
 
 
-OPTION_PRECISIONS = {"quantization": ("int8",), "integer_io": ("int8",)}
+OPTION_PRECISIONS = {"quantization": ("int8",), "integer_io": ("int8",), "calibration": ("int8",), "percentile": ("int8",)}
+STATIC_ONLY_OPTIONS = ("integer_io", "calibration", "percentile")
 
 
 class TfliteTarget(TargetBase):
@@ -80,40 +87,39 @@ class Tflite(TargetFormat):
     def check(self, spec: Any, name: str, target: TfliteTarget) -> None:
         options = target.options
         check_option_precisions(name, target, OPTION_PRECISIONS)
-        if "integer_io" in options.model_fields_set and options.quantization != "static":
-            raise CrossError(f"targets.{name}.options.integer_io", options.integer_io, "no integer_io with quantization = \"dynamic\" (it applies to quantization = \"static\" only: dynamic range keeps float inputs and outputs)")
-        if target.precision == "int8" and options.quantization == "static" and source_kind(spec.source.kind).framework == "torch":
-            raise CrossError(f"targets.{name}.options.quantization", "static", 'quantization = "dynamic" (a PyTorch source converts through litert-torch: dynamic-range int8 only)')
+        for option in sorted(options.model_fields_set & set(STATIC_ONLY_OPTIONS)):
+            if options.quantization != "static":
+                raise CrossError(f"targets.{name}.options.{option}", getattr(options, option), f"no {option} with quantization = \"dynamic\" (it applies to quantization = \"static\" only: dynamic range keeps float inputs and outputs)")
+        if "percentile" in options.model_fields_set and options.calibration != "percentile":
+            raise CrossError(f"targets.{name}.options.percentile", options.percentile, f"no percentile with calibration = \"{options.calibration}\" (it applies to calibration = \"percentile\" only)")
         if target.precision == "int8" and options.quantization == "static" and spec.calibration is None:
             raise CrossError(f"targets.{name}.options.quantization", "static", "a [calibration] table naming the calibration data (or quantization = \"dynamic\")")
 
     def chain(self, planner: Planner, name: str, target: TfliteTarget) -> None:
-        """reference -> convert_tflite (from the source itself; static int8 also reads the calibration
-        data) -> validate."""
+        """reference -> the conversion from the source (TF's converter, or litert-torch in its tool
+        environment) -> validate; static int8: the fp32 conversion (shared with a tflite_fp32 target)
+        -> calibrate_tflite (shared by every static target) -> quantize_tflite -> validate."""
         reference = planner.reference(name)
-        params: dict[str, Any] = {"source": planner.source_params, "inputs": planner.inputs, "outputs": planner.outputs, "precision": target.precision}
-        inputs = {"source": planner.resolved.source_files}
-        if planner.source.framework == "torch":  # litert-torch in its tool environment (build_rules/convert_tflite_torch.py)
-            if target.precision == "int8":
-                params["quantization"] = "dynamic"
-            step = planner.add(name, "convert_tflite_torch", params, inputs, {"model": "model.tflite"})
-            planner.validate(name, target, step.outputs["model"], step, reference)
-            return
-        if target.precision == "int8":
-            params["quantization"] = target.options.quantization
-            if target.options.quantization == "static":
-                calibration = planner.spec.calibration
-                params |= {"integer_io": target.options.integer_io, "batch_size": calibration.batch_size,
-                           "max_length": planner.max_length(calibration), "max_samples": calibration.max_samples}
-                inputs["data"] = (planner.resolved.calibration_file,)
-        step = planner.add(name, "convert_tflite", params, inputs, {"model": "model.tflite"})
+        static = target.precision == "int8" and target.options.quantization == "static"
+        step = conversion_step(planner, name, "fp32" if static else target.precision)
+        if static:
+            step = static_int8_steps(planner, name, target, step)
         planner.validate(name, target, step.outputs["model"], step, reference)
+
+    def validation(self, planner: Planner, name: str, target: TfliteTarget) -> tuple[dict, dict]:
+        """Static int8 tells validation so, which then requires int8 activations in the file; other
+        targets add nothing (their step ids stay)."""
+        if target.precision == "int8" and target.options.quantization == "static":
+            return {"format_options": {"quantization": "static"}}, {}
+        return {}, {}
 
     def open_runner(self, artifact: Artifact) -> Runner:
         """The LiteRT interpreter on the file, one thread; inputs by name, quantized where the model
         takes int8, outputs dequantized back to float."""
         interpreter = open_interpreter(artifact.path.read_bytes(), artifact.path.name, artifact.step)
         require_precision(tensor_dtypes(interpreter), artifact.precision, artifact.path.name, artifact.step)
+        if (artifact.options or {}).get("quantization") == "static" and not int8_activations(artifact.path.read_bytes()):
+            raise StepError(artifact.step, f"{artifact.path.name} holds no int8 activation: a static (full integer) int8 target must compute in int8")
         if SIGNATURE not in interpreter.get_signature_list():
             raise StepError(artifact.step, f"{artifact.path.name} has no {SIGNATURE!r} signature (it has {sorted(interpreter.get_signature_list())}): kiln feeds inputs by the signature's names")
         runner = interpreter.get_signature_runner(SIGNATURE)
@@ -136,6 +142,34 @@ class Tflite(TargetFormat):
         runner = open_interpreter(artifact.read_bytes(), artifact.name, "latency", threads=2).get_signature_runner(SIGNATURE)
         shaped = {n: quantize(feed[n], d) for n, d in runner.get_input_details().items()}
         return timed(lambda: runner(**shaped), shaped, runs=30, threads=2)
+
+
+def conversion_step(planner: Planner, name: str, precision: str):
+    """The conversion from the source at `precision` (int8: dynamic range): convert_tflite for a
+    TensorFlow source, convert_tflite_torch (litert-torch) for a PyTorch one. Its params are the same
+    for every target at that precision, so a static target's fp32 step is the tflite_fp32 target's."""
+    params: dict[str, Any] = {"source": planner.source_params, "inputs": planner.inputs, "outputs": planner.outputs, "precision": precision}
+    if precision == "int8":
+        params["quantization"] = "dynamic"
+    rule = "convert_tflite_torch" if planner.source.framework == "torch" else "convert_tflite"
+    return planner.add(name, rule, params, {"source": planner.resolved.source_files}, {"model": "model.tflite"})
+
+
+def static_int8_steps(planner: Planner, name: str, target: TfliteTarget, float_step):
+    """calibrate_tflite (key: the float model, the data and these settings: shared by every static
+    target of the model) -> quantize_tflite (this target's method and integer_io)."""
+    calibration = planner.spec.calibration
+    data = planner.resolved.calibration_file
+    calibrate = planner.add(name, "calibrate_tflite", {
+        "inputs": planner.inputs, "batch_size": calibration.batch_size, "max_length": planner.max_length(calibration),
+        "max_samples": calibration.max_samples, "bins": calibration.bins,
+    }, {"model": (float_step.outputs["model"],), "data": (data,)} | planner.tokenizer(data), {"calibration": "calibration.json"}, [float_step])
+    options = target.options
+    params: dict[str, Any] = {"method": options.calibration, "integer_io": options.integer_io}
+    if options.calibration == "percentile":
+        params["percentile"] = options.percentile
+    return planner.add(name, "quantize_tflite", params, {"model": (float_step.outputs["model"],), "calibration": (calibrate.outputs["calibration"],)},
+                       {"model": "model.tflite"}, [float_step, calibrate])
 
 
 def open_interpreter(content: bytes, label: str, step: str, threads: int = 1):
@@ -190,6 +224,33 @@ def require_precision(dtypes: dict[str, int], precision: str | None, label: str,
         raise StepError(step, f"{label} holds no quantized tensor (its tensors: {dtypes}): nothing was quantized to int8 (TF's dynamic range quantizes only weight tensors of 1024 elements or more)")
     if precision == "fp32" and (dtypes.get("float16") or dtypes.get("quantized")):
         raise StepError(step, f"{label} holds float16 or quantized tensors ({dtypes}); an fp32 target holds the model unquantized")
+
+
+def int8_activations(content: bytes) -> int:
+    """How many operator outputs in the file are quantized int8 tensors: a full-integer model
+    computes in int8; a float or dynamic-range one has none (its int8 tensors are weights)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.Model.GetRootAs(content, 0)
+    count = 0
+    for g in range(model.SubgraphsLength()):
+        graph = model.Subgraphs(g)
+        outputs = {graph.Operators(o).Outputs(j) for o in range(graph.OperatorsLength()) for j in range(graph.Operators(o).OutputsLength())}
+        for index in outputs - {-1}:
+            tensor = graph.Tensors(index)
+            quantization = tensor.Quantization()
+            if tensor.Type() == schema.TensorType.INT8 and quantization is not None and quantization.ScaleLength():
+                count += 1
+    return count
+
+
+def describe(detail: dict) -> dict:
+    """An input's or output's dtype, shape (-1: dynamic) and quantization, as the artifact has them."""
+    import numpy as np
+
+    scale, zero_point = detail["quantization"]
+    described = {"dtype": np.dtype(detail["dtype"]).name, "shape": [int(d) for d in detail["shape_signature"]]}
+    return described | ({"scale": float(scale), "zero_point": int(zero_point)} if scale else {})
 
 
 def quantize(value, detail: dict):

@@ -46,8 +46,9 @@ class Planner:
         self._by_id: dict[str, Step] = {}
         self.source = source_kind(spec.source.kind)
         self.source_params = spec.source.model_dump()
-        self.inputs = [t.model_dump() for t in spec.inputs]
-        self.outputs = [t.model_dump() for t in spec.outputs]
+        # `columns` only where set: inputs without it keep the params (and step keys) they had before it existed
+        self.inputs = [t.model_dump(exclude=None if t.columns else {"columns"}) for t in spec.inputs]
+        self.outputs = [t.model_dump(exclude={"columns"}) for t in spec.outputs]
 
     def reference(self, name: str) -> Step:
         """The source model's outputs on the validation data (one step per model and data)."""

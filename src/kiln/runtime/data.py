@@ -1,4 +1,5 @@
-"""Validation and example data: text tokenized with the model's tokenizer, or .npz/.npy arrays;
+"""Validation and example data: text tokenized with the model's tokenizer, .npz/.npy arrays or .csv
+tables;
 seeded example inputs for exporters.
 
 Arrays are read with allow_pickle=False. Every batch is a dict input name -> numpy array in the
@@ -132,20 +133,10 @@ def array_batches(path: Path, inputs: list[dict], batch_size: int, max_samples: 
 
 
 def load_arrays(path: Path, inputs: list[dict]) -> dict[str, np.ndarray]:
-    """The inputs' arrays from a .npz (or a .npy for a one-input model), checked against the
-    manifest: rank, fixed axes, dtype, and one sample count along every batched input's batch axis."""
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        # an .npz reads each array when asked: a pickled one or a damaged member fails here
-        found = {name: loaded[name] for name in loaded.files} if not isinstance(loaded, np.ndarray) else None
-    except ValueError as err:
-        raise StepError(str(path), f"cannot read arrays ({one_line(err)}); object arrays (pickle) are refused") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as err:
-        raise StepError(str(path), f"cannot read arrays: {one_line(err)}") from None
-    if found is None:
-        if len(inputs) != 1:
-            raise StepError(str(path), f"a .npy holds one array but the model has {len(inputs)} inputs; use .npz with arrays named {[i['name'] for i in inputs]}")
-        found = {inputs[0]["name"]: loaded}
+    """The inputs' arrays from a .npz (or a .npy for a one-input model, or a .csv table), checked
+    against the manifest: rank, fixed axes, dtype, and one sample count along every batched input's
+    batch axis."""
+    found = read_csv(path, inputs) if path.suffix == ".csv" else _read_numpy(path, inputs)
     arrays = {}
     for spec in inputs:
         if spec["name"] not in found:
@@ -161,6 +152,93 @@ def load_arrays(path: Path, inputs: list[dict]) -> dict[str, np.ndarray]:
     return arrays
 
 
+def _read_numpy(path: Path, inputs: list[dict]) -> dict[str, np.ndarray]:
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        # an .npz reads each array when asked: a pickled one or a damaged member fails here
+        found = {name: loaded[name] for name in loaded.files} if not isinstance(loaded, np.ndarray) else None
+    except ValueError as err:
+        raise StepError(str(path), f"cannot read arrays ({one_line(err)}); object arrays (pickle) are refused") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as err:
+        raise StepError(str(path), f"cannot read arrays: {one_line(err)}") from None
+    if found is None:
+        if len(inputs) != 1:
+            raise StepError(str(path), f"a .npy holds one array but the model has {len(inputs)} inputs; use .npz with arrays named {[i['name'] for i in inputs]}")
+        found = {inputs[0]["name"]: loaded}
+    return found
+
+
+def read_csv(path: Path, inputs: list[dict]) -> dict[str, np.ndarray]:
+    """A table with a header row, one sample per row. An input takes the columns its `columns` names,
+    in that order ([samples, len(columns)], or [samples] for one column of a 1-D input); without
+    `columns`, a 1-D input takes the column named like it, and the only input of a model every
+    column. Cells are numbers; an empty cell is NaN (a missing value, which tree models route), and
+    refused for an integer input."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # utf-8-sig: spreadsheets write a BOM
+            rows = list(csv.reader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise StepError(str(path), f"cannot read the table: {one_line(err)}") from None
+    rows = [row for row in rows if row]  # an empty line is no sample; a row of empty cells is one, all missing
+    if not rows:
+        raise StepError(str(path), "the table is empty; expected a header row of column names, then one row per sample")
+    header, body = [name.strip() for name in rows[0]], rows[1:]
+    twice = sorted({name for name in header if header.count(name) > 1})
+    if twice:
+        raise StepError(str(path), f"columns {twice} appear more than once in the header; each column needs its own name")
+    for number, row in enumerate(body, start=2):
+        if len(row) != len(header):
+            raise StepError(str(path), f"row {number} has {len(row)} cells, the header {len(header)}")
+    return {spec["name"]: _csv_columns(path, header, body, spec, len(inputs)) for spec in inputs}
+
+
+def _csv_columns(path: Path, header: list[str], body: list[list[str]], spec: dict, input_count: int) -> np.ndarray:
+    names = spec.get("columns")
+    rank = len(spec["shape"]) if spec.get("shape") is not None else 2
+    if names is None:
+        if rank == 1 and spec["name"] in header:
+            names = [spec["name"]]
+        elif input_count == 1:
+            names = header
+        else:
+            raise StepError(str(path), f"input {spec['name']!r}: no column is named so and the model has {input_count} inputs; name its columns with inputs.columns (the table has {header})")
+    missing = [name for name in names if name not in header]
+    if missing:
+        raise StepError(str(path), f"input {spec['name']!r}: columns {missing} are not in the table; it has {header}")
+    dtype = np.dtype(spec["dtype"])
+    integer = dtype.kind in "biu"
+    values = np.empty((len(body), len(names)), dtype=np.int64 if integer else np.float64)
+    for j, name in enumerate(names):
+        column = header.index(name)
+        for i, row in enumerate(body):
+            values[i, j] = _csv_number(path, row[column], i + 2, name, dtype)
+    return values[:, 0] if rank == 1 and len(names) == 1 else values
+
+
+def _csv_number(path: Path, cell: str, row: int, column: str, dtype: np.dtype):
+    """One cell as the input's dtype would hold it: an integer within the dtype's range, or a finite
+    number (empty or "NaN": missing). Python's own spellings beyond plain numbers ("1_000", "inf") are
+    not data a table means."""
+    text = cell.strip()
+    if dtype.kind in "biu":
+        info = np.iinfo(np.int64 if dtype.kind == "b" else dtype)
+        low, high = (0, 1) if dtype.kind == "b" else (info.min, info.max)
+        if text.lstrip("+-").isdigit() and low <= int(text) <= high:
+            return int(text)
+        allowed = f"an integer from {low} to {high} ({dtype.name})"
+    else:
+        try:
+            value = float(text) if text and text.lower() != "nan" else np.nan
+        except ValueError:
+            value = None
+        if value is not None and "_" not in text and (np.isnan(value) or np.isfinite(value)):
+            return value
+        allowed = "a finite number (or an empty cell or NaN for a missing value)"
+    raise StepError(str(path), f"row {row}, column {column!r}: {cell!r} is not allowed; expected {allowed}")
+
+
 def _check_array(array: np.ndarray, spec: dict, path: Path) -> np.ndarray:
     shape = spec.get("shape")
     if shape is not None and array.ndim != len(shape):
@@ -170,6 +248,12 @@ def _check_array(array: np.ndarray, spec: dict, path: Path) -> np.ndarray:
             raise StepError(str(path), f"input {spec['name']!r}: axis {axis} is {array.shape[axis]}, expected {dim} (shape {shape})")
     if not np.can_cast(array.dtype, spec["dtype"], casting="same_kind"):
         raise StepError(str(path), f"input {spec['name']!r}: dtype {array.dtype} cannot be used as {spec['dtype']}")
+    target = np.dtype(spec["dtype"])
+    if array.dtype.kind in "iu" and target.kind in "iu" and array.size and not np.can_cast(array.dtype, target, casting="safe"):
+        info = np.iinfo(target)  # an int64 token id past int32 would wrap around, silently
+        low, high = array.min(), array.max()
+        if low < info.min or high > info.max:
+            raise StepError(str(path), f"input {spec['name']!r}: values from {low} to {high} do not fit {target.name} ({info.min} to {info.max})")
     return array.astype(spec["dtype"], copy=False)
 
 

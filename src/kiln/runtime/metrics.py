@@ -30,6 +30,7 @@ class OutputMetrics:
     max_abs_diff: float = 0.0
     max_rel_diff: float = 0.0
     nonfinite: int = 0
+    mismatched: int | None = None  # integer outputs (class labels, token ids): values that differ at all
     cosines: list[np.ndarray] = field(default_factory=list)
 
     def add(self, ref: np.ndarray, out: np.ndarray, padding: np.ndarray | None = None, batch_axis: int | None = 0) -> None:
@@ -38,13 +39,19 @@ class OutputMetrics:
         batch_axis: where the output's samples lie (None: it has none; padding then does not apply)."""
         if np.shape(ref) != np.shape(out):
             raise ValueError(f"shape {list(np.shape(out))} differs from the reference's {list(np.shape(ref))}")
-        ref32, out32 = (_batch_first(np.asarray(a, dtype=np.float32), batch_axis) for a in (ref, out))
+        ref, out = (_batch_first(np.asarray(a), batch_axis) for a in (ref, out))
         if batch_axis is None:
             padding = None
-        if padding is not None and ref32.ndim > padding.ndim and ref32.shape[: padding.ndim] == padding.shape:
+        if padding is not None and ref.ndim > padding.ndim and ref.shape[: padding.ndim] == padding.shape:
             keep = padding.reshape(-1) != 0
-            ref32 = np.ascontiguousarray(ref32.reshape(keep.size, -1)[keep])
-            out32 = np.ascontiguousarray(out32.reshape(keep.size, -1)[keep])
+            ref, out = (np.ascontiguousarray(a.reshape(keep.size, -1)[keep]) for a in (ref, out))
+        if ref.dtype.kind in "biu":
+            # a label is right or wrong: a cosine or a float32 difference of classes 1 and 2 says little
+            differ = ref != out
+            if padding is not None and differ.shape == padding.shape:  # one id per position: padded ones say nothing
+                differ &= padding != 0
+            self.mismatched = (self.mismatched or 0) + int(np.count_nonzero(differ))
+        ref32, out32 = (np.require(a, dtype=np.float32, requirements="C") for a in (ref, out))
         max_abs, max_rel, nonfinite = _native.diff_stats(ref32, out32)
         self.max_abs_diff = max(self.max_abs_diff, max_abs) if not np.isnan(max_abs) else float("nan")
         self.max_rel_diff = max(self.max_rel_diff, max_rel) if not np.isnan(max_rel) else float("nan")
@@ -57,7 +64,7 @@ class OutputMetrics:
             "max_abs_diff": float(self.max_abs_diff), "max_rel_diff": float(self.max_rel_diff),
             "mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()),
             "rows": int(cos.size), "nonfinite": int(self.nonfinite),
-        }
+        } | ({"mismatched": self.mismatched} if self.mismatched is not None else {})
 
 
 def _batch_first(array: np.ndarray, batch_axis: int | None) -> np.ndarray:
@@ -79,12 +86,16 @@ def row_cosines(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
     return np.where(both_zero, 1.0, cos)
 
 
-def failures(metrics: dict[str, dict], thresholds: dict[str, float | None]) -> list[str]:
-    """Human-readable failed gates, e.g. 'last_hidden_state min_cosine 0.9981 < 0.9999'."""
+def failures(metrics: dict[str, dict], thresholds: dict[str, float | None], exact_integers: bool = False) -> list[str]:
+    """Human-readable failed gates, e.g. 'last_hidden_state min_cosine 0.9981 < 0.9999'. With
+    exact_integers (an fp32 artifact) an integer output must equal the reference's everywhere,
+    whatever the thresholds say."""
     failed = []
     for output, values in metrics.items():
         if values["nonfinite"]:
             failed.append(f"{output} has {values['nonfinite']} NaN/Inf values")
+        if exact_integers and values.get("mismatched"):
+            failed.append(f"{output} has {values['mismatched']} integer values unlike the reference's (an fp32 artifact's integer outputs must match exactly)")
         for metric, limit in thresholds.items():
             if limit is None or metric not in values:
                 continue

@@ -307,3 +307,29 @@ def load_external_data(model: onnx.ModelProto, folder: Path) -> None:
         tensor.raw_data = data
         tensor.data_location = onnx.TensorProto.DEFAULT
         del tensor.external_data[:]
+
+
+def rename_outputs(model: onnx.ModelProto, names: list[str], step: str) -> None:
+    """A converter's graph outputs renamed, by position, to the manifest's output names."""
+    produced = [o.name for o in model.graph.output]
+    if len(produced) != len(names):
+        raise StepError(step, f"the converted model has {len(produced)} outputs {produced} but the manifest declares {len(names)}: {names}")
+    renames = dict(zip(produced, names, strict=True))
+    for node in model.graph.node:
+        node.output[:] = [renames.get(n, n) for n in node.output]
+        node.input[:] = [renames.get(n, n) for n in node.input]
+    for output in model.graph.output:
+        output.name = renames[output.name]
+
+
+def canonicalize_converted(model: onnx.ModelProto) -> None:
+    """A converter's model made reproducible: one import per domain (skl2onnx may list the default
+    domain twice), in a fixed order, and the graph named "kiln" (converters name it with a random UUID)."""
+    versions: dict[str, int] = {}
+    for opset in model.opset_import:
+        versions[opset.domain] = max(versions.get(opset.domain, 0), opset.version)
+    del model.opset_import[:]
+    for domain in sorted(versions):
+        entry = model.opset_import.add()
+        entry.domain, entry.version = domain, versions[domain]
+    model.graph.name = "kiln"

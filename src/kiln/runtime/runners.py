@@ -14,7 +14,15 @@ from typing import Any, Callable
 from kiln.errors import StepError
 from kiln.runtime.onnxrt import session
 
-Runner = Callable[[dict], dict]
+Runner = Callable[[dict], dict]  # may have a close() attribute: what it holds open (a JVM), ended by close_runner
+
+
+def close_runner(run: Runner) -> None:
+    """End what a runner holds open (its `close` attribute, where it has one), whether validation
+    passed or failed: a failed gate's traceback keeps the runner alive, and with it a child JVM."""
+    close = getattr(run, "close", None)
+    if close is not None:
+        close()
 
 
 class RuntimeUnavailable(Exception):

@@ -52,6 +52,10 @@ class TensorSpec(Strict):
         None, min_length=2, max_length=2,
         description="[low, high) of generated example values (ints: token ids, classes...)",
     )
+    columns: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, min_length=1,
+        description="an input read from .csv data: its columns, in order (default: the column named like a 1-D input, or every column for a model's only input)",
+    )
 
     @property
     def dynamic_axes(self) -> dict[int, str]:
@@ -68,6 +72,19 @@ class TensorSpec(Strict):
     def _one_batch_axis(self) -> "TensorSpec":
         if (self.shape or []).count(BATCH) > 1:
             raise CrossError("shape", self.shape, f"{BATCH!r} on one axis at most: it names the axis that holds the samples")
+        return self
+
+    @model_validator(mode="after")
+    def _columns_fit_the_shape(self) -> "TensorSpec":
+        if self.columns is None:
+            return self
+        shape = self.shape or []
+        if len(shape) not in (1, 2) or shape[0] != BATCH or (len(shape) == 1 and len(self.columns) != 1):
+            raise CrossError("columns", self.columns, f'one column for shape ["{BATCH}"], or N columns for ["{BATCH}", N]: a table row is one sample')
+        if len(shape) == 2 and isinstance(shape[1], int) and shape[1] != len(self.columns):
+            raise CrossError("columns", self.columns, f"{shape[1]} column names, one per feature of shape {shape}")
+        if len(set(self.columns)) != len(self.columns):
+            raise CrossError("columns", self.columns, "each column named once")
         return self
 
 

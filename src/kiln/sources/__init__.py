@@ -17,8 +17,10 @@ from kiln.sources.sklearn import Sklearn
 from kiln.sources.tensorflow import Tensorflow
 from kiln.sources.torch import Torch
 from kiln.sources.torch_model import TorchKind
+from kiln.sources.xgboost import Xgboost
+from kiln.sources.lightgbm import Lightgbm
 
-SOURCES: tuple[SourceKind, ...] = (HuggingFace(), Torch(), Onnx(), Sklearn(), Tensorflow())
+SOURCES: tuple[SourceKind, ...] = (HuggingFace(), Torch(), Onnx(), Sklearn(), Tensorflow(), Xgboost(), Lightgbm())
 _BY_KIND = {source.kind: source for source in SOURCES}
 
 

@@ -40,10 +40,13 @@ class Sklearn(SourceKind):
     kind = "sklearn"
     Source = SklearnSource
     extra: ClassVar = (("sklearn", "skl2onnx"), "sklearn")
+    framework: ClassVar[str | None] = "sklearn"  # pmml is written from the estimator itself (kiln.formats.pmml)
     simplify_onnx: ClassVar[bool] = False  # onnxsim does not know the ai.onnx.ml domain
     reference_tools: ClassVar[tuple[str, ...]] = (*REFERENCE_TOOLS, "scikit-learn")
 
     def check_target(self, name: str, target: Any) -> None:
+        if target.format == "pmml":
+            return  # sklearn2pmml converts the estimator; kiln.formats.pmml checks its keys
         if target.format != "onnx" or target.precision != "fp32":
             key, value = ("format", target.format) if target.format != "onnx" else ("precision", target.precision)
             raise CrossError(f"targets.{name}.{key}", value, "format = \"onnx\" with precision = \"fp32\" for a sklearn source (skl2onnx's ai.onnx.ml operators have no fp16/int8 form and no OpenVINO or TensorRT kernels)")
@@ -75,6 +78,7 @@ class Sklearn(SourceKind):
         import numpy as np
 
         estimator = load_estimator(source, files, ctx.root)
+        check_feature_names(model_feature_names(estimator), inputs[0].get("columns"), f"inputs.{inputs[0]['name']}.columns", source, ctx.step)
         output_names = [t["name"] for t in outputs]
         declared = {t["name"]: t for t in outputs}
         for feed in feeds:
@@ -82,7 +86,7 @@ class Sklearn(SourceKind):
             if len(results) != len(output_names):
                 raise StepError(ctx.step, f"{type(estimator).__name__} gives {len(results)} outputs but the manifest declares {len(output_names)}: {output_names}")
             shaped = {}
-            for name, value in zip(output_names, results):
+            for name, value in zip(output_names, results, strict=True):
                 value = np.asarray(value)
                 shape = declared[name].get("shape")
                 if shape is not None and value.ndim == len(shape) - 1:
@@ -115,3 +119,37 @@ def estimator_results(estimator, features) -> tuple:
     if hasattr(estimator, "predict"):
         return (estimator.predict(features),)
     return (estimator.transform(features),)
+
+
+def model_feature_names(model: Any) -> list[str] | None:
+    """The feature names the model was fitted with (from a DataFrame), in its order, or None when it has
+    none: scikit-learn's feature_names_in_ (a Pipeline's or an LGBM estimator's too), XGBoost's as
+    kiln.sources.xgboost.load_model kept them before dropping them, a LightGBM Booster's
+    feature_name(); LightGBM's own Column_0.. (fitted on an array) are no names."""
+    names = getattr(model, "kiln_feature_names", None)
+    if names is None:
+        names = getattr(model, "feature_names_in_", None)
+    if names is None and callable(getattr(model, "feature_name", None)):  # a LightGBM Booster
+        names = model.feature_name()
+    if names is None or len(names) == 0:
+        return None
+    names = [str(n) for n in names]
+    return None if names == [f"Column_{i}" for i in range(len(names))] else names
+
+
+def check_feature_names(model_names: list[str] | None, declared: list[str] | None, key: str, source: dict, step: str) -> None:
+    """Names the manifest declares for the features (an input's `columns`, a pmml target's
+    feature_names) must be the model's, in its order: a model fitted on named columns and fed them
+    in another order predicts garbage, and the reference fed the same way would agree with it."""
+    if model_names is None or declared is None:
+        return
+    origin = source.get("path") or source.get("factory")
+    for position, (want, got) in enumerate(zip(model_names, declared, strict=False)):  # a length mismatch is reported after
+        if want != got:
+            raise StepError(step, f"{key}[{position}] is {got!r} but {origin} was fitted with feature {want!r} there; allowed: the model's feature names in its order: {_listed(model_names)}")
+    if len(model_names) != len(declared):
+        raise StepError(step, f"{key}: {len(declared)} names but {origin} was fitted on {len(model_names)} features: {_listed(model_names)}")
+
+
+def _listed(names: list[str]) -> str:
+    return str(names) if len(names) <= 12 else str(names[:12])[:-1] + f", ... ({len(names)} in all)]"
