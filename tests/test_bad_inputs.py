@@ -84,7 +84,7 @@ CASES = [
     # missing or unusable files
     ("data-missing", manifest('data = "data/tiny.npz"', 'data = "data/none.npz"'), 2, ["tiny.toml", "validation.data", "none.npz", "does not exist"]),
     ("data-is-a-folder", manifest('data = "data/tiny.npz"', 'data = "data"'), 2, ["tiny.toml", "validation.data", "not a file"]),
-    ("data-wrong-kind", lambda ws: ((ws.root / "manifests/data/tiny.csv").write_text("1,2\n"), ws.edit('data = "data/tiny.npz"', 'data = "data/tiny.csv"', name="tiny")), 2, ["tiny.toml", "validation.data", ".npz"]),
+    ("data-wrong-kind", lambda ws: ((ws.root / "manifests/data/tiny.parquet").write_text("1,2\n"), ws.edit('data = "data/tiny.npz"', 'data = "data/tiny.parquet"', name="tiny")), 2, ["tiny.toml", "validation.data", ".npz, .npy or .csv"]),
     ("text-data-without-tokenizer", manifest('data = "data/tiny.npz"', 'data = "data/sentences.txt"'), 2, ["tiny.toml", "validation.data", "tokenizer"]),
     ("factory-module-missing", manifest('factory = "tinynet:build"', 'factory = "nonet:build"'), 2, ["tiny.toml", "source.factory", "nonet"]),
     ("weights-missing", manifest('factory = "tinynet:build"', 'factory = "tinynet:build"\nweights = "w.safetensors"'), 2, ["tiny.toml", "source.weights", "does not exist"]),
