@@ -59,27 +59,30 @@ class Calibrate(Rule):
 
     @staticmethod
     def _observe(sess, observed: list[str], inputs: dict[str, list[Path]], outputs: dict[str, Path], params: CalibrateParams, ctx: RunContext) -> dict[str, Any]:
-        calibration, samples = observe_batches(lambda feed: zip(observed, sess.run(observed, feed), strict=True), inputs, params, ctx.step)
+        calibration, samples = observe_batches(lambda feed: zip(observed, sess.run(observed, feed), strict=True), inputs, params, ctx.step, ctx.progress)
         outputs["calibration"].write_text(calibration.to_json() + "\n")
         return {"tensors": len(observed), "samples": samples, "bins": params.bins}
 
 
-def observe_batches(observe, inputs: dict[str, list[Path]], params, step: str):
+def observe_batches(observe, inputs: dict[str, list[Path]], params, step: str, progress=None):
     """Fold the model's observed tensors over the [calibration] data (inputs["data"], read by kiln's
     loader; inputs["source"]: the tokenizer, if any) into kiln's native observers, one batch at a
     time. observe(feed) -> (tensor name, value) pairs for one batch; params: the calibration
     settings (inputs, batch_size, max_length, max_samples, bins). Returns the Calibration and the
-    number of samples; a tensor that held NaN fails the step (no range could be trusted)."""
+    number of samples; a tensor that held NaN fails the step (no range could be trusted).
+    progress(batches done): RunContext.progress, for the terminal."""
     from kiln.native.calibration import Calibration
     from kiln.runtime.data import batch_axis, batches, sample_count
 
     calibration = Calibration(params.bins)
     samples = 0
     axes = {spec["name"]: batch_axis(spec) for spec in params.inputs}
-    for feed in batches(inputs["data"][0], inputs.get("source"), params.inputs, params.batch_size, params.max_length, params.max_samples):
+    for done, feed in enumerate(batches(inputs["data"][0], inputs.get("source"), params.inputs, params.batch_size, params.max_length, params.max_samples), 1):
         for name, value in observe(feed):
             calibration.update(name, value)
         samples += sample_count(feed, axes)  # along the batch axis, wherever the manifest puts it
+        if progress is not None:
+            progress(done)
     nan = {name: obs.nan_count for name, obs in calibration.observers.items() if obs.nan_count}
     if nan:
         raise StepError(step, f"the fp32 model gives NaN on the calibration data in {len(nan)} tensors (first {min(nan)!r}: {nan[min(nan)]} values)")

@@ -62,7 +62,7 @@ class CalibrateTflite(Rule):
             runner(**{n: quantize(feed[n], d) for n, d in details.items()})
             return ((name, interpreter.get_tensor(index, subgraph)) for name, (index, _rank) in observed.items())
 
-        calibration, samples = observe_batches(observe, inputs, params, ctx.step)
+        calibration, samples = observe_batches(observe, inputs, params, ctx.step, ctx.progress)
         outputs["calibration"].write_text(calibration.to_json() + "\n")
         return {"tensors": len(observed), "samples": samples, "bins": params.bins}
 

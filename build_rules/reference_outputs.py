@@ -60,6 +60,7 @@ class ReferenceOutputs(Rule):
             samples += count
             tensors.update({f"{index:05d}/in/{name}": value for name, value in feed.items()})
             tensors.update({f"{index:05d}/out/{name}": value for name, value in result.items()})
+            ctx.progress(index + 1)  # the number of batches is known only once the data is read
         save_file(tensors, str(outputs["outputs"]), metadata=batch_axes_metadata(axes))
         # how the data was read (a pad token borrowed from eos) goes to the report
         return {"samples": samples, "batches": index + 1, **read}

@@ -83,7 +83,8 @@ class Validate(Rule):
         axes = _batch_axes(inputs["reference"][0])
         first_feed = None
         try:
-            for feed, expected in _reference_batches(inputs["reference"][0]):
+            batches = list(_reference_batches(inputs["reference"][0]))  # all in memory already (load_file)
+            for done, (feed, expected) in enumerate(batches, 1):
                 first_feed = feed if first_feed is None else first_feed
                 got = run(feed)
                 samples += sample_count(feed, axes["inputs"])
@@ -93,6 +94,7 @@ class Validate(Rule):
                         per_output[name].add(expected[name], got[name], padding, axes["outputs"].get(name, 0))
                     except ValueError as err:
                         raise StepError(ctx.step, f"output {name!r}: {err}") from None
+                ctx.progress(done, len(batches))
         finally:
             close_runner(run)
         metrics = {name: _select(m.summary(), params.metrics) for name, m in per_output.items()}

@@ -152,7 +152,7 @@ def tree_digest(folder: Path) -> str:
 
 
 def ran(lines: list[str]) -> list[str]:
-    return [line[3:].removeprefix("build:") for line in lines if line.startswith(".  ")]
+    return [line[3:].split("  ")[0].removeprefix("build:") for line in lines if line.startswith(".  ")]
 
 
 def up_to_date(lines: list[str]) -> list[str]:

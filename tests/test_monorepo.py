@@ -14,7 +14,7 @@ from workspaces import two_manifests
 
 
 def executed(proc) -> list[str]:
-    return [line[3:] for line in proc.stdout.splitlines() if line.startswith(".  ")]
+    return [line[3:].split("  ")[0] for line in proc.stdout.splitlines() if line.startswith(".  ")]  # ".  build:<step>  <seconds> s"
 
 
 def sha256(path: Path) -> str:

@@ -45,6 +45,19 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("manifests", nargs="*", help="paths or bare names in manifests/; default: all")
     verify.set_defaults(func=_verify)
 
+    init = sub.add_parser("init", help="write a commented manifest for a model (Hugging Face folder, ONNX, SavedModel, tree or sklearn file)")
+    init.add_argument("path", type=Path, help="the model: a folder or a file")
+    init.add_argument("-o", "--output", type=Path, help="manifest to write; default: manifests/<name>.toml")
+    init.add_argument("--name", help="[model] name; default: from the file or folder name")
+    init.add_argument("--allow-pickle", action="store_true", help="read a pickled scikit-learn model (unpickling can run code)")
+    init.set_defaults(func=_init)
+
+    diff = sub.add_parser("diff", help="compare two builds' reports/lockfiles per target; exit 1 when a --fail-on gate got worse")
+    diff.add_argument("builds", nargs="*", metavar="build", help="report.json, kiln.lock.json or build folder (or model name); default: every build/<model>/")
+    diff.add_argument("--against", metavar="GIT_REF", help="compare with the same files as committed at GIT_REF")
+    diff.add_argument("--fail-on", action="append", default=[], metavar="METRIC=DELTA", help="fail when METRIC got worse by more than DELTA (or DELTA%%), e.g. min_cosine=0.001")
+    diff.set_defaults(func=_diff)
+
     cache = sub.add_parser("cache", help="the local content-addressed cache of step outputs (.kiln/cache)")
     cache_sub = cache.add_subparsers(required=True, metavar="action")
     info = cache_sub.add_parser("info", help="entries, objects and bytes in the cache")
@@ -56,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     build = sub.add_parser("build", help="build manifests (same as `doit build manifest=...`)")
     build.add_argument("manifests", nargs="*", help="paths or bare names in manifests/; default: all")
     build.add_argument("-n", "--jobs", type=int, default=1, help="parallel steps")
+    loudness = build.add_mutually_exclusive_group()
+    loudness.add_argument("-q", "--quiet", action="store_true", help="print only errors and the summary")
+    loudness.add_argument("-v", "--verbose", action="store_true", help="also print why each step ran (or was up to date)")
     build.set_defaults(func=_build)
     return parser
 
@@ -69,8 +85,11 @@ def _schema(args) -> int:
 
 def _plans(args, names):
     from kiln.plan.load import load_plans
+    from kiln.schema.names import manifest_for
 
-    return load_plans(args.root.resolve(), ",".join(names) if names else None)
+    root = args.root.resolve()
+    paths = [str(manifest_for(name, root)) for name in names]  # a [model] name works as well as a file name
+    return load_plans(root, ",".join(paths) if paths else None)
 
 
 def _check(args) -> int:
@@ -112,6 +131,26 @@ def _verify(args) -> int:
     return 1 if drifted else 0
 
 
+def _init(args) -> int:
+    from kiln.define.scaffold import scaffold
+
+    written = scaffold(args.path, args.root.resolve(), args.output, args.name, args.allow_pickle)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def _diff(args) -> int:
+    from kiln.state.diff import diff_text, parse_gate, sides
+
+    gates = [parse_gate(text) for text in args.fail_on]
+    lines, failures = diff_text(sides(args.builds, args.against, args.root.resolve()), gates)
+    print("\n".join(lines))
+    for failure in failures:
+        print(f"kiln: regression: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
 def _open_cache(args):
     from kiln.state.cache import Cache
 
@@ -149,7 +188,10 @@ def _build(args) -> int:
     from kiln.engine import doit_globals
 
     names = ",".join(args.manifests) if args.manifests else ""
-    namespace = doit_globals(args.root, names, skip_unchanged=True)  # a plain build: unchanged manifests are not planned
+    from kiln.engine.progress import NORMAL, QUIET, VERBOSE
+
+    verbosity = QUIET if args.quiet else VERBOSE if args.verbose else NORMAL
+    namespace = doit_globals(args.root, names, skip_unchanged=True, verbosity=verbosity)  # a plain build: unchanged manifests are not planned
     extra = ["-n", str(args.jobs), "-P", "thread"] if args.jobs > 1 else []
     return DoitMain(ModuleTaskLoader(namespace)).run([*extra, "build"])  # doit options go before the task name
 

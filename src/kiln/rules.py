@@ -7,13 +7,19 @@ inside run(), so planning a build never pays for them.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 import pkgutil
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
+
+from kiln.base.paths import state_dir
 
 
 @dataclass(frozen=True)
@@ -22,6 +28,31 @@ class RunContext:
 
     root: Path
     step: str
+
+    def progress(self, done: int, total: int | None = None) -> None:
+        """Tell the terminal how far the step is: `done` of `total` batches (total None: not known
+        ahead). Cheap to call per batch: the build's display (kiln.engine.progress) reads what the
+        last call wrote, whichever process or thread runs the step."""
+        now = time.monotonic()
+        path = progress_path(self.root, self.step)
+        if done != total and now - _progress_written.get(path, 0.0) < _PROGRESS_EVERY_S:
+            return
+        _progress_written[path] = now
+        with contextlib.suppress(OSError):  # the display is a nicety: it can never fail a step
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+            temp.write_text(f"{int(done)} {'' if total is None else int(total)}\n")
+            os.replace(temp, path)  # the reader never sees half a line
+
+
+_PROGRESS_EVERY_S = 0.1  # at most ten writes a second per step, however short its batches
+_progress_written: dict[Path, float] = {}  # progress file -> when RunContext.progress last wrote it
+
+
+def progress_path(root: Path, step: str) -> Path:
+    """Where a running step's progress is ("<done> <total>"): one small file per step, so steps in
+    doit's worker processes reach the parent's display as well as those in its threads."""
+    return state_dir(root) / "progress" / (step.replace("/", "__") + ".txt")
 
 
 class Params(BaseModel):

@@ -261,7 +261,7 @@ SUMMARIES = ["kiln: a: 0 ran, 3 up to date, 0 failed -> build/a/report.json",
 def test_after_a_build_unchanged_manifests_are_reported_not_planned(ws: Workspace, capsys):
     namespace = doit_globals(ws.root, "", skip_unchanged=True)
     assert namespace["DOIT_CONFIG"]["reporter"].plans == [] and tasks_of(namespace) == []
-    assert capsys.readouterr().out.splitlines() == SUMMARIES
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("kiln: ")] == SUMMARIES  # and the summary table
     assert ws.report("a")["counts"]["up to date"] == 3
 
 

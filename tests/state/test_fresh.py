@@ -35,7 +35,7 @@ def planned(proc: subprocess.CompletedProcess) -> bool:
 
 
 def executed(proc: subprocess.CompletedProcess) -> list[str]:
-    return [line[3:] for line in proc.stdout.splitlines() if line.startswith(".  ")]
+    return [line[3:].split("  ")[0] for line in proc.stdout.splitlines() if line.startswith(".  ")]  # ".  build:<step>  <seconds> s"
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ when some manifest needs planning.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import time
@@ -24,7 +25,10 @@ from kiln.base.fsio import remove_artifact
 from kiln.base.paths import state_dir
 from kiln.base.temps import sweep_stale_temps
 from kiln.engine.argv import TASK, plain_build
-from kiln.engine.reporter import reporter_for
+from kiln.engine.progress import QUIET, parse_verbosity
+from kiln.engine.reporter import page_written, reporter_for
+from kiln.engine.summary import html_line, html_report_path, print_table, target_rows
+from kiln.state.html import write_model_html
 from kiln.errors import KilnError
 from kiln.execute.resources import lock_workspace
 from kiln.schema.manifest import manifest_paths
@@ -90,35 +94,45 @@ def _plan(root: Path, paths: list[Path], wildcard: bool, taken: dict[str, Path])
     return plan_manifests(root, paths, wildcard=wildcard, taken=taken)
 
 
-def doit_globals(root: Path | None = None, manifest_arg: str | None = None, skip_unchanged: bool | None = None) -> dict[str, Any]:
+def doit_globals(root: Path | None = None, manifest_arg: str | None = None, skip_unchanged: bool | None = None,
+                 verbosity: int | None = None) -> dict[str, Any]:
     """What dodo.py exposes to doit: DOIT_CONFIG and task_build. Exits with one line on a bad manifest,
     before doit opens its database, so a bad manifest writes nothing.
 
     skip_unchanged: leave out the manifests kiln.state.fresh finds unchanged (default: when the command
     line is a plain `doit build`, see kiln.engine.argv, and KILN_FRESH is not "off"); they get their
-    no-op report and summary line."""
+    no-op report, summary table and summary line.
+
+    verbosity: kiln.engine.progress's QUIET, NORMAL or VERBOSE (default: doit's variable
+    `verbosity=quiet|normal|verbose`, as in `doit build verbosity=quiet`; `kiln build -q/-v`)."""
     started = time.monotonic()
     root = Path(root or os.getcwd()).resolve()
     manifest_arg = manifest_arg if manifest_arg is not None else get_var("manifest")
     if skip_unchanged is None:
         skip_unchanged = plain_build(sys.argv)
     try:
+        verbosity = parse_verbosity(get_var("verbosity")) if verbosity is None else verbosity
         paths = manifest_paths(root, manifest_arg)
         with _unchanged_manifests(root, paths, skip_unchanged and not switched_off("KILN_FRESH")) as unchanged:
             taken = {entry["model"]: path for path, entry in unchanged.items()}
             plans = _plan(root, [p for p in paths if p not in unchanged], wildcard=not manifest_arg, taken=taken)
-            for line in publish_unchanged(root, fresh.templates(unchanged), started):
+            templates = fresh.templates(unchanged)
+            for (model, _steps, template), line in zip(templates, publish_unchanged(root, templates, started), strict=True):
+                print_table(sys.stdout, model, target_rows(json.loads(template)))
                 print(line)
+                if not html_report_path(root, model).exists():  # else the page of the build that made these artifacts stands
+                    page_written(write_model_html, root / "build", model, None)
+                print(html_line(root, model))
     except KilnError as err:
         print(f"kiln: error: {err}", file=sys.stderr)
         raise SystemExit(err.exit_code) from None
     state_dir(root).mkdir(parents=True, exist_ok=True)
-    for plan in plans:
+    for plan in plans if verbosity > QUIET else []:
         for target, reason in sorted(plan.skipped.items()):
             print(f"kiln: skipped {plan.model}/{target}: {reason} (name the manifest to build it anyway)", file=sys.stderr)
 
     def task_build():
-        """Build manifests: doit build [manifest=manifests/bert.toml] (default: every manifest)."""
+        """Build manifests: doit build [manifest=bert] [verbosity=quiet|verbose]; its steps: doit list --all build"""
         yielded: set[str] = set()
         for plan in plans:
             names = {s.id: s.name for s in plan.steps}
@@ -130,7 +144,7 @@ def doit_globals(root: Path | None = None, manifest_arg: str | None = None, skip
     config = {
         "dep_file": str(state_dir(root) / "doit.db"),
         "backend": "sqlite3",
-        "reporter": reporter_for(plans),
+        "reporter": reporter_for(plans, verbosity),
         "default_tasks": [TASK],
         "action_string_formatting": "new",
     }

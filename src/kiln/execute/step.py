@@ -28,7 +28,7 @@ from kiln.base.hashing import UnsafeFolderEntry, list_tree, tree_sha256
 from kiln.base.paths import relative
 from kiln.base.temps import sweep_stale_temps, temp_path
 from kiln.errors import StepError, one_line
-from kiln.execute.resources import reserve
+from kiln.execute.resources import Meter, metered, remember_usage, reservation_mib, reserve
 from kiln.rules import RunContext, get_rule
 from kiln.runtime.child import raised_at
 from kiln.state.cache import Cache
@@ -46,13 +46,21 @@ _torch_lock = threading.Lock()
 
 def run_step(step: Step, root: Path):
     """doit action: restore the step's outputs from the cache when its key is there, else run the
-    rule into temp files and rename them into place; then write the record."""
+    rule into temp files and rename them into place; then write the record, with what the run cost
+    (kiln.execute.resources.metered). What the rule used sizes its next reservation."""
     started = time.monotonic()
+    with metered() as meter:
+        result = _run(step, root, started, meter)
+    remember_usage(root, step, meter.finish())
+    return result
+
+
+def _run(step: Step, root: Path, started: float, meter: Meter):
     sweep_stale_temps(log_path(root, step).parent)  # a killed run's log, even when this run restores from the cache
     try:
         current = components(step, root)
     except UnsafeFolderEntry as err:  # an input folder holding a symlink: its digest would not say what the rule reads
-        return _failed(step, root, "inputs checked", f"{step.name}: input {err.naming(relative(err.folder, root))}", started)
+        return _failed(step, root, "inputs checked", f"{step.name}: input {err.naming(relative(err.folder, root))}", started, meter)
     key = step_key(current)
     why = reason(step, root, current) or "forced (doit -a or an explicit request)"
     cache = Cache.for_root(root)
@@ -62,7 +70,7 @@ def run_step(step: Step, root: Path):
         for role, path in step.outputs.items():  # restore re-hashed every byte it copied: remember that digest, do not read again
             _remember_output(root, path, entry["outputs"][role])
     else:
-        info = _execute(step, root, why, started)
+        info = _execute(step, root, why, started, meter)
         if isinstance(info, TaskFailed):
             return info
     outputs = {role: output_entry(root, p) for role, p in step.outputs.items()}
@@ -73,6 +81,7 @@ def run_step(step: Step, root: Path):
     write_record(root, step, {
         "step": step.name, "id": step.id, "key": key, "components": current, "outputs": outputs,
         "reason": why, "seconds": round(time.monotonic() - started, 3), "info": info, "restored": entry is not None,
+        **meter.finish(),
     })
     for model, target in step.owners():
         write_json_atomic(last_path(root, step, target, model), current)
@@ -101,7 +110,7 @@ def _remember_output(root: Path, path: Path, entry: dict) -> None:
         remember(root, path, entry["sha256"])
 
 
-def _execute(step: Step, root: Path, why: str, started: float):
+def _execute(step: Step, root: Path, why: str, started: float, meter: Meter):
     """Run the rule into temp files and rename them into place, with what it prints, logs and warns
     going to the step's log (_captured). Returns the rule's facts, or a StepFailed for any exception
     (recorded in the failure file, the traceback in the log); no temp file survives."""
@@ -116,7 +125,8 @@ def _execute(step: Step, root: Path, why: str, started: float):
     log = log_path(root, step)
     _wrap_streams()  # now, not once the locks below are taken: doit -P thread has just put its own sys.stdout in place
     try:
-        with reserve(root, step, rule.memory_mib(step.params, _input_bytes(step))), \
+        meter.reserved_mib = reservation_mib(root, step, rule.memory_mib(step.params, _input_bytes(step)))
+        with reserve(root, step, meter.reserved_mib), \
                 _torch_lock if "torch" in rule.tools_for(step.params) else contextlib.nullcontext(), \
                 _captured(log, f"{step.name}: {step.rule} v{rule.version}, {why}"):
             info = rule().run({r: list(f) for r, f in step.inputs.items()}, temps, params, RunContext(root, step.name)) or {}
@@ -133,7 +143,7 @@ def _execute(step: Step, root: Path, why: str, started: float):
                 folder.rmdir()
         if not isinstance(err, Exception):  # KeyboardInterrupt, SystemExit: the build stops
             raise
-        return _failed(step, root, why, f"{step.name}: {_cause(err, step, root)}", started, err.facts if isinstance(err, StepError) else {}, log)
+        return _failed(step, root, why, f"{step.name}: {_cause(err, step, root)}", started, meter, err.facts if isinstance(err, StepError) else {}, log)
     for role, temp in temps.items():
         replace_artifact(temp, step.outputs[role])
     return info
@@ -151,11 +161,12 @@ def _check_folder(step: Step, role: str, temp: Path) -> None:
                                    "a folder artifact may hold only regular files and folders; write the file itself there") from None
 
 
-def _failed(step: Step, root: Path, why: str, error: str, started: float, facts: dict | None = None, log: Path | None = None) -> StepFailed:
-    """Record a failure (the failure file the report reads) and return doit's failure for it."""
+def _failed(step: Step, root: Path, why: str, error: str, started: float, meter: Meter, facts: dict | None = None,
+            log: Path | None = None) -> StepFailed:
+    """Record a failure (the failure file the report reads, with what the run cost) and return doit's failure for it."""
     logged = {"log": relative(log, root)} if log is not None else {}
     write_json_atomic(failure_path(root, step), {"step": step.name, "reason": why, "error": error, **logged,
-                                                 "facts": facts or {}, "seconds": round(time.monotonic() - started, 3)})
+                                                 "facts": facts or {}, "seconds": round(time.monotonic() - started, 3), **meter.finish()})
     return StepFailed(f"{error} (log: {logged['log']})" if logged else error)
 
 

@@ -51,9 +51,21 @@ def lock_data(plan: Plan) -> dict[str, Any] | None:
     }
 
 
+PREVIOUS_LOCK = "kiln.lock.previous.json"  # the lockfile a changed build replaced (kiln diff's default "before")
+
+
 def write_lock(plan: Plan) -> bool:
+    """Write the lockfile; True when it changed, the one it replaced then kept as kiln.lock.previous.json."""
     data = lock_data(plan)
-    return data is not None and write_json_atomic(lock_path(plan), data)
+    if data is None:
+        return False
+    path = lock_path(plan)
+    old = read_json(path)
+    if old == data:
+        return False
+    if old is not None:
+        write_json_atomic(path.with_name(PREVIOUS_LOCK), old)
+    return write_json_atomic(path, data)
 
 
 def write_provenance(plan: Plan) -> None:

@@ -10,7 +10,15 @@ its log, build/.kiln/logs/<step id>.log (log_path).
      "components": {"rule", "version", "params", "inputs": {role: [[file name, sha256], ...]}, "tools": {name: version}, ["hardware": {...}]},
      "outputs": {role: {"path": workspace-relative, "sha256", "bytes"}},   a folder output (model.mlpackage) also has
                  "files": [[relative path, sha256, bytes], ...] (an empty folder: [path + "/", "dir", 0]); its sha256 is their tree digest (kiln.base.hashing)
-     "reason": why it ran, "seconds", "info": the rule's facts, "restored": from the cache?}
+     "reason": why it ran, "seconds", "info": the rule's facts, "restored": from the cache?,
+     when it started and what the run cost (kiln.execute.resources.Meter): "started_at" (Unix time),
+     "cpu_seconds" (the process's and its waited-for
+     children's), "peak_rss_mib" (the process tree's), "used_mib" (the peak minus the tree's RSS at the
+     start), "reserved_mib" (what the step reserved; null when restored from the cache), "exclusive"
+     (false when other steps ran in the same process meanwhile: the numbers include theirs)}
+
+What a step's rule last used (exclusive runs only) is kept apart, build/.kiln/observed/<step id>.json
+(observed_path): {"rule", "used_mib", "peak_rss_mib"}; the next reservation is MEMORY_HEADROOM x used.
 """
 
 from __future__ import annotations
@@ -24,6 +32,10 @@ from kiln.base.paths import state_dir
 
 if TYPE_CHECKING:  # a no-op build never imports the planner (kiln.state.fresh)
     from kiln.plan.steps import Step
+
+# A step reserves this much more than it last used; a run whose use plus this margin exceeds its
+# reservation came close to it (the report warns).
+MEMORY_HEADROOM = 1.1
 
 
 class StepRecord:
@@ -71,6 +83,16 @@ class StepRecord:
     def info(self) -> dict[str, Any]:
         return self.data.get("info") or {}
 
+    @property
+    def usage(self) -> dict[str, Any]:
+        """When the run started and what it cost: {"started_at", "cpu_seconds", "peak_rss_mib", "used_mib",
+        "reserved_mib", "exclusive"};
+        empty for a record written before kiln measured."""
+        return {k: self.data[k] for k in USAGE_KEYS if k in self.data}
+
+
+USAGE_KEYS = ("started_at", "cpu_seconds", "peak_rss_mib", "used_mib", "reserved_mib", "exclusive")
+
 
 def read_record(root: Path, step: Step) -> StepRecord | None:
     data = read_json(record_path(root, step))
@@ -107,8 +129,23 @@ def last_path(root: Path, step: Step, target: str, model: str | None = None) -> 
 
 
 def failure_path(root: Path, step: Step) -> Path:
-    """Why the step's last run failed: {"step", "reason", "error" (the one line), "log", "facts", "seconds"}."""
+    """Why the step's last run failed: {"step", "reason", "error" (the one line), "log", "facts", "seconds"}
+    and what it cost (StepRecord.usage's keys)."""
     return record_path(root, step).with_suffix(".failed.json")
+
+
+def observed_path(root: Path, step: Step) -> Path:
+    """What the step's rule used when it last ran alone in its process, for its next reservation."""
+    return state_dir(root) / "observed" / f"{step.id}.json"
+
+
+def read_observed(root: Path, step: Step) -> dict[str, Any] | None:
+    data = read_json(observed_path(root, step))
+    return data if data is not None and isinstance(data.get("used_mib"), (int, float)) else None
+
+
+def write_observed(root: Path, step: Step, data: dict[str, Any]) -> None:
+    write_json_atomic(observed_path(root, step), data, durable=False)  # a lost one only costs a default reservation
 
 
 def log_path(root: Path, step: Step) -> Path:

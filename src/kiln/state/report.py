@@ -1,24 +1,35 @@
 """build/<model>/report.json and the summary line: the only writer of report files, used by the full
 build (engine.reporter, at the end of a doit run) and by the no-op fast path (kiln.state.fresh keeps
 a template of a manifest's no-op report; publish_unchanged fills it in). Per step: whether it ran or
-was up to date and why, its seconds and output sizes; per artifact: its size and validation metrics.
+was up to date and why, its seconds and output sizes, and what it cost; per artifact: its size and
+validation metrics; "warnings": steps that came within 10% of their memory reservation or exceeded it.
+
+What a step cost (from its record, kiln.execute.resources.Meter), in its entry: "last_run_started_at"
+(Unix time), "last_run_seconds", "last_run_cpu_seconds", "last_run_peak_rss_mib", "last_run_used_mib", "last_run_reserved_mib",
+"last_run_exclusive" for every step built before (its most recent run, in this build or an earlier
+one); a step that ran in this build (or failed in it) also has them without the prefix ("started_at",
+"seconds", "cpu_seconds", ...: this build's), and "warnings" when it came close to its reservation.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.base.fsio import dumps_by_line, read_json, write_bytes_atomic
-from kiln.state.records import failure_path, read_record
+from kiln.state.records import MEMORY_HEADROOM, USAGE_KEYS, failure_path, read_record
 
 if TYPE_CHECKING:  # a no-op build never imports the planner (kiln.state.fresh)
     from kiln.plan.steps import Plan
 
 RAN, UP_TO_DATE, FAILED, NOT_RUN = "ran", "up to date", "failed", "not run"
 _GENERATED_AT, _SECONDS = "@generated_at@", "@seconds@"  # placeholders in a no-op report template
+
+
+PREVIOUS_REPORT = "report.previous.json"  # the report of the build before the last one that changed the lockfile
 
 
 def report_path(root: Path, model: str) -> Path:
@@ -32,7 +43,7 @@ def step_entry(plan: Plan, step, status: str) -> dict[str, Any]:
         entry |= {"why": failure.get("reason"), "error": failure.get("error", "see doit's output"), "seconds": failure.get("seconds"), "facts": failure.get("facts")}
         if failure.get("log"):
             entry["log"] = failure["log"]  # the traceback and what the rule printed
-        return entry
+        return entry | _usage(entry["step"], {k: failure[k] for k in USAGE_KEYS if k in failure}, this_build=True)
     record = read_record(plan.root, step)
     if record is None:
         return entry | {"why": "not built yet"}
@@ -41,10 +52,35 @@ def step_entry(plan: Plan, step, status: str) -> dict[str, Any]:
     entry["seconds"] = record.seconds if status == RAN else 0.0
     entry["last_run_seconds"] = record.seconds
     entry["key"] = record.key
+    entry |= _usage(entry["step"], record.usage, this_build=status == RAN, last_run=True)
     entry["outputs"] = [{"path": o["path"], "bytes": o["bytes"]} for o in record.outputs.values()]
     if record.info:
         entry["info"] = record.info
     return entry
+
+
+def _usage(name: str, usage: dict[str, Any], this_build: bool, last_run: bool = False) -> dict[str, Any]:
+    """A step entry's cost fields (see the module's docstring) and its memory warning."""
+    fields = {f"last_run_{k}": v for k, v in usage.items()} if last_run else {}
+    if this_build:
+        fields |= usage
+        warning = memory_warning(name, usage)
+        if warning:
+            fields["warnings"] = [warning]
+    return fields
+
+
+def memory_warning(name: str, usage: dict[str, Any]) -> str | None:
+    """A warning when the step used more than MEMORY_HEADROOM short of its reservation: the margin
+    a learned reservation keeps (kiln.execute.resources.reservation_mib). None for a run that
+    reserved nothing (restored from the cache) or shared its process with other steps (its numbers
+    include theirs)."""
+    used, reserved = usage.get("used_mib"), usage.get("reserved_mib")
+    if not usage.get("exclusive") or used is None or reserved is None or used * MEMORY_HEADROOM <= reserved:
+        return None
+    how = "more than" if used > reserved else "within 10% of"
+    return (f"{name}: used {used:g} MiB of memory at its peak, {how} the {reserved} MiB it reserved;"
+            f" the next build reserves {math.ceil(used * MEMORY_HEADROOM)} MiB")
 
 
 def build_report(plan: Plan, statuses: dict[str, str], seconds: float) -> dict[str, Any]:
@@ -74,6 +110,7 @@ def build_report(plan: Plan, statuses: dict[str, str], seconds: float) -> dict[s
         "artifacts": artifacts,
         # targets left out of this build because this machine cannot build them (hardware)
         "skipped": [{"target": target, "why": why} for target, why in sorted(plan.skipped.items())],
+        "warnings": [warning for entry in steps for warning in entry.get("warnings", [])],
     }
 
 
