@@ -46,7 +46,9 @@ class ValidateParams(Params):
 @register
 class Validate(Rule):
     name = "validate"
-    version = 4  # 4: integer outputs counted (mismatched) and, for fp32 artifacts, required to match exactly
+    # 4: integer outputs counted (mismatched) and, for fp32 artifacts, required to match exactly
+    # 5: validation.json also holds "distributions": per output, histograms of the rows' errors
+    version = 5
     tools = ("numpy",)  # and the runtime the format is validated in (tools_for)
     Params = ValidateParams
 
@@ -103,7 +105,10 @@ class Validate(Rule):
         failed = failures(metrics, gates, exact_integers=params.precision == "fp32")
         if failed:
             raise StepError(ctx.step, "validation failed, artifact not published: " + "; ".join(failed), facts=report | {"passed": False})
-        _publish(inputs, outputs, report | {"passed": True})
+        # the row histograms go to validation.json only (the HTML report draws them): the step's
+        # record, and so report.json, keeps the small summaries
+        distributions = {name: m.distribution() for name, m in per_output.items()}
+        _publish(inputs, outputs, report | {"passed": True, "distributions": distributions})
         latency = _latency(fmt, inputs["model"][0], first_feed, axes["inputs"]) if first_feed else None
         return report | {"passed": True} | ({"latency": latency} if latency else {})
 

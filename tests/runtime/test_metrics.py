@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -114,3 +116,47 @@ def test_padded_positions_of_an_integer_output_are_not_counted():
     out = np.array([[5, 6, 9, 9]], dtype=np.int64)
     metrics.add(ref, out, padding=np.array([[1, 1, 0, 0]]))
     assert metrics.summary()["mismatched"] == 0
+
+
+def test_distribution_counts_each_rows_errors_in_its_log_bin():
+    """Rows cut as the cosines are (padding left out): 1 - cosine and max |diff| per row, binned on
+    1e-12 .. 1e2 at two bins per decade, with exact zeros, overflow and NaN rows apart."""
+    from kiln.runtime.metrics import HISTOGRAM_EDGES
+
+    ref = np.ones((2, 3, 4), np.float32)
+    out = ref.copy()
+    out[0, 1, 0] += 0.5     # max |diff| 0.5: bin [0.316, 1)
+    out[0, 2, :] = -1.0     # cosine -1 (1 - cos = 2: bin [1, 3.16)), max |diff| 2: bin [1, 3.16)
+    out[1, 0, 3] = 1000.0   # max |diff| 999: overflow
+    out[1, 1, 1] = np.nan   # NaN row
+    padding = np.array([[1, 1, 1], [1, 1, 0]])  # row [1, 2] is padding and counted nowhere
+    out[1, 2, :] = np.nan
+    m = OutputMetrics()
+    m.add(ref, out, padding)
+    dist = m.distribution()
+    assert dist["edges"] == list(HISTOGRAM_EDGES) and len(dist["edges"]) == 29
+    assert dist["edges"][0] == 1e-12 and dist["edges"][-1] == 100.0 and dist["edges"][2] == 1e-11
+    assert dist["rows"] == 5
+
+    def bin_of(value: float) -> int:
+        return next(i for i, (lo, hi) in enumerate(zip(HISTOGRAM_EDGES, HISTOGRAM_EDGES[1:], strict=False)) if lo <= value < hi)
+
+    diffs = dist["max_abs_diff"]
+    expected = [0] * 28
+    expected[bin_of(0.5)] += 1
+    expected[bin_of(2.0)] += 1
+    assert diffs == {"counts": expected, "zero": 1, "underflow": 0, "overflow": 1, "nan": 1}
+    expected = [0] * 28
+    expected[bin_of(1 - 4.5 / (2 * 5.25 ** 0.5))] += 1  # the 0.5 row: 1 - cos = 0.018
+    expected[bin_of(2.0)] += 1                          # the opposite row
+    expected[bin_of(1 - 1003 / (2 * 1000003 ** 0.5))] += 1  # the 1000 row: 1 - cos = 0.4985
+    assert dist["one_minus_cosine"] == {"counts": expected, "zero": 1, "underflow": 0, "overflow": 0, "nan": 1}
+    json.dumps(dist, allow_nan=False)  # plain ints and floats
+
+
+def test_histogram_edges_underflow_and_overflow_are_exact():
+    from kiln.runtime.metrics import histogram
+
+    hist = histogram(np.array([0.0, 1e-13, -1e-16, 1e-12, 3.1e-12, 99.99, 100.0, np.inf, np.nan]))
+    assert hist["zero"] == 1 and hist["underflow"] == 2 and hist["overflow"] == 2 and hist["nan"] == 1
+    assert hist["counts"][0] == 2 and hist["counts"][-1] == 1 and sum(hist["counts"]) == 3  # 1e-12 and 3.1e-12 in [1e-12, 3.16e-12)

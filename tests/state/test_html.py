@@ -14,6 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import REPO, Workspace, new_workspace
 
@@ -230,3 +231,44 @@ def test_nan_and_infinite_metrics_still_give_a_page_that_marks_them(tmp_path: Pa
 
 def svg_section(page: str, plot_id: str) -> str:
     return page.split(f'id="{plot_id}"')[1].split("</svg>")[0]
+
+
+def test_each_outputs_row_errors_are_drawn_per_target_from_validation_json(build: Path):
+    validation = json.loads((build / MODEL / "onnx" / "validation.json").read_text())
+    distribution = validation["distributions"]["probabilities"]  # written by the validate rule
+    assert distribution["rows"] == validation["metrics"]["probabilities"]["rows"]
+    assert all("distributions" not in a for a in report_of(build)["artifacts"])  # report.json stays small
+    page = write_model_html(build, MODEL, None).read_text()
+    plot = svg_section(page, "plot-distributions-probabilities")
+    assert "1 − cosine per row" in plot and ">1e-12<" in plot and ">1e2<" in plot
+    bars = re.findall(r"<title>onnx max_abs_diff ([^<]*): (\d+) rows</title>", plot)
+    hist = distribution["max_abs_diff"]
+    assert sum(int(n) for _, n in bars) == sum(hist["counts"]) + hist["zero"] + hist["overflow"] > 0
+
+
+def test_distributions_escape_names_mark_the_gate_and_note_targets_built_without_them(tmp_path: Path):
+    from kiln.runtime.metrics import OutputMetrics
+    from kiln.state.html import model_page
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((8, 16)).astype(np.float32)
+    m = OutputMetrics()
+    m.add(ref, ref + np.float32(1e-3) * rng.standard_normal((8, 16)).astype(np.float32))
+    folder = tmp_path / "build" / "m" / "new<t>"
+    folder.mkdir(parents=True)
+    (folder / "validation.json").write_text(json.dumps({"metrics": {"<out>": m.summary()}, "distributions": {"<out>": m.distribution()},
+                                                        "thresholds": {"min_cosine": 0.999, "max_abs_diff": 0.01}}))
+    (tmp_path / "build" / "m" / "old").mkdir()
+    (tmp_path / "build" / "m" / "old" / "validation.json").write_text(json.dumps({"metrics": {"<out>": m.summary()}}))
+    report = {"model": "m", "artifacts": [
+        {"target": "new<t>", "path": "build/m/new<t>/model.onnx", "status": "ran", "passed": True},
+        {"target": "old", "path": "build/m/old/model.onnx", "status": "ran", "passed": True}]}
+    page = model_page(tmp_path, report, None, None)
+    plot = svg_section(page, "plot-distributions-_3cout_3e")
+    assert "new&lt;t&gt;" in plot and "<out>" not in page and "<t>" not in page
+    assert "<title>gate 0.001</title>" in plot and "<title>gate 0.01</title>" in plot  # 1 - min_cosine, max_abs_diff
+    assert sum(int(n) for n in re.findall(r"max_abs_diff [^<]*: (\d+) rows", plot)) == 8
+    assert "no distribution stored" in plot  # the old target's row
+    assert page == model_page(tmp_path, report, None, None)
+    older = model_page(tmp_path, {"model": "m", "artifacts": report["artifacts"][1:]}, None, None)
+    assert "plot-distributions" not in older and "no target's validation.json has error distributions" in older

@@ -4,12 +4,14 @@ Per output: max_abs_diff and max_rel_diff (native kernel, exact), and the cosine
 row along the last axis (one per token for last_hidden_state, one per sample for pooled outputs),
 summarized as mean_cosine and min_cosine over all rows of all batches. An output's batch axis is
 moved first before rows are cut, so a row never mixes samples (a state [2, batch, 8] gives one row
-per layer per sample); an output without a batch axis is compared whole.
+per layer per sample); an output without a batch axis is compared whole. distribution() gives the
+rows' spread (1 - cosine and max |diff| per row) as fixed-bin histograms for the HTML report.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -21,6 +23,9 @@ GATES = {  # metric -> (comparison, words for a failure)
     "max_abs_diff": (lambda value, limit: value <= limit, ">"),
     "max_rel_diff": (lambda value, limit: value <= limit, ">"),
 }
+# Histogram edges of the per-row errors: 1e-12 .. 1e2, two bins per decade. Parsed from decimal text
+# so every machine gets the same doubles (10 ** 0.5 need not round alike everywhere).
+HISTOGRAM_EDGES = tuple(float(f"{10 ** (k / 2):.6g}") for k in range(-24, 5))
 
 
 @dataclass
@@ -32,6 +37,7 @@ class OutputMetrics:
     nonfinite: int = 0
     mismatched: int | None = None  # integer outputs (class labels, token ids): values that differ at all
     cosines: list[np.ndarray] = field(default_factory=list)
+    row_max_abs: list[np.ndarray] = field(default_factory=list)  # per row, cut as the cosines are
 
     def add(self, ref: np.ndarray, out: np.ndarray, padding: np.ndarray | None = None, batch_axis: int | None = 0) -> None:
         """padding: optional mask over the leading axes, batch first (e.g. attention_mask [batch,
@@ -57,6 +63,7 @@ class OutputMetrics:
         self.max_rel_diff = max(self.max_rel_diff, max_rel) if not np.isnan(max_rel) else float("nan")
         self.nonfinite += nonfinite
         self.cosines.append(row_cosines(ref32, out32))
+        self.row_max_abs.append(row_max_abs_diffs(ref32, out32))
 
     def summary(self) -> dict[str, float | int]:
         cos = np.concatenate(self.cosines) if self.cosines else np.ones(1)
@@ -65,6 +72,44 @@ class OutputMetrics:
             "mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()),
             "rows": int(cos.size), "nonfinite": int(self.nonfinite),
         } | ({"mismatched": self.mismatched} if self.mismatched is not None else {})
+
+
+    def distribution(self) -> dict[str, Any]:
+        """The rows' errors as two histograms on HISTOGRAM_EDGES: of 1 - cosine and of max |diff|.
+        JSON-ready: the edges, the row count and per histogram "counts" (one per bin, a value v in
+        [edges[i], edges[i+1])) and the rows outside the bins: "zero" (exactly 0), "underflow" (below
+        1e-12 but not 0, e.g. a cosine rounded just above 1), "overflow" (1e2 or more, inf) and "nan"."""
+        cos = np.concatenate(self.cosines) if self.cosines else np.ones(0)
+        diffs = np.concatenate(self.row_max_abs) if self.row_max_abs else np.zeros(0)
+        # row_cosines scores a row with a NaN as cosine 0; here it is a NaN row, as its max |diff| is
+        one_minus = np.where(np.isnan(diffs), np.nan, 1.0 - cos)
+        return {"edges": list(HISTOGRAM_EDGES), "rows": int(cos.size),
+                "one_minus_cosine": histogram(one_minus), "max_abs_diff": histogram(diffs)}
+
+
+def histogram(values: np.ndarray) -> dict[str, Any]:
+    """Counts of values on HISTOGRAM_EDGES, with the zero, underflow, overflow and NaN rows apart."""
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    edges = np.asarray(HISTOGRAM_EDGES)
+    nan = np.isnan(values)
+    finite = values[~nan]
+    inside = finite[(finite >= edges[0]) & (finite < edges[-1])]
+    bins = np.searchsorted(edges, inside, side="right") - 1
+    return {"counts": [int(c) for c in np.bincount(bins, minlength=edges.size - 1)],
+            "zero": int(np.count_nonzero(finite == 0)),
+            "underflow": int(np.count_nonzero((finite < edges[0]) & (finite != 0))),
+            "overflow": int(np.count_nonzero(finite >= edges[-1])), "nan": int(np.count_nonzero(nan))}
+
+
+def row_max_abs_diffs(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """max |ref - out| of each row along the last axis (the rows row_cosines cuts), in float64; a
+    row with a NaN on either side is NaN (np.max keeps NaN), inf - inf too."""
+    a = ref.reshape(-1, ref.shape[-1] if ref.ndim else 1).astype(np.float64)
+    b = out.reshape(-1, out.shape[-1] if out.ndim else 1).astype(np.float64)
+    if a.shape[1] == 0:  # rows of no values differ nowhere
+        return np.zeros(a.shape[0])
+    with np.errstate(invalid="ignore"):
+        return np.abs(a - b).max(axis=1)
 
 
 def _batch_first(array: np.ndarray, batch_axis: int | None) -> np.ndarray:

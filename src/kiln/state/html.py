@@ -10,9 +10,10 @@ through html.escape.
 Plots (each an <svg class="plot" id="plot-...">):
 - trade-off: artifact size (x, log) against the worst output's 1 - min cosine (y, log), the dot's
   area the measured median latency;
-- errors: per output, max |diff| and 1 - min cosine per target against the gates. validation.json
-  holds these summary metrics only: a distribution would need the validate rule to store per-row
-  errors (e.g. a histogram of row cosines per output), which it does not;
+- errors: per output, max |diff| and 1 - min cosine per target against the gates;
+- distributions: per output, a row per target of two histograms of its rows' errors (1 - cosine and
+  max |diff|, log bins) with the target's gate, from validation.json's "distributions" (written by
+  the validate rule since its version 5; an older build's targets get a note);
 - calibration: per observed tensor of each calibrate step, the |x| histogram with the clipping
   threshold every method (minmax, percentile, entropy) derives from it, by the quantize rules' own
   function (kiln.build_rules.quantize_static.activation_ranges), and the range each static target
@@ -92,6 +93,7 @@ def model_page(root: Path, report: dict, lock: dict | None, previous: dict | Non
         _section("Targets", targets_table(targets, report.get("skipped") or [])),
         _section("Size, accuracy and latency", tradeoff_plot(targets)),
         _section("Error against the source, per output", errors_section(targets)),
+        _section("Error distributions over rows, per output", distributions_section(targets)),
         _section("Calibration", calibration_section(root, report)),
         _section("Step timeline", timeline_section(report.get("steps") or [], report.get("warnings") or [])),
         _section("Changes since the previous build", changes_section(report, previous, targets)),
@@ -135,6 +137,7 @@ def target_rows(root: Path, report: dict, lock: dict | None) -> list[dict[str, A
             row["metrics"] = validation.get("metrics", row.get("metrics"))
             row["thresholds"] = validation.get("thresholds", row.get("thresholds"))
             row["samples"] = validation.get("samples")
+            row["distributions"] = validation.get("distributions")
         # the lockfile is written by a build that passed only: after a failure it holds the last good artifact's
         row["sha256"] = digests.get(artifact.get("target")) if artifact.get("status") != "failed" else None
         rows.append(row)
@@ -251,8 +254,7 @@ def errors_section(targets: list[dict]) -> str:
         return "<p class=muted>no target has validation metrics (nothing was run against the source)</p>"
     parts = ["<p class=small>Per output: the worst absolute difference and 1 − the lowest row cosine against the "
              "source's reference outputs (validation.json), on log scales; a tick marks the target's gate. "
-             "Only these summaries are stored: a per-sample distribution would need the validate rule to "
-             "keep per-row errors.</p>"]
+             "How the rows spread is drawn under Error distributions.</p>"]
     for output in outputs:
         rows = []
         for t in targets:
@@ -266,6 +268,86 @@ def errors_section(targets: list[dict]) -> str:
         parts.append(error_bars(f"plot-errors-{_slug(output)}", rows))
         parts.append(metrics_table(output, targets))
     return "".join(parts)
+
+
+# ---------------------------------------------------------------- error distributions per output
+
+
+def distributions_section(targets: list[dict]) -> str:
+    """Per output, one plot of a row per target: histograms of its rows' 1 - cosine and max |diff|."""
+    outputs = sorted({name for t in targets for name in (t.get("metrics") or {})})
+    if not outputs:
+        return "<p class=muted>no target has validation metrics</p>"
+    if not any(isinstance(t.get("distributions"), dict) for t in targets):
+        return ("<p class=muted>no target's validation.json has error distributions (built before kiln stored "
+                "them, or not run against the source): rebuild to see them</p>")
+    parts = ["<p class=small>Per output and target: how many rows (tokens or samples) have each error, on log "
+             "bins of two per decade; the first bar counts rows of exactly 0, the last those of 1e2 or more; "
+             "a red line marks the target's gate (min_cosine, max_abs_diff).</p>"]
+    for output in outputs:
+        rows = [(str(t.get("target")), (t.get("distributions") or {}).get(output), t.get("thresholds") or {})
+                for t in targets if isinstance((t.get("metrics") or {}).get(output), dict)]
+        parts.append(f"<h3>{_e(output)}</h3>")
+        parts.append(distribution_rows(f"plot-distributions-{_slug(output)}", output, rows))
+    return "".join(parts)
+
+
+def distribution_rows(plot_id: str, output: str, rows: list[tuple[str, dict | None, dict]]) -> str:
+    """A row per target of two histogram panels; a target without a stored distribution gets a note."""
+    label_w, panel_w, row_h, top = 150, 360, 78, 22
+    w, h = label_w + 2 * panel_w + 40, top + row_h * len(rows) + 6
+    body = [_text(label_w + p * (panel_w + 20), 14, title) for p, title in enumerate(("1 − cosine per row (log)", "max |diff| per row (log)"))]
+    for i, (name, dist, gates) in enumerate(rows):
+        y = top + i * row_h
+        body.append(_text(label_w - 6, y + 30, _clip(name, 22), anchor="end"))
+        if not _drawable(dist):
+            body.append(_text(label_w, y + 30, "no distribution stored (built before kiln stored them)", cls="muted"))
+            continue
+        cos_gate = gates.get("min_cosine")
+        for p, (key, gate) in enumerate((("one_minus_cosine", _one_minus(cos_gate)), ("max_abs_diff", gates.get("max_abs_diff")))):
+            body.append(_histogram_panel(label_w + p * (panel_w + 20), y, panel_w - 20, row_h - 30, dist["edges"], dist.get(key) or {}, gate, f"{name} {key}"))
+    return _svg(plot_id, w, h, "".join(body), f"error distributions of {output}")
+
+
+def _drawable(dist: Any) -> bool:
+    """A stored distribution this page can draw: ascending positive edges (the log axis)."""
+    edges = dist.get("edges") if isinstance(dist, dict) else None
+    return (isinstance(edges, list) and len(edges) >= 2 and all(_finite(e) and e > 0 for e in edges)
+            and all(a < b for a, b in zip(edges, edges[1:], strict=False)))
+
+
+def _histogram_panel(x: float, y: float, width: float, height: float, edges: list, hist: dict, gate: Any, tip: str) -> str:
+    """Bars of one histogram: a slot for exact zeros, one per bin, one for the overflow; the x axis
+    is log10 of the edges, labelled every second decade; NaN and underflow rows are counted in text."""
+    counts = [hist.get("zero", 0), *(hist.get("counts") or []), hist.get("overflow", 0)]
+    counts = [c if isinstance(c, int) and not isinstance(c, bool) else 0 for c in counts]
+    slot = width / len(counts)
+    tallest = max(counts) or 1
+    lo, hi = math.log10(edges[0]), math.log10(edges[-1])
+
+    def px(log_value: float) -> float:  # the bins' span lies between the zero slot and the overflow slot
+        return x + slot + (min(max(log_value, lo), hi) - lo) / (hi - lo) * (width - 2 * slot)
+
+    labels = ["0", *(f"[{_num(a, 3)}, {_num(b, 3)})" for a, b in zip(edges, edges[1:], strict=False)), f"≥ {_num(edges[-1], 3)}"]
+    body = [_axes(x, y, x + width, y + height)]
+    for k, count in enumerate(counts):
+        if count:
+            bh = count / tallest * height
+            body.append(f'<rect x="{_c(x + k * slot)}" y="{_c(y + height - bh)}" width="{_c(max(slot - 1, 0.5))}" height="{_c(bh)}" '
+                        f'fill="{"#cf222e" if k == len(counts) - 1 else "#4c78a8"}"><title>{_e(tip)} {_e(labels[k])}: {count} rows</title></rect>')
+    for d in range(math.ceil(lo), math.floor(hi) + 1):
+        body.append(f'<line x1="{_c(px(d))}" y1="{_c(y + height)}" x2="{_c(px(d))}" y2="{_c(y + height + 3)}" stroke="#888"/>')
+        if d % 2 == 0:
+            body.append(_text(px(d), y + height + 14, f"1e{d}", anchor="middle", cls="muted"))
+    if _finite(gate):
+        gx = px(math.log10(gate)) if gate > 0 else x + slot
+        body.append(f'<line x1="{_c(gx)}" y1="{_c(y - 2)}" x2="{_c(gx)}" y2="{_c(y + height)}" stroke="#cf222e" stroke-dasharray="3 2">'
+                    f"<title>gate {_num(gate, 6)}</title></line>")
+    extra = [f"{hist[k]} {words}" for k, words in (("nan", "NaN"), ("underflow", f"nonzero below {_num(edges[0], 3)}"))
+             if isinstance(hist.get(k), int) and hist[k]]
+    if extra:
+        body.append(_text(x + width, y + 8, ", ".join(extra), anchor="end", fill="#cf222e" if hist.get("nan") else ""))
+    return "".join(body)
 
 
 def error_bars(plot_id: str, rows: list[tuple]) -> str:
