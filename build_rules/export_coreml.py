@@ -37,14 +37,19 @@ from kiln.runtime.child import fail, in_fresh_stack, portable_code_paths, read_j
 CONVERSION_DATE = "com.github.apple.coremltools.conversion_date"  # the one metadata entry that varies run to run
 
 
-class ExportCoremlParams(Params):
+class CoremlParams(Params):
+    """What every Core ML export takes, whatever the source's framework (export_coreml_tf too)."""
+
     source: dict[str, Any]
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
     precision: Literal["fp32", "fp16"]
     minimum_deployment_target: str
-    via: Literal["trace", "torch_export"] = "trace"
     max_sizes: dict[str, int] = {}  # every named dim of the inputs -> its upper bound
+
+
+class ExportCoremlParams(CoremlParams):
+    via: Literal["trace", "torch_export"] = "trace"
 
 
 @register

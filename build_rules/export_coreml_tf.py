@@ -30,11 +30,12 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from kiln.base.temps import temp_path
 from kiln.errors import StepError
-from kiln.rules import Params, Rule, RunContext, register
+from kiln.build_rules.export_coreml import CoremlParams
+from kiln.rules import Rule, RunContext, register
 from kiln.runtime.child import fail, read_job, run_in_child
 
 # coremltools' NotImplementedError for a TF op without a converter: "Conversion for TF op 'X' not implemented.\n \n<node def>"
@@ -42,13 +43,8 @@ UNCONVERTED_OP = re.compile(r"Conversion for TF op '([^']+)' not implemented")
 NODE_NAME = re.compile(r'name: "([^"]+)"')
 
 
-class ExportCoremlTfParams(Params):
-    source: dict[str, Any]
-    inputs: list[dict[str, Any]]
-    outputs: list[dict[str, Any]]
-    precision: Literal["fp32", "fp16"]
-    minimum_deployment_target: str
-    max_sizes: dict[str, int] = {}  # every named dim of the inputs -> its upper bound
+class ExportCoremlTfParams(CoremlParams):
+    """The torch export's settings without `via`: TensorFlow has one way in (the serving function)."""
 
 
 @register

@@ -341,7 +341,7 @@ def test_a_lightgbm_classifier_with_string_classes_is_refused_in_one_line(tmp_pa
     model = lightgbm.LGBMClassifier(n_estimators=2, verbose=-1, n_jobs=1).fit(features, np.array(["setosa", "versicolor", "virginica"])[labels])
     with pytest.raises(StepError, match=r"^t/convert: models:f: LGBMClassifier has string classes \['setosa', 'versicolor', 'virginica'\]; allowed: integer classes"):
         refuse_misconverted(model, {"kind": "lightgbm", "factory": "models:f"}, "t/convert")
-    from kiln.sources.boosted_trees import shaped_results
+    from kiln.sources.sklearn import shaped_results
 
     outputs = [{"name": "label", "dtype": "int64", "shape": ["batch"]}, {"name": "probabilities", "dtype": "float32", "shape": ["batch", 3]}]
     with pytest.raises(StepError, match=r"^t/ref: LGBMClassifier gives output 'label' values like \['setosa'\], which are not int64; allowed: a model fitted on integer classes"):

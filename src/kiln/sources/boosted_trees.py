@@ -129,7 +129,7 @@ class BoostedTrees(SourceKind):
 
     def run_reference(self, feeds: Iterator[dict], files: list[Path], source: dict, inputs: list[dict],
                       outputs: list[dict], ctx: RunContext) -> Iterator[tuple[dict, dict]]:
-        from kiln.sources.sklearn import check_feature_names, model_feature_names
+        from kiln.sources.sklearn import check_feature_names, model_feature_names, shaped_results
 
         model = self.load_model(source, files, ctx.root)
         check_feature_count(model_feature_count(model), inputs[0], source, ctx.step)
@@ -153,25 +153,6 @@ def check_feature_count(count: int, spec: dict, source: dict, step: str) -> None
     if declared != count:
         origin = source.get("path") or source.get("factory")
         raise StepError(step, f"inputs.{spec['name']}.shape: {declared} features, but {origin} was trained on {count}; allowed: shape = [\"batch\", {count}]")
-
-
-def shaped_results(results: tuple, outputs: list[dict], model_name: str, step: str) -> dict:
-    """The results as the manifest's outputs, by position: its dtypes, a 1-D regressor's predictions
-    as the [batch, 1] column the converter outputs."""
-    import numpy as np
-
-    if len(results) != len(outputs):
-        raise StepError(step, f"{model_name} gives {len(results)} outputs but the manifest declares {len(outputs)}: {[t['name'] for t in outputs]}")
-    shaped = {}
-    for spec, value in zip(outputs, results, strict=True):
-        value = np.asarray(value)
-        if spec.get("shape") is not None and value.ndim == len(spec["shape"]) - 1:
-            value = value.reshape(*value.shape, 1)
-        try:
-            shaped[spec["name"]] = np.ascontiguousarray(value.astype(spec["dtype"]))
-        except (TypeError, ValueError):  # string class labels for an int64 label output
-            raise StepError(step, f"{model_name} gives output {spec['name']!r} values like {value.ravel()[:1].tolist()}, which are not {spec['dtype']}; allowed: a model fitted on integer classes 0..N-1 (encode string classes with a LabelEncoder before fitting)") from None
-    return shaped
 
 
 def library_error(text: str) -> str:

@@ -75,24 +75,10 @@ class Sklearn(SourceKind):
                       outputs: list[dict], ctx: RunContext) -> Iterator[tuple[dict, dict]]:
         """The estimator itself on each batch; results shaped like the manifest's outputs (a regressor's
         [batch] predictions as [batch, 1] where the manifest says so, as skl2onnx outputs them)."""
-        import numpy as np
-
         estimator = load_estimator(source, files, ctx.root)
         check_feature_names(model_feature_names(estimator), inputs[0].get("columns"), f"inputs.{inputs[0]['name']}.columns", source, ctx.step)
-        output_names = [t["name"] for t in outputs]
-        declared = {t["name"]: t for t in outputs}
         for feed in feeds:
-            results = estimator_results(estimator, feed[inputs[0]["name"]])
-            if len(results) != len(output_names):
-                raise StepError(ctx.step, f"{type(estimator).__name__} gives {len(results)} outputs but the manifest declares {len(output_names)}: {output_names}")
-            shaped = {}
-            for name, value in zip(output_names, results, strict=True):
-                value = np.asarray(value)
-                shape = declared[name].get("shape")
-                if shape is not None and value.ndim == len(shape) - 1:
-                    value = value.reshape(*value.shape, 1)
-                shaped[name] = np.ascontiguousarray(value.astype(declared[name]["dtype"]))
-            yield feed, shaped
+            yield feed, shaped_results(estimator_results(estimator, feed[inputs[0]["name"]]), outputs, type(estimator).__name__, ctx.step)
 
 
 def load_estimator(source: dict[str, Any], files: list[Path], root: Path):
@@ -153,3 +139,22 @@ def check_feature_names(model_names: list[str] | None, declared: list[str] | Non
 
 def _listed(names: list[str]) -> str:
     return str(names) if len(names) <= 12 else str(names[:12])[:-1] + f", ... ({len(names)} in all)]"
+
+
+def shaped_results(results: tuple, outputs: list[dict], model_name: str, step: str) -> dict:
+    """The results as the manifest's outputs, by position: its dtypes, a 1-D regressor's predictions
+    as the [batch, 1] column the converters (skl2onnx, onnxmltools) output."""
+    import numpy as np
+
+    if len(results) != len(outputs):
+        raise StepError(step, f"{model_name} gives {len(results)} outputs but the manifest declares {len(outputs)}: {[t['name'] for t in outputs]}")
+    shaped = {}
+    for spec, value in zip(outputs, results, strict=True):
+        value = np.asarray(value)
+        if spec.get("shape") is not None and value.ndim == len(spec["shape"]) - 1:
+            value = value.reshape(*value.shape, 1)
+        try:
+            shaped[spec["name"]] = np.ascontiguousarray(value.astype(spec["dtype"]))
+        except (TypeError, ValueError):  # string class labels for an int64 label output
+            raise StepError(step, f"{model_name} gives output {spec['name']!r} values like {value.ravel()[:1].tolist()}, which are not {spec['dtype']}; allowed: a model fitted on integer classes 0..N-1 (encode string classes with a LabelEncoder before fitting)") from None
+    return shaped
