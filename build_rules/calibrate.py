@@ -6,6 +6,11 @@ observers and dropped before the next batch runs (onnxruntime's calibrators keep
 the end). The artifact, calibration.json, holds per-tensor min, max and histogram, from which any
 method (minmax, percentile, entropy) derives ranges later; so its key is model, data and these
 params only, and every static target of the model shares it whatever its method.
+
+When the step also has a "channels" output, it writes channels.json beside it: each observed
+tensor's max |x| per channel (the last axis) over every batch, which activation smoothing
+(build_rules/smooth_onnx.py) needs and a per-tensor histogram cannot give. Folded batch by batch
+as well, so it costs one |x| temporary of a batch and K floats per tensor.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ class CalibrateParams(Params):
 @register
 class Calibrate(Rule):
     name = "calibrate"
-    version = 1
+    version = 2  # 2: the optional "channels" output (per-channel |x| maxima)
     tools = ("onnx", "onnxruntime", "tokenizers", "transformers", "numpy")
     Params = CalibrateParams
     memory_base_mib = 1536  # one batch of every observed activation, plus onnxruntime's arena
@@ -59,18 +64,55 @@ class Calibrate(Rule):
 
     @staticmethod
     def _observe(sess, observed: list[str], inputs: dict[str, list[Path]], outputs: dict[str, Path], params: CalibrateParams, ctx: RunContext) -> dict[str, Any]:
-        calibration, samples = observe_batches(lambda feed: zip(observed, sess.run(observed, feed), strict=True), inputs, params, ctx.step, ctx.progress)
+        channels = ChannelMaxima(ctx.step) if "channels" in outputs else None
+        calibration, samples = observe_batches(lambda feed: zip(observed, sess.run(observed, feed), strict=True), inputs, params, ctx.step, ctx.progress, channels)
         outputs["calibration"].write_text(calibration.to_json() + "\n")
-        return {"tensors": len(observed), "samples": samples, "bins": params.bins}
+        facts = {"tensors": len(observed), "samples": samples, "bins": params.bins}
+        if channels is not None:
+            outputs["channels"].write_text(channels.to_json() + "\n")
+            facts["channel_tensors"] = len(channels.maxima)
+        return facts
 
 
-def observe_batches(observe, inputs: dict[str, list[Path]], params, step: str, progress=None):
+class ChannelMaxima:
+    """Running max |x| per channel (the last axis) of each tensor over a stream of batches. Tensors
+    with fewer than 2 dims, or no values, have no channel axis to speak of and are left out."""
+
+    def __init__(self, step: str):
+        self.step = step
+        self.maxima: dict = {}  # tensor name -> float32 array [channels]
+
+    def update(self, name: str, value) -> None:
+        import numpy as np
+
+        if value.ndim < 2 or value.size == 0:
+            return
+        # NaN propagates into the maxima; observe_batches fails the step on any NaN anyway.
+        batch_max = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0).astype(np.float32)
+        seen = self.maxima.get(name)
+        if seen is None:
+            self.maxima[name] = batch_max
+        elif seen.shape != batch_max.shape:
+            raise StepError(self.step, f"tensor {name!r} has {batch_max.size} channels (last axis) in one calibration batch and {seen.size} in an earlier one: per-channel maxima need a fixed last axis")
+        else:
+            np.maximum(seen, batch_max, out=seen)
+
+    def to_json(self) -> str:
+        """{tensor: [max |x| per channel]}: sorted keys, each float32 written as its exact double
+        (an Inf as JSON's non-standard Infinity, as calibration.json does), so the bytes are reproducible."""
+        import json
+
+        return json.dumps({name: [float(v) for v in m] for name, m in sorted(self.maxima.items())}, sort_keys=True, separators=(",", ":"))
+
+
+def observe_batches(observe, inputs: dict[str, list[Path]], params, step: str, progress=None, channels: ChannelMaxima | None = None):
     """Fold the model's observed tensors over the [calibration] data (inputs["data"], read by kiln's
     loader; inputs["source"]: the tokenizer, if any) into kiln's native observers, one batch at a
     time. observe(feed) -> (tensor name, value) pairs for one batch; params: the calibration
     settings (inputs, batch_size, max_length, max_samples, bins). Returns the Calibration and the
     number of samples; a tensor that held NaN fails the step (no range could be trusted).
-    progress(batches done): RunContext.progress, for the terminal."""
+    progress(batches done): RunContext.progress, for the terminal. channels: also folds every tensor
+    into these per-channel maxima."""
     from kiln.native.calibration import Calibration
     from kiln.runtime.data import batch_axis, batches, sample_count
 
@@ -80,6 +122,8 @@ def observe_batches(observe, inputs: dict[str, list[Path]], params, step: str, p
     for done, feed in enumerate(batches(inputs["data"][0], inputs.get("source"), params.inputs, params.batch_size, params.max_length, params.max_samples), 1):
         for name, value in observe(feed):
             calibration.update(name, value)
+            if channels is not None:
+                channels.update(name, value)
         samples += sample_count(feed, axes)  # along the batch axis, wherever the manifest puts it
         if progress is not None:
             progress(done)

@@ -8,6 +8,12 @@ Conv is not in the default op types: onnxruntime's ConvInteger runs several time
 fp32 Conv on CPU (0.54 vs 0.08 ms on tinycnn), so a CNN quantized dynamically is smaller but slower;
 options.op_types = ["MatMul", "Conv"] asks for it anyway (static QDQ is onnxruntime's advice for CNNs).
 
+options.embeddings (int8 by default) turns the large embedding tables (a Gather on a 2-D float
+initializer, e.g. BERT's 47 MB word embedding, most of an int8 BERT otherwise) into onnxruntime's
+GatherBlockQuantized with 8-bit (or 4-bit) blocks: kiln.runtime.embeddings.
+options.fallback = "auto" keeps the layers the scan_layers step found most damaging in fp32, fewest
+first, until the target's gates pass on the validation data (kiln.runtime.budget).
+
 A model in which nothing was quantized fails the step, naming the weight ops the graph does have:
 an fp32 model is never published as int8. The facts count the quantized ops by type.
 Byte-deterministic across runs.
@@ -16,10 +22,12 @@ Byte-deterministic across runs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from kiln.errors import StepError, one_line
 from kiln.rules import Params, Rule, RunContext, register
+from kiln.runtime.budget import within_budget
+from kiln.runtime.embeddings import quantize_embeddings
 
 # What onnxruntime's dynamic (IntegerOps) quantizer rewrites on CPU; Gemm arrives as MatMul.
 DEFAULT_OP_TYPES = ["Attention", "LSTM", "MatMul"]
@@ -30,48 +38,66 @@ class QuantizeDynamicParams(Params):
     op_types: list[str] = DEFAULT_OP_TYPES
     exclude_nodes: list[str] = []
     external_data: bool = False  # the model and the "data" output keep their tensors in one external file
+    embeddings: Literal["fp32", "int8", "int4"] = "fp32"  # large Gather tables -> GatherBlockQuantized
+    fallback: dict[str, Any] | None = None  # options.fallback = "auto": the gates to reach (kiln.runtime.budget)
 
 
 @register
 class QuantizeDynamic(Rule):
     name = "quantize_dynamic"
-    version = 2  # 2: subgraphs quantized, LSTM/Attention by default, sorted graph checked by onnx's full checker
+    # 2: subgraphs quantized, LSTM/Attention by default, sorted graph checked by onnx's full checker
+    # 3: embeddings (GatherBlockQuantized) and the accuracy-budget fallback
+    version = 3
     tools = ("onnx", "onnxruntime")
     Params = QuantizeDynamicParams
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: QuantizeDynamicParams, ctx: RunContext) -> dict[str, Any]:
         import logging
-        import tempfile
-
-        import onnx
-        from onnxruntime.quantization import QuantType, quantize_dynamic
 
         from kiln.runtime.onnx_graph import ACTIVATION_QUANTIZERS, QUANTIZED_WEIGHT_OPS, count_ops, layers_to_quantize, load, publish
 
         logging.getLogger("onnxruntime").setLevel(logging.WARNING)
         model = load(inputs["model"][0])
         layers_to_quantize(model, params.exclude_nodes, ctx.step)  # checks the names, and names nameless nodes
-        # The quantizer writes into a private folder: with external data it puts its own data file
-        # beside the model it saves, which must not land in the step's folder.
-        with tempfile.TemporaryDirectory(dir=outputs["model"].parent, prefix=".kiln-quantize-") as tmp:
-            written = Path(tmp) / "model.onnx"
-            try:
-                # The proto, not the path: the quantizer then sees the names kiln gave nameless nodes, and
-                # writes its shape-inferred copy to a temporary folder, not beside another step's output.
-                quantize_dynamic(
-                    model, str(written), op_types_to_quantize=params.op_types, per_channel=params.per_channel,
-                    weight_type=QuantType.QInt8, nodes_to_exclude=excluded_names(model, params.exclude_nodes),
-                    use_external_data_format=params.external_data, extra_options={"EnableSubgraph": True},
-                )
-            except Exception as err:  # onnxruntime.quantization raises assorted plain exceptions
-                raise StepError(ctx.step, f"dynamic int8 quantization failed: {one_line(err)}") from None
-            quantized = onnx.load(str(written))
+        notes: dict[str, Any] = {}
+        quantized, facts = within_budget(lambda kept: _quantize(model, params, kept, outputs["model"].parent, ctx, notes),
+                                         inputs, params.fallback, ctx.step, ctx.progress)
         weight_ops = count_ops(quantized.graph, QUANTIZED_WEIGHT_OPS)
         if not weight_ops:
             raise StepError(ctx.step, nothing_quantized(model, params))
-        del model  # the fp32 weights: only the quantized copy is written
         publish(quantized, outputs["model"], ctx.step, outputs["data"] if params.external_data else None)
-        return {"quantized_ops": weight_ops | count_ops(quantized.graph, ACTIVATION_QUANTIZERS), "nodes": len(quantized.graph.node)}
+        return {"quantized_ops": weight_ops | count_ops(quantized.graph, ACTIVATION_QUANTIZERS), "nodes": len(quantized.graph.node)} | notes | facts
+
+
+def _quantize(model, params: QuantizeDynamicParams, kept: list[str], scratch: Path, ctx: RunContext, notes: dict[str, Any]):
+    """onnxruntime's dynamic quantization of a copy of `model`, with the manifest's exclude_nodes and
+    `kept` left fp32, then the embeddings quantized as the target asks."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+
+    source = onnx.ModelProto()
+    source.CopyFrom(model)  # the quantizer rewrites the proto it is given (Gemm -> MatMul)
+    # The quantizer writes into a private folder: with external data it puts its own data file
+    # beside the model it saves, which must not land in the step's folder.
+    with tempfile.TemporaryDirectory(dir=scratch, prefix=".kiln-quantize-") as tmp:
+        written = Path(tmp) / "model.onnx"
+        try:
+            # The proto, not the path: the quantizer then sees the names kiln gave nameless nodes, and
+            # writes its shape-inferred copy to a temporary folder, not beside another step's output.
+            quantize_dynamic(
+                source, str(written), op_types_to_quantize=params.op_types, per_channel=params.per_channel,
+                weight_type=QuantType.QInt8, nodes_to_exclude=excluded_names(model, [*params.exclude_nodes, *kept]),
+                use_external_data_format=params.external_data, extra_options={"EnableSubgraph": True},
+            )
+        except Exception as err:  # onnxruntime.quantization raises assorted plain exceptions
+            raise StepError(ctx.step, f"dynamic int8 quantization failed: {one_line(err)}") from None
+        quantized = onnx.load(str(written))
+    if params.embeddings != "fp32":
+        notes["embeddings"] = quantize_embeddings(quantized, bits=int(params.embeddings[3:]))
+    return quantized
 
 
 def excluded_names(model, exclude: list[str]) -> list[str]:

@@ -7,7 +7,9 @@ derives from the calibration histograms; layer outputs stay fp32
 (OpTypesToExcludeOutputQuantization), so onnxruntime fuses each into an integer matmul with fp32
 output. Nodes named in exclude_nodes stay fp32 (per-layer fallback). A model left with no weight
 layer to quantize, or a quantizer that wrote no int8 weight, fails the step: an fp32 model is never
-published as int8. The graph is sorted (the quantizer appends nodes out of order) and the written
+published as int8. options.embeddings and options.fallback = "auto" as for dynamic int8
+(build_rules/quantize_dynamic.py): large embedding tables become GatherBlockQuantized, and the
+layers the scan found most damaging stay fp32, fewest first, until the gates pass. The graph is sorted (the quantizer appends nodes out of order) and the written
 file passes onnx's full checker. Byte-deterministic.
 """
 
@@ -18,6 +20,8 @@ from typing import Any, Literal
 
 from kiln.errors import StepError, one_line
 from kiln.rules import Params, Rule, RunContext, register
+from kiln.runtime.budget import within_budget
+from kiln.runtime.embeddings import quantize_embeddings
 
 
 class QuantizeStaticParams(Params):
@@ -28,12 +32,16 @@ class QuantizeStaticParams(Params):
     op_types: list[str] = ["MatMul", "Gemm"]
     exclude_nodes: list[str] = []
     external_data: bool = False  # the model and the "data" output keep their tensors in one external file
+    embeddings: Literal["fp32", "int8", "int4"] = "fp32"  # large Gather tables -> GatherBlockQuantized
+    fallback: dict[str, Any] | None = None  # options.fallback = "auto": the gates to reach (kiln.runtime.budget)
 
 
 @register
 class QuantizeStatic(Rule):
     name = "quantize_static"
-    version = 2  # 2: sorted graph, checked by onnx's full checker; quantizing nothing fails
+    # 2: sorted graph, checked by onnx's full checker; quantizing nothing fails
+    # 3: embeddings (GatherBlockQuantized) and the accuracy-budget fallback
+    version = 3
     tools = ("onnx", "onnxruntime", "numpy")
     Params = QuantizeStaticParams
 
@@ -59,13 +67,33 @@ class QuantizeStatic(Rule):
         if missing:
             raise StepError(ctx.step, f"the calibration has no range for {missing[0]!r} ({len(missing)} tensors): it was made for another model")
         ranges = activation_ranges(calibration, activations, params)
-        quantized = _quantize(model, ranges, [layer.node.name for layer in layers], params, ctx)
+        notes: dict[str, Any] = {}
+
+        def quantize(kept: list[str]):
+            return _quantize_kept(model, ranges, [layer for layer in layers if layer.node.name not in kept], params, ctx, notes)
+
+        quantized, facts = within_budget(quantize, inputs, params.fallback, ctx.step, ctx.progress)
         if not int8_weights(quantized):
             raise StepError(ctx.step, f"static int8 wrote no int8 weight for the {len(layers)} weight layers it was given: the artifact would be fp32")
         publish(quantized, outputs["model"], ctx.step, outputs["data"] if params.external_data else None)
         return {"quantized_layers": len(layers), "excluded": len(params.exclude_nodes), "method": params.method,
                 "quantized_ops": count_ops(quantized.graph, ACTIVATION_QUANTIZERS),
-                "ranges": {name: [float(lo), float(hi)] for name, (lo, hi) in sorted(ranges.items())}}
+                "ranges": {name: [float(lo), float(hi)] for name, (lo, hi) in sorted(ranges.items())}} | notes | facts
+
+
+def _quantize_kept(model, ranges: dict, layers, params: QuantizeStaticParams, ctx: RunContext, notes: dict[str, Any]):
+    """A copy of `model` with `layers` quantized (the quantizer rewrites the proto it is given), then
+    the embeddings as the target asks."""
+    import onnx
+
+
+    source = onnx.ModelProto()
+    source.CopyFrom(model)
+    used = {layer.activation for layer in layers}
+    quantized = _quantize(source, {k: v for k, v in ranges.items() if k in used}, [layer.node.name for layer in layers], params, ctx)
+    if params.embeddings != "fp32":
+        notes["embeddings"] = quantize_embeddings(quantized, bits=int(params.embeddings[3:]))
+    return quantized
 
 
 def nothing_to_quantize(model, params: QuantizeStaticParams) -> str:

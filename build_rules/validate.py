@@ -11,7 +11,6 @@ fails unless the target sets allow_unvalidated.
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,8 @@ from kiln.base.fsio import copy_artifact
 from kiln.errors import StepError, one_line
 from kiln.rules import Params, Rule, RunContext, register
 from kiln.runtime.runners import Artifact, RuntimeUnavailable, StructuralOnly, close_runner
+from kiln.runtime.reference import batch_axes, reference_batches, select_metrics
+from kiln.runtime.reference import padding as padding_of
 
 
 class ValidateParams(Params):
@@ -82,15 +83,15 @@ class Validate(Rule):
             return self._structural(str(err), err.checks, inputs, outputs, params)
         except RuntimeUnavailable as err:
             return self._unvalidated(str(err), inputs, outputs, params, ctx)
-        axes = _batch_axes(inputs["reference"][0])
+        axes = batch_axes(inputs["reference"][0])
         first_feed = None
         try:
-            batches = list(_reference_batches(inputs["reference"][0]))  # all in memory already (load_file)
+            batches = list(reference_batches(inputs["reference"][0]))  # all in memory already (load_file)
             for done, (feed, expected) in enumerate(batches, 1):
                 first_feed = feed if first_feed is None else first_feed
                 got = run(feed)
                 samples += sample_count(feed, axes["inputs"])
-                padding = _padding(feed, params.padding_mask, axes["inputs"])
+                padding = padding_of(feed, params.padding_mask, axes["inputs"])
                 for name in params.outputs:
                     try:
                         per_output[name].add(expected[name], got[name], padding, axes["outputs"].get(name, 0))
@@ -99,7 +100,7 @@ class Validate(Rule):
                 ctx.progress(done, len(batches))
         finally:
             close_runner(run)
-        metrics = {name: _select(m.summary(), params.metrics) for name, m in per_output.items()}
+        metrics = {name: select_metrics(m.summary(), params.metrics) for name, m in per_output.items()}
         gates = {k: v for k, v in params.thresholds.items() if v is not None}
         report = {"target": params.target, "samples": samples, "thresholds": gates, "metrics": metrics}
         failed = failures(metrics, gates, exact_integers=params.precision == "fp32")
@@ -143,10 +144,6 @@ def _publish(inputs: dict[str, list[Path]], outputs: dict[str, Path], report: di
     outputs["validation"].write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
 
 
-def _select(summary: dict, wanted: list[str]) -> dict:
-    return {k: v for k, v in summary.items() if k in wanted or k in ("rows", "nonfinite", "mismatched")}
-
-
 def _latency(fmt: Any, artifact: Path, feed: dict, axes: dict[str, int | None]) -> dict[str, Any] | None:
     """The report-only latency on the first validation sample. It runs after publishing and can fail
     nothing: when it cannot run, the report says why ({"skipped": reason})."""
@@ -156,37 +153,3 @@ def _latency(fmt: Any, artifact: Path, feed: dict, axes: dict[str, int | None]) 
         return fmt.latency(artifact, first_sample(feed, axes))
     except Exception as err:  # onnxruntime raises its own types; a probe must never fail a validated target
         return {"skipped": f"latency not measured: {one_line(err)}"}
-
-
-def _padding(feed: dict, mask: str | None, axes: dict[str, int | None]):
-    """The padding mask of this batch with its batch axis first, as the metrics cut rows."""
-    import numpy as np
-
-    if mask is None or mask not in feed or axes.get(mask, 0) is None:
-        return None
-    return np.moveaxis(feed[mask], axes.get(mask, 0), 0)
-
-
-def _batch_axes(path: Path) -> dict[str, dict[str, int | None]]:
-    """Where each input and output of the reference file has its samples (reference_outputs'
-    "batch_axes" metadata); a file without it has every tensor batched on axis 0, which is what a
-    name absent from these dicts means to their readers."""
-    import json
-
-    from kiln.native.safetensors import safe_open
-
-    with safe_open(str(path)) as f:
-        stored = (f.metadata() or {}).get("batch_axes")
-    return json.loads(stored) if stored else {"inputs": {}, "outputs": {}}
-
-
-def _reference_batches(path: Path):
-    """Yield (inputs, outputs) per batch from reference_outputs' file, in batch order."""
-    from kiln.native.safetensors import load_file
-
-    batches: dict[str, dict[str, dict]] = defaultdict(lambda: {"in": {}, "out": {}})
-    for key, value in load_file(str(path)).items():
-        batch, kind, name = key.split("/", 2)
-        batches[batch][kind][name] = value
-    for batch in sorted(batches):
-        yield batches[batch]["in"], batches[batch]["out"]

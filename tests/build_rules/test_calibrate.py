@@ -99,3 +99,19 @@ def test_max_samples_stops_inside_the_last_batch(tmp_path):
     got = Calibration.from_json(out.read_text())
     assert (got["x2"].min, got["x2"].max) == (expected["x2"].min, expected["x2"].max)
     assert np.array_equal(got["x2"].bins, expected["x2"].bins)
+
+
+def test_channels_output_holds_each_tensors_max_abs_per_channel_over_every_batch(tmp_path):
+    """With a "channels" output the step also writes {tensor: [max |x| over all but the last axis]}."""
+    rule = get_rule("calibrate")
+    tiny_onnx.tiny_model(tmp_path / "fp32.onnx")
+    data = tiny_onnx.data(tmp_path / "calib.npz")
+    out = {"calibration": tmp_path / "calibration.json", "channels": tmp_path / "channels.json"}
+    params = rule.Params(inputs=tiny_onnx.INPUTS, batch_size=8, max_length=16, bins=256)
+    info = rule().run({"model": [tmp_path / "fp32.onnx"], "data": [data]}, out, params, RunContext(tmp_path, "test/calibrate"))
+    found = json.loads(out["channels"].read_text())
+    assert sorted(found) == ["m2", "mixed2", "r3", "x2"] and info["channel_tensors"] == 4
+    for name, batches in activations(tmp_path, sorted(found), 8).items():
+        whole = np.concatenate([b.reshape(-1, b.shape[-1]) for b in batches])
+        assert found[name] == [float(v) for v in np.abs(whole).max(axis=0)], name
+    assert out["calibration"].read_bytes() == calibrate(tmp_path, "without.json").read_bytes()  # the histograms are unchanged

@@ -84,3 +84,51 @@ def test_an_80_column_terminal_clips_no_name_gate_status_or_number():
         for cell in ("onnx_fp16_long_name", "1-cos 3.1e-05", "1-cos 1.0e-06", "pass", "ran", "3.0 MiB", "1.23 ms", "fp16"):
             assert cell in text, (width, cell)
         assert why.split()[-1] in text and max(len(line.rstrip()) for line in text.splitlines()) <= width
+
+
+FALLBACK = {"goal": {"min_cosine": 0.98, "mean_cosine": 0.99}, "passed": True,
+            "kept": [{"node": "/l1/Gemm", "weight": "model.encoder.layer.1.output.dense.weight", "alone": {"min_cosine": 0.9887, "mean_cosine": 0.9981}},
+                     {"node": "/l3/Gemm", "weight": "model.encoder.layer.3.intermediate.dense.weight", "alone": {"min_cosine": 0.99, "mean_cosine": 0.999}}],
+            "trials": [{"kept": 0, "min_cosine": 0.9692, "mean_cosine": 0.996, "passed": False},
+                       {"kept": 1, "min_cosine": 0.9771, "mean_cosine": 0.997, "passed": False},
+                       {"kept": 2, "min_cosine": 0.9821, "mean_cosine": 0.998, "passed": True}],
+            "bytes_cost": 1769472, "latency_ms": {"all_quantized": 7.8, "with_fallback": 8.1}, "scan_seconds": 41.2, "search_seconds": 12.3}
+
+
+def test_a_quantized_targets_latency_shows_its_ratio_to_fp32_and_its_fallback_a_line_under_the_table():
+    rows = target_rows(report(
+        {"target": "onnx_fp32", "precision": "fp32", "latency": {"median_ms": 22.5}, "status": "ran"},
+        {"target": "onnx_int8_static", "precision": "int8", "latency": {"median_ms": 8.063}, "status": "ran", "fallback": FALLBACK,
+         "latency_vs_fp32": {"target": "onnx_fp32", "ratio": 0.358, "fp32_ms": 22.5, "ms": 8.063}},
+        {"target": "onnx_int4", "precision": "int4", "latency": {"median_ms": 28.5, "threads": 2, "shape": {"input_ids": [1, 128]}}, "status": "ran",
+         "latency_vs_fp32": {"target": "onnx_fp32", "ratio": 1.267, "fp32_ms": 22.5, "ms": 28.5},
+         "fallback": FALLBACK | {"passed": False, "kept": FALLBACK["kept"] * 3, "trials": FALLBACK["trials"][:1], "latency_ms": {}}}))
+    assert [r["latency"] for r in rows] == ["22.50 ms", "8.06 ms (0.36x)", "28.50 ms (1.27x)"]
+    text = plain_table(rows, "bert")
+    assert text.splitlines()[-3:] == [
+        "onnx_int8_static: kept 2 layers in float (/l1/Gemm, /l3/Gemm):"
+        " min_cosine 0.969 -> 0.982, +1.8 MB, latency 7.8 -> 8.1 ms",
+        "onnx_int4: gate not reached with 6 layers kept in float (/l1/Gemm, /l3/Gemm, /l1/Gemm, ... 3 more):"
+        " min_cosine 0.969 (goal 0.98), +1.8 MB",
+        "warning: onnx_int4 (int4) runs 1.27x slower than onnx_fp32 (28.5 vs 22.5 ms, shape input_ids [1, 128], 2 threads)"]  # the report's warning
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=100, color_system=None)
+    console.print(rich_table("bert", rows))
+    assert "min_cosine 0.969 -> 0.982" in console.file.getvalue().replace("\n", " ")  # the terminal's table says it too
+
+
+def test_targets_without_latency_comparison_or_fallback_keep_their_plain_row():
+    rows = target_rows(report({"target": "a", "latency": {"skipped": "no CPU"}, "status": "ran",
+                               "fallback": {"passed": True, "kept": [], "trials": [{"kept": 0, "min_cosine": 0.9853}]}},
+                              {"target": "b", "latency": {"median_ms": 1.0}, "status": "ran"}))
+    assert [r["latency"] for r in rows] == ["-", "1.00 ms"]
+    assert rows[0]["fallback"] == "kept no layer in float: min_cosine 0.985" and "fallback" not in rows[1]
+    assert len(plain_table(rows).splitlines()) == 5  # header, rule, two rows, the one fallback line
+
+
+def test_a_search_that_never_met_the_gate_names_its_largest_try():
+    failed = {"goal": {"min_cosine": 0.98}, "passed": False, "kept": [], "bytes_cost": None, "latency_ms": None,
+              "trials": [{"kept": 0, "min_cosine": 0.9, "passed": False}, {"kept": 12, "min_cosine": 0.95, "passed": False}]}
+    (row,) = target_rows(report({"target": "int4", "status": "failed", "fallback": failed}))
+    assert row["fallback"] == "gate not reached with 12 layers kept in float: min_cosine 0.900 -> 0.950 (goal 0.98)"

@@ -272,3 +272,29 @@ def test_distributions_escape_names_mark_the_gate_and_note_targets_built_without
     assert page == model_page(tmp_path, report, None, None)
     older = model_page(tmp_path, {"model": "m", "artifacts": report["artifacts"][1:]}, None, None)
     assert "plot-distributions" not in older and "no target's validation.json has error distributions" in older
+
+
+def test_quantized_targets_show_their_latency_against_fp32_and_the_layers_kept_in_float(tmp_path: Path):
+    from kiln.state.html import model_page
+
+    fallback = {"goal": {"min_cosine": 0.98}, "passed": True, "bytes_cost": 1769472, "latency_ms": {"all_quantized": 7.8, "with_fallback": 8.1},
+                "kept": [{"node": "/l3/<Gemm>", "weight": "layer.3.<w>", "alone": {"min_cosine": 0.9887, "mean_cosine": 0.9981}}],
+                "trials": [{"kept": 0, "min_cosine": 0.9692, "mean_cosine": 0.996, "passed": False},
+                           {"kept": 1, "min_cosine": 0.9821, "mean_cosine": 0.998, "passed": True}],
+                "scan_seconds": 41.2, "search_seconds": 12.3}
+    report = {"model": "m", "artifacts": [
+        {"target": "fp32", "format": "onnx", "precision": "fp32", "status": "ran", "latency": {"median_ms": 22.5}},
+        {"target": "int8", "format": "onnx", "precision": "int8", "status": "ran", "latency": {"median_ms": 8.063}, "fallback": fallback,
+         "latency_vs_fp32": {"target": "fp32", "ratio": 0.358, "fp32_ms": 22.5, "ms": 8.063}},
+        {"target": "int4", "format": "onnx", "precision": "int4", "status": "ran", "latency": {"median_ms": 28.5},
+         "latency_vs_fp32": {"target": "fp32", "ratio": 1.267, "fp32_ms": 22.5, "ms": 28.5}}],
+        "warnings": ["int4 (int4) runs 1.27x slower than fp32 (28.5 vs 22.5 ms, shape input_ids [1, 128], 2 threads)"]}
+    page = model_page(tmp_path, report, None, None)
+    targets = page[page.index("<h2>Targets"):page.index("<h2>Size")]
+    assert "(0.36× fp32)</span>" in targets and '<span class=bad title="28.5 ms against fp32' in targets
+    kept = page[page.index("<h2>Layers kept in higher precision"):page.index("<h2>Calibration")]
+    assert "<code>layer.3.&lt;w&gt;</code>" in kept and "<td class=n>0.9887</td><td class=n>0.9981</td>" in kept and "<Gemm>" not in page
+    assert "size +1.7 MiB" in kept and "7.8 ms all quantized → 8.1 ms" in kept and kept.count("<tr><td class=n>") == 2  # two trials
+    assert "runs 1.27x slower than fp32" in page
+    plain = model_page(tmp_path, {"model": "m", "artifacts": [dict(report["artifacts"][0])]}, None, None)
+    assert "Layers kept in higher precision" not in plain and "×" not in plain  # no fallback, no ratio: nothing added

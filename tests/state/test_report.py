@@ -274,3 +274,92 @@ def test_publish_unchanged_writes_one_report_per_manifest(tmp_path: Path):
 def test_publish_unchanged_of_nothing_writes_nothing(tmp_path: Path):
     assert publish_unchanged(tmp_path, [], started=0.0) == []
     assert not (tmp_path / "build").exists()
+
+
+# ---- quantized artifacts: latency against fp32, layers kept in float ----------------------------------
+
+SHAPE = {"input_ids": [1, 128], "attention_mask": [1, 128]}
+FALLBACK = {"goal": {"min_cosine": 0.98, "mean_cosine": 0.99}, "passed": True,
+            "kept": [{"node": "/model/encoder/layer.3/intermediate/dense/Gemm", "weight": "model.encoder.layer.3.intermediate.dense.weight",
+                      "alone": {"min_cosine": 0.9887, "mean_cosine": 0.9981}}],
+            "trials": [{"kept": 0, "min_cosine": 0.9692, "mean_cosine": 0.996, "passed": False},
+                       {"kept": 1, "min_cosine": 0.9821, "mean_cosine": 0.998, "passed": True}],
+            "bytes_cost": 1769472, "latency_ms": {"all_quantized": 7.8, "with_fallback": 8.1}, "scan_seconds": 41.2, "search_seconds": 12.3}
+
+
+def timing(ms: float, shape: dict | None = None, threads: int = 2) -> dict:
+    return {"median_ms": ms, "p10_ms": ms * 0.9, "runs": 30, "threads": threads, "shape": shape or SHAPE}
+
+
+def quantized_plan(root: Path) -> Plan:
+    """export (shared by all) -> validate fp32; -> quantize_dynamic (with a fallback) -> validate int8;
+    -> quantize_int4 -> validate int4: each validate measured a latency on the same shape."""
+    steps_dir, out = root / "build" / ".steps", root / "build" / "m"
+    export = Step("export_onnx-0000000000a1", "export_onnx", {}, {}, {"model": steps_dir / "e" / "model.onnx"}, "m", ["fp32", "int4", "int8"])
+    steps = [export]
+    for target, precision, rule in (("fp32", "fp32", None), ("int4", "int4", "quantize_int4"), ("int8", "int8", "quantize_dynamic")):
+        deps = [export.id]
+        if rule:
+            quantize = Step(f"{rule}-0000000000b{len(steps)}", rule, {}, {}, {"model": steps_dir / target / "model.onnx"}, "m", [target], deps)
+            steps.append(quantize)
+            deps = [quantize.id]
+        steps.append(Step(f"validate-0000000000c{len(steps)}", "validate", {"target": target, "format": "onnx", "precision": precision}, {},
+                          {"artifact": out / target / "model.onnx", "validation": out / target / "validation.json"}, "m", [target], deps))
+    plan = Plan("m", root / "manifests" / "m.toml", root, steps)
+    latencies = {"fp32": 22.5, "int4": 28.5, "int8": 8.063}
+    for step in steps:
+        if step.publishes:
+            record(plan, step, {"artifact": 1000, "validation": 10}, info=validated(latency=timing(latencies[step.targets[0]])))
+        else:
+            record(plan, step, {"model": 1000}, info={"fallback": FALLBACK} if step.rule == "quantize_dynamic" else {})
+    return plan
+
+
+def test_quantized_artifacts_show_latency_next_to_fp32_and_a_slower_one_is_a_warning(tmp_path: Path):
+    plan = quantized_plan(tmp_path)
+    report = build_report(plan, dict.fromkeys((s.name for s in plan.steps), UP_TO_DATE), 1.0)
+    artifacts = {a["target"]: a for a in report["artifacts"]}
+    assert "latency_vs_fp32" not in artifacts["fp32"]
+    assert artifacts["int8"]["latency_vs_fp32"] == {"target": "fp32", "ratio": 0.358, "fp32_ms": 22.5, "ms": 8.063}
+    assert artifacts["int4"]["latency_vs_fp32"] == {"target": "fp32", "ratio": 1.267, "fp32_ms": 22.5, "ms": 28.5}
+    assert report["warnings"] == ["int4 (int4) runs 1.27x slower than fp32 (28.5 vs 22.5 ms,"
+                                  " shape attention_mask [1, 128], input_ids [1, 128], 2 threads)"]  # as the record keeps it
+    # the quantize step's fallback facts reach the artifact it made, and only that one
+    assert artifacts["int8"]["fallback"] == FALLBACK and "fallback" not in artifacts["int4"] and "fallback" not in artifacts["fp32"]
+    assert json.loads(dumps_by_line(report)) == report  # and the report stays JSON
+
+
+def artifact(target: str, precision: str | None, latency: dict | None = None, fmt: str = "onnx") -> dict:
+    return {"target": target, "format": fmt, "precision": precision} | ({"latency": latency} if latency else {})
+
+
+def test_latency_is_compared_only_on_the_same_shape_and_threads_with_the_same_format():
+    from kiln.state.report import compare_latency
+
+    arts = [artifact("fp32", "fp32", timing(20.0)), artifact("fp16_long", "fp16", timing(30.0, {"input_ids": [1, 512]})),
+            artifact("int8_4threads", "int8", timing(30.0, threads=4)), artifact("ov_int8", "int8", timing(30.0), fmt="openvino"),
+            artifact("skipped", "int8", {"skipped": "latency not measured: no CPU"}), artifact("none", "int4")]
+    assert compare_latency(arts, [], {}) == []
+    assert all("latency_vs_fp32" not in a for a in arts)
+
+
+def test_the_fp32_artifact_sharing_most_steps_is_the_baseline_then_the_first_by_name():
+    from kiln.state.report import compare_latency
+
+    def steps(*chains: tuple[str, list[str]]) -> list[dict]:
+        return [{"step": name, "rule": "r", "targets": targets} for name, targets in chains]
+
+    arts = [artifact("b_fp32", "fp32", timing(10.0)), artifact("a_fp32", "fp32", timing(40.0)), artifact("int8", "int8", timing(20.0))]
+    shared_with_b = steps(("export", ["a_fp32", "b_fp32", "int8"]), ("simplify", ["b_fp32", "int8"]))
+    assert compare_latency(arts, shared_with_b, {}) == ["int8 (int8) runs 2.00x slower than b_fp32 (20 vs 10 ms, shape input_ids [1, 128],"
+                                                        " attention_mask [1, 128], 2 threads)"]
+    assert arts[2]["latency_vs_fp32"]["target"] == "b_fp32"
+    del arts[2]["latency_vs_fp32"]
+    assert compare_latency(arts, steps(("export", ["a_fp32", "b_fp32", "int8"])), {}) == []  # a tie: a_fp32, and faster than it
+    assert arts[2]["latency_vs_fp32"] == {"target": "a_fp32", "ratio": 0.5, "fp32_ms": 40.0, "ms": 20.0}
+
+
+def test_a_ratio_that_rounds_to_one_still_reads_slower():
+    from kiln.state.report import ratio_text
+
+    assert (ratio_text(1.004), ratio_text(1.264), ratio_text(0.358)) == ("1.004", "1.26", "0.36")

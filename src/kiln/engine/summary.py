@@ -3,7 +3,9 @@ manifest's report (kiln.state.report), then where its HTML report is. Made from 
 alone, so the no-op fast path (which plans nothing) prints the same table as a full build.
 
 Plain text (aligned columns, no box drawing) where the output is not a terminal, so CI logs keep it
-readable; a rich table in a terminal."""
+readable; a rich table in a terminal. A quantized target's latency cell has its ratio to the fp32
+artifact of its format ("8.06 ms (0.36x)"), and each target whose quantize step kept layers in float
+gets a line under the table saying which, what that bought and what it cost."""
 
 from __future__ import annotations
 
@@ -12,7 +14,13 @@ import os
 from pathlib import Path
 from typing import Any, TextIO
 
+from kiln.state.report import ratio_text, slower_warning
+
 COLUMNS = ("target", "format", "precision", "size", "latency", "worst", "mean", "gate", "status", "why")
+# A row's extra cells (not columns), each a line under the table: a target that kept layers in float,
+# and one slower than the fp32 artifact of its format (its report warning).
+FALLBACK, SLOWER = "fallback", "slower"
+MAX_KEPT_NAMES = 3  # kept layers named in that line; the report lists them all
 
 
 def html_report_path(root: Path, model: str) -> Path:
@@ -48,7 +56,8 @@ def html_line(root: Path, model: str) -> str:
 
 
 def target_rows(report: dict[str, Any]) -> list[dict[str, str]]:
-    """One row per target of the report, every cell a string (COLUMNS)."""
+    """One row per target of the report, every cell a string (COLUMNS; FALLBACK for a target whose
+    quantize step kept layers in float, SLOWER for one slower than its fp32 artifact)."""
     rows = []
     for artifact in report.get("artifacts", []):
         target = artifact["target"]
@@ -57,9 +66,14 @@ def target_rows(report: dict[str, Any]) -> list[dict[str, str]]:
         status, why = _status(artifact, steps)
         rows.append({
             "target": target, "format": artifact.get("format") or "-", "precision": artifact.get("precision") or "-",
-            "size": _size(artifact.get("bytes")), "latency": _latency(artifact.get("latency")),
+            "size": _size(artifact.get("bytes")), "latency": _latency(artifact.get("latency"), artifact.get("latency_vs_fp32")),
             "worst": worst, "mean": mean, "gate": "nan" if _nonfinite(artifact) and artifact.get("passed") is not False else _gate(artifact.get("passed"), status), "status": status, "why": why,
         })
+        if isinstance(artifact.get("fallback"), dict):
+            rows[-1][FALLBACK] = fallback_text(artifact["fallback"])
+        slower = slower_warning(artifact, artifact.get("precision"))
+        if slower:
+            rows[-1][SLOWER] = slower
     for skipped in report.get("skipped", []):
         rows.append(dict.fromkeys(COLUMNS, "-") | {"target": skipped["target"], "status": "skipped", "why": skipped["why"]})
     return rows
@@ -143,10 +157,61 @@ def _size(size: int | None) -> str:
     return f"{size} B"
 
 
-def _latency(latency: dict[str, Any] | None) -> str:
+def _latency(latency: dict[str, Any] | None, versus: dict[str, Any] | None = None) -> str:
+    """"8.06 ms", and its ratio to the fp32 artifact's when the report has one: "8.06 ms (0.36x)"."""
     if not latency or "median_ms" not in latency:
         return "-"
-    return f"{latency['median_ms']:.2f} ms"
+    ratio = (versus or {}).get("ratio")
+    compared = f" ({ratio_text(ratio)}x)" if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) else ""
+    return f"{latency['median_ms']:.2f} ms{compared}"
+
+
+def fallback_text(fallback: dict[str, Any]) -> str:
+    """What a fallback did, for a line under the table: "kept 2 layers in float (a, b): min_cosine
+    0.969 -> 0.982, +1.8 MB, latency 7.8 -> 8.1 ms" (the worst-output min cosine of the trial with
+    every layer quantized, then of the trial that kept these layers), or "gate not reached with 5
+    layers kept in float (...)" and the goal it missed."""
+    kept = [k for k in fallback.get("kept") or [] if isinstance(k, dict)]
+    names = [str(k.get("node") or k.get("weight") or "?") for k in kept]
+    count = len(kept) or (_most_kept(fallback) if fallback.get("passed") is False else 0)  # a search that failed chose no layers: its last try
+    layers = f"{count} layer{'' if count == 1 else 's'}" if count else "no layer"
+    kept_as = str(fallback.get("kept_as") or "float")
+    text = f"gate not reached with {layers} kept in {kept_as}" if fallback.get("passed") is False else f"kept {layers} in {kept_as}"
+    if names:
+        more = f", ... {len(names) - MAX_KEPT_NAMES} more" if len(names) > MAX_KEPT_NAMES else ""
+        text += f" ({', '.join(names[:MAX_KEPT_NAMES])}{more})"
+    facts = []
+    cosines = _fallback_cosines(fallback, count)
+    if cosines:
+        facts.append("min_cosine " + " -> ".join(f"{c:.3f}" for c in cosines))
+        goal = (fallback.get("goal") or {}).get("min_cosine")
+        if fallback.get("passed") is False and _number(goal):
+            facts[-1] += f" (goal {goal:g})"
+    if kept and _number(fallback.get("bytes_cost")):
+        facts.append(f"{fallback['bytes_cost'] / 1e6:+.1f} MB")
+    latency = fallback.get("latency_ms") or {}
+    if _number(latency.get("all_quantized")) and _number(latency.get("with_fallback")):
+        facts.append(f"latency {latency['all_quantized']:.3g} -> {latency['with_fallback']:.3g} ms")
+    return text + (": " + ", ".join(facts) if facts else "")
+
+
+def _fallback_cosines(fallback: dict[str, Any], kept: int) -> list[float]:
+    """The min cosine with every layer quantized and with the kept layers in float (one value when
+    these are the same trial: nothing was kept); [] when the trials do not say."""
+    trials = [t for t in fallback.get("trials") or [] if isinstance(t, dict) and _number(t.get("min_cosine"))]
+    before = next((t for t in trials if t.get("kept") == 0), None)
+    after = next((t for t in trials if t.get("kept") == kept), trials[-1] if trials else None)
+    if before is None or after is None:
+        return [after["min_cosine"]] if after is not None else []
+    return [before["min_cosine"]] if before is after else [before["min_cosine"], after["min_cosine"]]
+
+
+def _most_kept(fallback: dict[str, Any]) -> int:
+    return max((t["kept"] for t in fallback.get("trials") or [] if isinstance(t, dict) and _number(t.get("kept"))), default=0)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def plain_table(rows: list[dict[str, str]], model: str | None = None, why_width: int = 60) -> str:
@@ -156,7 +221,14 @@ def plain_table(rows: list[dict[str, str]], model: str | None = None, why_width:
     widths = {c: max([len(c), *(len(row[c]) for row in cells)]) for c in COLUMNS}
     lines = ["  ".join(c.ljust(widths[c]) for c in COLUMNS).rstrip(), "  ".join("-" * widths[c] for c in COLUMNS)]
     lines += ["  ".join(row[c].ljust(widths[c]) for c in COLUMNS).rstrip() for row in cells]
-    return "\n".join(([f"model {model}:"] if model else []) + lines)
+    return "\n".join(([f"model {model}:"] if model else []) + lines + notes_under(rows))
+
+
+def notes_under(rows: list[dict[str, str]]) -> list[str]:
+    """Under the table: "<target>: kept 2 layers in float (...)" per target with a fallback, then
+    "<target> (int8) runs 1.05x slower than <fp32 target> (...)" per target slower than fp32."""
+    return ([f"{row['target']}: {row[FALLBACK]}" for row in rows if row.get(FALLBACK)]
+            + [f"warning: {row[SLOWER]}" for row in rows if row.get(SLOWER)])
 
 
 WHY_MIN = 20  # narrower than this, "why" goes under the table rather than squeezed into a column
@@ -192,6 +264,8 @@ class _TargetTable:
             details = "; ".join(f"{c} {row[c]}" if c != "why" else row[c] for c in moved if row[c] not in ("", "-"))
             if details:
                 yield Text(f"{row['target']}: {details}", overflow="fold")
+        for line in notes_under(self.rows):
+            yield Text(line, overflow="fold")
 
     def table(self, columns: list[str]):
         from rich import box

@@ -38,6 +38,16 @@ class OnnxOptions(ExportOptions):
     block_size: int = Field(32, description="int4: weights per quantization block along K (16, 32, 64, 128 or 256)")
     symmetric: bool = Field(False, description="int4: symmetric blocks (no zero points); false stores a zero point per block")
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(4, description="int4: MatMulNBits accuracy_level (4: int8 activations in the kernel, fastest on CPU; 0: fp32 activations)")
+    embeddings: Literal["fp32", "int8", "int4"] = Field(
+        "int8", description="int8/int4: large embedding tables (a Gather on a 2-D float weight of 65536+ values, not shared with a MatMul) "
+                            "stored in 8- or 4-bit blocks (onnxruntime's GatherBlockQuantized); 'fp32' keeps them")
+    smoothing: float | None = Field(
+        None, gt=0.0, le=1.0, description="int8: SmoothQuant alpha (0.5-0.8 typical): moves activation outliers into the per-channel "
+                                          "weights before quantizing, from the [calibration] data's per-channel maxima; unset: off")
+    fallback: Literal["none", "auto"] = Field(
+        "none", description="int8/int4: 'auto' keeps the layers a per-layer sensitivity scan finds most damaging in higher precision "
+                            "(int8: fp32; int4: 8-bit blocks), fewest first, until the target's gates pass on the validation data")
+    scan_samples: int = Field(64, ge=1, description="fallback = 'auto': validation samples each run of the sensitivity scan sees")
 
     @model_validator(mode="after")
     def _block_size_is_a_power_of_two(self) -> "OnnxOptions":
@@ -51,6 +61,7 @@ OPTION_PRECISIONS: dict[str, tuple[str, ...]] = {
     "keep_io_types": ("fp16",), "keep_fp32_ops": ("fp16",), "quantization": ("int8",),
     "calibration": ("int8",), "percentile": ("int8",), "activation_type": ("int8",),
     "exclude_nodes": ("int8", "int4"), "op_types": ("int8",), "block_size": ("int4",), "symmetric": ("int4",), "accuracy_level": ("int4",),
+    "embeddings": ("int8", "int4"), "smoothing": ("int8",), "fallback": ("int8", "int4"), "scan_samples": ("int8", "int4"),
 }
 STATIC_ONLY_OPTIONS = ("calibration", "percentile", "activation_type")
 DYNAMIC_ONLY_OPTIONS = ("op_types",)
@@ -78,14 +89,22 @@ class Onnx(TargetFormat):
                 raise CrossError(f"targets.{name}.options.{option}", getattr(options, option), f"no {option} with quantization = \"{options.quantization}\" (it applies to quantization = \"dynamic\" only: static int8 quantizes MatMul/Gemm)")
         if target.precision == "int8" and options.quantization == "static" and spec.calibration is None:
             raise CrossError(f"targets.{name}.options.quantization", "static", "a [calibration] table naming the calibration data (or quantization = \"dynamic\")")
+        if options.smoothing is not None and spec.calibration is None:
+            raise CrossError(f"targets.{name}.options.smoothing", options.smoothing, "a [calibration] table naming the data its per-channel activation maxima come from")
+        if "scan_samples" in options.model_fields_set and options.fallback != "auto":
+            raise CrossError(f"targets.{name}.options.scan_samples", options.scan_samples, "no scan_samples without fallback = \"auto\"")
 
     def chain(self, planner: Planner, name: str, target: OnnxTarget) -> None:
-        """reference -> fp32 ONNX (shared) -> one conversion to the target's precision -> validate."""
+        """reference -> fp32 ONNX (shared) -> [smoothing] -> [sensitivity scan] -> one conversion to
+        the target's precision -> validate."""
         reference = planner.reference(name)
         model, model_step = planner.fp32_onnx(name, target)
         options = target.options
+        if target.precision == "int8" and options.smoothing is not None:
+            model_step = smooth_step(planner, name, target, model, model_step)
+            model = model_step.outputs["model"]
         if target.precision == "int8" and options.quantization == "static":
-            model_step = quantize_static_step(planner, name, target, model, model_step, options.activation_type)
+            model_step = quantize_static_step(planner, name, target, model, model_step, options.activation_type, reference)
         elif target.precision != "fp32":  # one conversion step from the fp32 model
             rule, params = {
                 "fp16": ("convert_fp16", {"keep_io_types": options.keep_io_types, "keep_fp32_ops": sorted(options.keep_fp32_ops)}),
@@ -93,7 +112,14 @@ class Onnx(TargetFormat):
                 "int4": ("quantize_int4", {"block_size": options.block_size, "symmetric": options.symmetric,
                                            "accuracy_level": options.accuracy_level} | excluded(target)),
             }[target.precision]
-            model_step = planner.onnx_step(name, target, rule, params, model, model_step)
+            more_inputs, deps = {}, [model_step]
+            if target.precision in ("int8", "int4"):
+                params["embeddings"] = options.embeddings
+                scan_params = {"quantization": "dynamic" if target.precision == "int8" else "int4"}
+                if target.precision == "int4":
+                    scan_params |= {k: params[k] for k in ("block_size", "symmetric", "accuracy_level")}
+                more_inputs, deps, params = with_fallback(planner, name, target, model, model_step, reference, scan_params, params)
+            model_step = planner.onnx_step(name, target, rule, params, model, model_step, more_inputs, deps)
         if model_step is not None:
             model = model_step.outputs["model"]
         planner.validate(name, target, model, model_step, reference, planner.onnx_companions(model, model_step))
@@ -116,19 +142,57 @@ def excluded(target: Any) -> dict:
     return {"exclude_nodes": sorted(target.options.exclude_nodes)} if target.options.exclude_nodes else {}
 
 
-def quantize_static_step(planner: Planner, name: str, target: Any, model: Path, model_step: Step | None, activation_type: str) -> Step:
-    """calibrate (one per model + data + calibration settings, shared by every static target, ONNX
-    and TensorRT alike) -> quantize_static (ranges from the calibration by this target's method)."""
+def calibrate_step(planner: Planner, name: str, model: Path, model_step: Step | None) -> Step:
+    """One calibration per model + data + calibration settings, shared by every static target (ONNX
+    and TensorRT alike) and by smoothing: per-tensor |x| histograms and per-channel maxima."""
     calibration = planner.spec.calibration
-    calibrate = planner.add(name, "calibrate", {
+    return planner.add(name, "calibrate", {
         "inputs": planner.inputs, "batch_size": calibration.batch_size, "max_length": planner.max_length(calibration),
         "max_samples": calibration.max_samples, "bins": calibration.bins, "op_types": ["MatMul", "Gemm"],
     }, {"model": planner.onnx_files(model, model_step), "data": (planner.resolved.calibration_file,)} | planner.tokenizer(planner.resolved.calibration_file),
-        {"calibration": "calibration.json"}, [model_step])
+        {"calibration": "calibration.json", "channels": "channels.json"}, [model_step])
+
+
+def smooth_step(planner: Planner, name: str, target: Any, model: Path, model_step: Step | None) -> Step:
+    """SmoothQuant (options.smoothing = alpha): the fp32 model with activation outliers moved into the
+    weights, from the calibration's per-channel maxima; what the int8 quantizer then sees."""
+    calibrate = calibrate_step(planner, name, model, model_step)
+    return planner.onnx_step(name, target, "smooth_onnx", {"alpha": target.options.smoothing, "op_types": ["MatMul", "Gemm"]}, model, model_step,
+                             {"channels": (calibrate.outputs["channels"],)}, [model_step, calibrate])
+
+
+def quantize_static_step(planner: Planner, name: str, target: Any, model: Path, model_step: Step | None, activation_type: str,
+                         reference: Step | None = None) -> Step:
+    """calibrate (shared, see calibrate_step) -> [sensitivity scan] -> quantize_static (ranges from
+    the calibration by this target's method)."""
+    calibrate = calibrate_step(planner, name, model, model_step)
     options = target.options
     params = {"method": options.calibration, "activation_type": activation_type, "per_channel": True,
               "op_types": ["MatMul", "Gemm"]} | excluded(target)
     if options.calibration == "percentile":
         params["percentile"] = options.percentile
-    return planner.onnx_step(name, target, "quantize_static", params, model, model_step,
-                             {"calibration": (calibrate.outputs["calibration"],)}, [model_step, calibrate])
+    inputs, deps = {"calibration": (calibrate.outputs["calibration"],)}, [model_step, calibrate]
+    if getattr(options, "embeddings", "fp32") != "fp32":  # TensorRT's static targets have no such option: fp32
+        params["embeddings"] = options.embeddings
+    if reference is not None:
+        scan_params = {"quantization": "static", "method": options.calibration, "percentile": options.percentile, "activation_type": activation_type}
+        more_inputs, deps, params = with_fallback(planner, name, target, model, model_step, reference, scan_params, params, inputs, deps)
+        inputs |= more_inputs
+    return planner.onnx_step(name, target, "quantize_static", params, model, model_step, inputs, deps)
+
+
+def with_fallback(planner: Planner, name: str, target: Any, model: Path, model_step: Step | None, reference: Step,
+                  scan_params: dict, params: dict, scan_inputs: dict | None = None, deps: list | None = None) -> tuple[dict, list, dict]:
+    """(quantize step inputs, deps, params) with options.fallback = "auto" wired in: the sensitivity
+    scan (one per model + data + quantization, whatever the gates) and the gates to reach. Unchanged
+    when the target has no fallback, so its step ids stay what they were."""
+    deps = [model_step] if deps is None else deps
+    if getattr(target.options, "fallback", "none") != "auto":
+        return {}, deps, params
+    budget = planner.budget(name)
+    scan = planner.add(name, "scan_layers", scan_params | {k: v for k, v in budget.items() if k != "goal"}
+                       | {"max_samples": target.options.scan_samples} | excluded(target),
+                       {"model": planner.onnx_files(model, model_step), "reference": (reference.outputs["outputs"],)} | (scan_inputs or {}),
+                       {"sensitivity": "sensitivity.json"}, [*deps, reference])
+    inputs = {"sensitivity": (scan.outputs["sensitivity"],), "reference": (reference.outputs["outputs"],)}
+    return inputs, [*deps, scan, reference], params | {"fallback": budget}

@@ -115,6 +115,14 @@ class Planner:
         """Text data is tokenized with the source's tokenizer, whose files are then inputs too."""
         return {"source": self.resolved.source_files} if data.suffix == ".txt" else {}
 
+    def budget(self, name: str) -> dict:
+        """What options.fallback = "auto" aims at: this target's gates (its effective thresholds, as
+        its validate step gets them) on the validated outputs, with the metric settings they need."""
+        validation = self.spec.validation
+        budget = {"goal": {k: v for k, v in effective_thresholds(self.spec, name).model_dump().items() if v is not None},
+                  "outputs": validation.outputs or [o.name for o in self.spec.outputs], "metrics": list(validation.metrics)}
+        return budget | ({"padding_mask": validation.padding_mask} if validation.padding_mask else {})
+
     def validate(self, name: str, target, model: Path, model_step: Step | None, reference: Step, companions: dict[str, Path] | None = None) -> None:
         """The publishing step. companions: files published beside the artifact (OpenVINO's weights,
         TensorRT's timing cache), by role; they follow the model in the step's model input, in that order."""

@@ -119,7 +119,7 @@ def onnx_latency(artifact: Path, feed: dict, runs: int = 30, threads: int = 2) -
     `runs` timed runs after 5 warm-ups. No shape is invented, so the probe runs what validation ran.
     Goes to the report only: timings are not reproducible bytes. Raises what onnxruntime raises;
     the caller decides that a probe that cannot run fails nothing."""
-    sess = session(artifact, threads=threads)
+    sess = session(artifact, threads=threads, spinning=False)
     missing = [i.name for i in sess.get_inputs() if i.name not in feed]
     if missing:
         raise ValueError(f"the validation data has no input {missing[0]!r}")

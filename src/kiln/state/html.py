@@ -22,6 +22,10 @@ Plots (each an <svg class="plot" id="plot-...">):
   start times) and, when the report has them, CPU time, peak RSS against the step's memory
   reservation, and the report's memory warnings;
 - changes since the previous build: a table per target (bytes, digest or step key, metrics, latency).
+
+A quantized target's latency cell has its ratio to the same format's fp32 artifact (the report's
+"latency_vs_fp32", red when slower); a target whose quantize step kept layers in float (its
+"fallback") gets a table of those layers with each one's effect alone, and the trials of the search.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Any
 from urllib.parse import quote
 
 from kiln.base.fsio import read_json, write_bytes_atomic
+from kiln.state.report import ratio_text, slower_warning
 
 CALIBRATE_RULES = ("calibrate", "calibrate_tflite")
 QUANTIZE_RULES = ("quantize_static", "quantize_tflite")
@@ -94,6 +99,7 @@ def model_page(root: Path, report: dict, lock: dict | None, previous: dict | Non
         _section("Size, accuracy and latency", tradeoff_plot(targets)),
         _section("Error against the source, per output", errors_section(targets)),
         _section("Error distributions over rows, per output", distributions_section(targets)),
+        *([_section("Layers kept in higher precision", fallback_section(targets))] if any(isinstance(t.get("fallback"), dict) for t in targets) else []),
         _section("Calibration", calibration_section(root, report)),
         _section("Step timeline", timeline_section(report.get("steps") or [], report.get("warnings") or [])),
         _section("Changes since the previous build", changes_section(report, previous, targets)),
@@ -115,7 +121,7 @@ def index_page(models: list[tuple[str, dict]]) -> str:
             worst = worst_cosine(artifact.get("metrics"))
             rows.append(
                 f"<tr><td>{link}</td><td>{status}</td><td>{_e(artifact.get('target'))}</td><td>{_e(_format_of(artifact))}</td><td>{_e(artifact.get('status'))}</td>"
-                f"<td class=n>{_bytes(artifact.get('bytes'))}</td><td class=n>{_latency_text(artifact.get('latency'))}</td>"
+                f"<td class=n>{_bytes(artifact.get('bytes'))}</td><td class=n>{_latency_cell(artifact)}</td>"
                 f"<td class=n>{_num(_one_minus(worst), 3)}</td><td>{_gate_html(artifact)}</td></tr>")
     table = ("<table><tr><th>model</th><th>build</th><th>target</th><th>format</th><th>step</th><th>bytes</th><th>latency</th>"
              "<th>1 − worst cosine</th><th>gate</th></tr>" + "".join(rows) + "</table>") if rows else "<p class=muted>no build yet</p>"
@@ -188,13 +194,15 @@ def targets_table(targets: list[dict], skipped: list[dict]) -> str:
         note = t.get("validation") or ""
         rows.append(
             f"<tr><td>{_e(t.get('target'))}</td><td>{_e(_format_of(t))}</td><td>{_e(t.get('status'))}</td><td class=n>{_bytes(t.get('bytes'))}</td>"
-            f"<td class=n>{_latency_text(t.get('latency'))}</td><td class=n>{_num(_one_minus(worst_cosine(t.get('metrics'))), 3)}</td>"
+            f"<td class=n>{_latency_cell(t)}</td><td class=n>{_num(_one_minus(worst_cosine(t.get('metrics'))), 3)}</td>"
             f"<td>{_gate_html(t)}</td><td class=small>{_e(note)}</td>"
             f"<td class=small><code>{_e((t.get('sha256') or '')[:12])}</code></td></tr>")
     for s in skipped:
         rows.append(f"<tr><td>{_e(s.get('target'))}</td><td></td><td>skipped</td><td colspan=6 class=small>{_e(s.get('why'))}</td></tr>")
+    slower = [w for w in (slower_warning(t, t.get("precision")) for t in targets) if w]  # a quantization that costs speed is news
+    notes = "<ul class=bad>" + "".join(f"<li>{_e(w)}</li>" for w in slower) + "</ul>" if slower else ""
     return ("<table><tr><th>target</th><th>format</th><th>step</th><th>bytes</th><th>latency (median)</th><th>1 − worst cosine</th><th>gate</th>"
-            "<th>validation</th><th>sha256</th></tr>" + "".join(rows) + "</table>")
+            "<th>validation</th><th>sha256</th></tr>" + "".join(rows) + "</table>" + notes)
 
 
 # ---------------------------------------------------------------- trade-off plot
@@ -393,6 +401,63 @@ def metrics_table(output: str, targets: list[dict]) -> str:
         if isinstance(m, dict):
             rows.append(f"<tr><td>{_e(t.get('target'))}</td>" + "".join(f"<td class=n>{_num(m.get(k), 6)}</td>" for k in names) + "</tr>")
     return "<table class=small><tr><th>target</th>" + "".join(f"<th>{_e(k)}</th>" for k in names) + "</tr>" + "".join(rows) + "</table>"
+
+
+# ---------------------------------------------------------------- layers kept in float
+
+
+def fallback_section(targets: list[dict]) -> str:
+    """Per target whose quantize step kept layers in float to meet its gates: the goal, whether it was
+    met, the size and latency cost, each kept layer with the gate metrics when only it is quantized
+    (the sensitivity scan), and the search's trials (how many layers kept, what that measured)."""
+    parts = []
+    for t in targets:
+        if isinstance(t.get("fallback"), dict):
+            parts.append(f"<h3>{_e(t.get('target'))}</h3>" + fallback_summary(t["fallback"]) + kept_table(t["fallback"]) + trials_table(t["fallback"]))
+    return "".join(parts)
+
+
+def fallback_summary(fallback: dict) -> str:
+    goal = ", ".join(f"{k} ≥ {_num(v, 6)}" for k, v in sorted((fallback.get("goal") or {}).items())) or "–"
+    passed = fallback.get("passed")
+    verdict = {True: '<span class="ok">met</span>', False: '<span class="bad">not met</span>'}.get(passed, '<span class="muted">not said</span>')
+    latency = fallback.get("latency_ms") or {}
+    costs = [f"size {_bytes_delta(fallback.get('bytes_cost'))}",
+             f"latency {_ms(_float(latency.get('all_quantized')))} all quantized → {_ms(_float(latency.get('with_fallback')))} with these layers in {fallback.get('kept_as') or 'float'}",
+             f"search {_num(fallback.get('search_seconds'), 3)} s (the scan_layers step's time is in the timeline)"]
+    return f"<p class=small>goal {_e(goal)}: {verdict} · " + " · ".join(_e(c) for c in costs) + "</p>"
+
+
+def kept_table(fallback: dict) -> str:
+    kept = [k for k in fallback.get("kept") or [] if isinstance(k, dict)]
+    if not kept:
+        return ("<p class=bad>no number of layers kept in float met the goal (see the trials)</p>" if fallback.get("passed") is False
+                else "<p class=muted>no layer kept in float: the goal was met fully quantized</p>")
+    rows = "".join(
+        f"<tr><td><code>{_e(k.get('weight'))}</code></td><td class=small><code>{_e(k.get('node'))}</code></td>"
+        f"<td class=n>{_num((k.get('alone') or {}).get('min_cosine'), 6)}</td><td class=n>{_num((k.get('alone') or {}).get('mean_cosine'), 6)}</td></tr>"
+        for k in kept)
+    return ("<table class=small><tr><th>layer kept in float</th><th>node</th><th>min cosine, it alone quantized</th>"
+            "<th>mean cosine, it alone quantized</th></tr>" + rows + "</table>")
+
+
+def trials_table(fallback: dict) -> str:
+    trials = [r for r in fallback.get("trials") or [] if isinstance(r, dict)]
+    if not trials:
+        return ""
+    rows = "".join(f"<tr><td class=n>{_num(r.get('kept'), 6)}</td><td class=n>{_num(r.get('min_cosine'), 6)}</td>"
+                   f"<td class=n>{_num(r.get('mean_cosine'), 6)}</td><td>{_passed_html(r.get('passed'))}</td></tr>" for r in trials)
+    return "<table class=small><tr><th>trial: layers kept</th><th>min cosine</th><th>mean cosine</th><th>gate</th></tr>" + rows + "</table>"
+
+
+def _float(value: Any) -> float | None:
+    return float(value) if _finite(value) else None
+
+
+def _bytes_delta(value: Any) -> str:
+    if not _finite(value):
+        return "–"
+    return ("+" if value >= 0 else "−") + _bytes(abs(value))
 
 
 # ---------------------------------------------------------------- calibration
@@ -747,6 +812,19 @@ def _latency_text(latency: Any) -> str:
         return "–"
     value = median_ms(latency)
     return _e(_ms(value)) if value is not None else f'<span class=muted title="{_attr(str(latency.get("skipped", "")))}">not measured</span>'
+
+
+def _latency_cell(artifact: dict) -> str:
+    """The median latency and, for a quantized target, its ratio to the fp32 artifact of its format
+    (red when slower: a quantization that costs speed must not read as a win)."""
+    text = _latency_text(artifact.get("latency"))
+    versus = artifact.get("latency_vs_fp32")
+    if not isinstance(versus, dict) or not _finite(versus.get("ratio")):
+        return text
+    ratio = versus["ratio"]
+    tip = f"{_ms(_float(versus.get('ms')))} against {versus.get('target')}'s {_ms(_float(versus.get('fp32_ms')))}, same input shape"
+    cls = "bad" if ratio > 1.0 else "muted"
+    return f'{text} <span class={cls} title="{_attr(tip)}">({_e(ratio_text(ratio))}× {_e(versus.get("target"))})</span>'
 
 
 def _status_html(ok: Any) -> str:

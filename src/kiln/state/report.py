@@ -9,6 +9,11 @@ What a step cost (from its record, kiln.execute.resources.Meter), in its entry: 
 "last_run_exclusive" for every step built before (its most recent run, in this build or an earlier
 one); a step that ran in this build (or failed in it) also has them without the prefix ("started_at",
 "seconds", "cpu_seconds", ...: this build's), and "warnings" when it came close to its reservation.
+
+Quantized artifacts, in their entry: "latency_vs_fp32" ({"target", "ratio", "fp32_ms", "ms"}: its
+median latency against the same format's fp32 artifact measured on the same input shape and threads;
+a ratio above 1 adds a report warning), and "fallback" (the facts of the quantize step that kept
+layers in float to meet the gates: kept layers, trials, size and latency cost), copied from its chain.
 """
 
 from __future__ import annotations
@@ -100,6 +105,9 @@ def build_report(plan: Plan, statuses: dict[str, str], seconds: float) -> dict[s
             if files:  # the artifact's path; bytes of all its files (OpenVINO: .xml + .bin)
                 artifact |= {"path": files[0]["path"], "bytes": sum(o["bytes"] for o in files)}
             artifacts.append(artifact)
+    kinds = {step.targets[0]: (step.params.get("format"), step.params.get("precision")) for step in plan.steps if step.publishes}
+    attach_fallback(artifacts, steps)
+    latency_warnings = compare_latency(artifacts, steps, kinds)
     return {
         "model": plan.model,
         "generated_at": _now(),
@@ -110,8 +118,98 @@ def build_report(plan: Plan, statuses: dict[str, str], seconds: float) -> dict[s
         "artifacts": artifacts,
         # targets left out of this build because this machine cannot build them (hardware)
         "skipped": [{"target": target, "why": why} for target, why in sorted(plan.skipped.items())],
-        "warnings": [warning for entry in steps for warning in entry.get("warnings", [])],
+        "warnings": [warning for entry in steps for warning in entry.get("warnings", [])] + latency_warnings,
     }
+
+
+QUANTIZE_RULES = ("quantize_dynamic", "quantize_static", "quantize_int4")  # the rules whose facts may hold a "fallback"
+FP32 = "fp32"
+
+
+def attach_fallback(artifacts: list[dict[str, Any]], steps: list[dict[str, Any]]) -> None:
+    """Give each artifact the "fallback" facts of the quantize step in its chain (the layers it kept
+    in float to meet the gates, what each one costs), when that step reported one."""
+    for artifact in artifacts:
+        for entry in chain(steps, artifact["target"]):
+            facts = entry.get("info") or entry.get("facts") or {}
+            if entry.get("rule") in QUANTIZE_RULES and isinstance(facts.get("fallback"), dict):
+                artifact["fallback"] = facts["fallback"]
+                break
+
+
+def compare_latency(artifacts: list[dict[str, Any]], steps: list[dict[str, Any]],
+                    kinds: dict[str, tuple[str | None, str | None]]) -> list[str]:
+    """Put "latency_vs_fp32" on every artifact of a precision other than fp32 that has a latency
+    and a fp32 artifact of its format measured on the same input shape and threads (a timing on
+    another shape says nothing about this one); returns a warning per artifact slower than its fp32
+    one: a quantized model that is slower than float is a surprise the user must hear about.
+    kinds: target -> (format, precision), from the publishing steps' params (else the artifact's own
+    "format" and "precision"). Among several fp32 artifacts the one whose chain shares the most
+    steps wins, then the first by name."""
+    kind = {a["target"]: kinds.get(a["target"]) or (a.get("format"), a.get("precision")) for a in artifacts}
+    measured = sorted((a for a in artifacts if median_ms(a.get("latency")) is not None), key=lambda a: str(a["target"]))
+    steps_of = {a["target"]: {e["step"] for e in chain(steps, a["target"])} for a in measured}
+    warnings = []
+    for artifact in measured:
+        target, (fmt, precision) = artifact["target"], kind[artifact["target"]]
+        if precision is None or precision == FP32:
+            continue
+        peers = [a for a in measured if kind[a["target"]] == (fmt, FP32) and same_conditions(a["latency"], artifact["latency"])]
+        if not peers:
+            continue
+        fp32 = max(peers, key=lambda a: len(steps_of[a["target"]] & steps_of[target]))  # ties: the first by name
+        ms, fp32_ms = median_ms(artifact["latency"]), median_ms(fp32["latency"])
+        ratio = round(ms / fp32_ms, 3)
+        artifact["latency_vs_fp32"] = {"target": fp32["target"], "ratio": ratio, "fp32_ms": fp32_ms, "ms": ms}
+        warning = slower_warning(artifact, precision)
+        if warning:
+            warnings.append(warning)
+    return warnings
+
+
+def slower_warning(artifact: dict[str, Any], precision: str | None) -> str | None:
+    """"int4 (int4) runs 1.26x slower than fp32 (28.5 vs 22.5 ms, shape input_ids [1, 128], 2 threads)"
+    for an artifact whose "latency_vs_fp32" ratio is above 1; else None."""
+    versus = artifact.get("latency_vs_fp32") or {}
+    ratio, ms, fp32_ms = versus.get("ratio"), median_ms({"median_ms": versus.get("ms")}), median_ms({"median_ms": versus.get("fp32_ms")})
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 1.0 or ms is None or fp32_ms is None:
+        return None
+    kind = f" ({precision})" if precision else ""
+    conditions = conditions_text(artifact.get("latency") or {})
+    measured = f"{ms:.3g} vs {fp32_ms:.3g} ms" + (f", {conditions}" if conditions else "")
+    return f"{artifact['target']}{kind} runs {ratio_text(ratio)}x slower than {versus.get('target')} ({measured})"
+
+
+def chain(steps: list[dict[str, Any]], target: str) -> list[dict[str, Any]]:
+    """The report's step entries the target needs."""
+    return [entry for entry in steps if target in entry.get("targets", [])]
+
+
+def median_ms(latency: Any) -> float | None:
+    """A latency's median, when it was measured (not {"skipped": why}) and is a positive time."""
+    value = latency.get("median_ms") if isinstance(latency, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        return None
+    return float(value)
+
+
+def same_conditions(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two latencies measured on the same input shapes and threads (an unrecorded shape matches none)."""
+    return a.get("shape") is not None and a.get("shape") == b.get("shape") and a.get("threads") == b.get("threads")
+
+
+def conditions_text(latency: dict[str, Any]) -> str:
+    """'shape input_ids [1, 128], 2 threads'."""
+    shape, threads = latency.get("shape"), latency.get("threads")
+    parts = [] if shape is None else ["shape " + (", ".join(f"{name} {list(dims)}" for name, dims in shape.items()) if isinstance(shape, dict) else str(shape))]
+    parts += [] if threads is None else [f"{threads} thread{'s' if threads != 1 else ''}"]
+    return ", ".join(parts)
+
+
+def ratio_text(ratio: float) -> str:
+    """1.26; three decimals where two would read 1.00 (1.004 is slower, and says so)."""
+    text = f"{ratio:.2f}"
+    return f"{ratio:.3f}" if text == "1.00" else text
 
 
 def noop_report(plan: Plan) -> dict[str, Any]:

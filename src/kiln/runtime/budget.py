@@ -1,0 +1,204 @@
+"""options.fallback = "auto": quantize, measure the target's own gates on the validation data exactly
+as validation will, and when they fail keep the most damaging layers in higher precision, fewest
+first, until they pass. The damage ranking comes from the scan_layers step (each layer quantized
+alone); the search then re-measures the real quantized model at every count, since the effects of
+several layers neither add up nor stay in order.
+
+The count is searched by doubling (0, 1, 2, 4, ...) until the gates pass, then bisection down to the
+smallest passing count: about 2 log2(N) real quantizations of an N-layer model rather than N. That
+is exact when keeping more layers never hurts, which holds in the mean; where it does not, the
+result passes all the same (every kept count is measured), and may keep a layer or two more than a
+layer-by-layer walk would.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from kiln.errors import StepError
+from kiln.runtime.onnxrt import session
+from kiln.runtime.reference import ReferenceSet, worst_over_outputs
+from kiln.runtime.runners import timed
+
+
+@dataclass
+class Budget:
+    """What the search aims at: the target's gates (its effective thresholds, as validate gets them)
+    over the validated outputs, with the validation settings the metrics depend on."""
+
+    goal: dict[str, float]
+    outputs: list[str]
+    metrics: list[str]
+    padding_mask: str | None = None
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> "Budget":
+        return cls(goal={k: v for k, v in params["goal"].items() if v is not None}, outputs=list(params["outputs"]),
+                   metrics=list(params["metrics"]), padding_mask=params.get("padding_mask"))
+
+
+def damage(alone: dict[str, float], goal: dict[str, float]) -> float:
+    """How much of the budget one layer quantized alone uses up, summed over the gated metrics:
+    a cosine gate g spends (1 - cos) / (1 - g), a difference gate d spends diff / d. 1.0 means
+    that layer alone would take a metric to its gate."""
+    spent = 0.0
+    for metric, limit in goal.items():
+        if metric not in alone:
+            continue
+        if metric.endswith("cosine"):
+            spent += (1.0 - alone[metric]) / max(1.0 - limit, 1e-12)
+        else:
+            spent += alone[metric] / max(limit, 1e-12)
+    return spent
+
+
+def ranked(scanned: list[dict], goal: dict[str, float]) -> list[dict]:
+    """The scanned layers, most damaging first (ties: graph order, so the order is reproducible)."""
+    return sorted(scanned, key=lambda layer: -damage(layer["alone"], goal))
+
+
+@dataclass
+class Trial:
+    kept: int
+    worst: dict[str, float]
+    passed: bool
+    failed: list[str] = field(default_factory=list)
+
+
+def within_budget(quantize: Callable[[list[str]], Any], inputs: dict[str, list[Path]], fallback: dict[str, Any] | None, step: str,
+                  progress: Callable[[int, int | None], None] | None = None, kept_as: str = "float") -> tuple[Any, dict[str, Any]]:
+    """A quantize step's model and facts: quantize([]) when the target has no fallback, else the
+    search below over the scan's ranking (inputs "sensitivity") on the reference file (inputs "reference")."""
+    import json
+
+
+    if not fallback:
+        return quantize([]), {}
+    budget = Budget.from_params(fallback)
+    scanned = json.loads(inputs["sensitivity"][0].read_text())["layers"]
+    refs = ReferenceSet(inputs["reference"][0], budget.outputs, budget.padding_mask, step)
+    model, facts = search(quantize, scanned, refs, budget, step, progress)
+    facts["fallback"]["kept_as"] = kept_as  # what "kept" means: float, or int4's 8-bit blocks
+    return model, facts
+
+
+def search(quantize: Callable[[list[str]], Any], scanned: list[dict], refs: Any, budget: Budget, step: str,
+           progress: Callable[[int, int | None], None] | None = None) -> tuple[Any, dict[str, Any]]:
+    """(the quantized model that passes with the fewest layers kept, the facts for the report).
+    quantize(kept): the rule's own quantization with those node names kept in higher precision,
+    a fresh ModelProto each call. refs: a kiln.runtime.reference.ReferenceSet of the whole
+    validation data. Fails the step when even keeping every scanned layer misses the gates."""
+    order = ranked(scanned, budget.goal)
+    names = [layer["node"] for layer in order]
+    trials: dict[int, Trial] = {}
+    models: dict[int, Any] = {}
+    started = time.perf_counter()
+
+    def attempt(k: int) -> bool:
+        model = quantize(names[:k])
+        trials[k] = _measure(model, k, refs, budget, step)
+        if k == 0:
+            models[0] = model  # the all-quantized model: the fallback's cost is measured against it
+        if trials[k].passed:
+            for count in [c for c in models if c]:
+                del models[count]  # only the smallest passing model is kept in memory
+            models[k] = model
+        if progress is not None:
+            progress(len(trials), None)
+        return trials[k].passed
+
+    low, high = -1, None  # the largest count known to fail, the smallest known to pass
+    k = 0
+    while high is None:
+        if attempt(k):
+            high = k
+        else:
+            low = k
+            if k == len(names):
+                break
+            k = min(len(names), max(1, 2 * k))
+    if high is None:
+        best = max(trials.values(), key=lambda t: t.worst.get("min_cosine", 0.0))
+        raise StepError(step, f"options.fallback = \"auto\": the gates fail even with all {len(names)} scanned layers kept "
+                              f"in higher precision ({'; '.join(trials[len(names)].failed)}; best min_cosine {best.worst.get('min_cosine', float('nan')):.6g} "
+                              f"with {best.kept} kept): the error left is outside the scanned layers (embeddings, other ops) or in the "
+                              f"kept precision itself; loosen the gates, or set options.embeddings = \"fp32\"",
+                        facts={"fallback": _facts(order, trials, None, budget, started)})
+    while high - low > 1:
+        mid = (low + high) // 2
+        if attempt(mid):
+            high = mid
+        else:
+            low = mid
+    chosen = models[high]
+    facts = _facts(order, trials, high, budget, started)
+    facts["bytes_cost"] = chosen.ByteSize() - models[0].ByteSize() if high else 0
+    facts["latency_ms"] = _latency_cost(models[0], chosen, refs) if high else None
+    return chosen, {"fallback": facts}
+
+
+def _measure(model, kept: int, refs: Any, budget: Budget, step: str) -> Trial:
+    """The gate metrics of `model` on the validation data, computed as validate computes them (one
+    thread, the same session settings): a count that passes here passes there."""
+    from kiln.runtime.metrics import failures
+
+    with _session(model) as sess:
+        names = budget.outputs
+        metrics = refs.metrics(lambda feed: dict(zip(names, sess.run(names, {i.name: feed[i.name] for i in sess.get_inputs()}))), budget.metrics)
+    failed = failures(metrics, budget.goal)
+    return Trial(kept, worst_over_outputs(metrics), not failed, failed)
+
+
+class _session:
+    """An onnxruntime session of an in-memory model, as validation opens the written file. A model
+    over protobuf's 2 GB limit goes through a temporary file with its tensors beside it."""
+
+    def __init__(self, model):
+        self.model = model
+        self.tmp = None
+
+    def __enter__(self):
+
+        if self.model.ByteSize() < (1 << 31) - (1 << 24):
+            return session(self.model.SerializeToString())
+        import onnx
+
+        self.tmp = tempfile.TemporaryDirectory(prefix=".kiln-budget-")
+        path = Path(self.tmp.name) / "model.onnx"
+        onnx.save(self.model, str(path), save_as_external_data=True, location="model.onnx.data")
+        return session(path)
+
+    def __exit__(self, *exc):
+        if self.tmp is not None:
+            self.tmp.cleanup()
+
+
+def _latency_cost(all_quantized, chosen, refs: Any) -> dict[str, float] | None:
+    """Latency (median ms, 2 threads, the first validation sample) of the all-quantized model and of
+    the one with the fallback, measured in the same process one after the other."""
+    from kiln.runtime.data import first_sample
+
+    if not refs.batches or chosen.ByteSize() >= (1 << 31) - (1 << 24):
+        return None
+    feed = first_sample(refs.batches[0][0], refs.axes["inputs"])
+    result = {}
+    for label, model in (("all_quantized", all_quantized), ("with_fallback", chosen)):
+        sess = session(model.SerializeToString(), threads=2, spinning=False)
+        shaped = {i.name: feed[i.name] for i in sess.get_inputs()}
+        result[label] = timed(lambda sess=sess, shaped=shaped: sess.run(None, shaped), shaped, 30, 2)["median_ms"]
+    return result
+
+
+def _facts(order: list[dict], trials: dict[int, Trial], kept: int | None, budget: Budget, started: float) -> dict[str, Any]:
+    final = trials.get(kept) if kept is not None else None
+    return {
+        "goal": budget.goal, "passed": final is not None,
+        "kept": [{"node": layer["node"], "weight": layer["weight"], "alone": layer["alone"],
+                  "damage": round(damage(layer["alone"], budget.goal), 4)} for layer in order[: kept or 0]],
+        "trials": [{"kept": t.kept, **t.worst, "passed": t.passed} for _, t in sorted(trials.items())],
+        "search_seconds": round(time.perf_counter() - started, 2),
+    }

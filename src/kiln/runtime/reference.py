@@ -1,0 +1,95 @@
+"""The reference file (reference_outputs' safetensors: every validation batch's inputs and the source
+model's outputs) read back, and the gate metrics of any runner measured on it: what validation
+publishes by, and what the quantizers' sensitivity scan and accuracy-budget search measure with, so
+the three agree to the last digit when they run the same model the same way."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from kiln.errors import StepError
+
+
+def batch_axes(path: Path) -> dict[str, dict[str, int | None]]:
+    """Where each input and output of the reference file has its samples (reference_outputs'
+    "batch_axes" metadata); a file without it has every tensor batched on axis 0, which is what a
+    name absent from these dicts means to their readers."""
+    from kiln.native.safetensors import safe_open
+
+    with safe_open(str(path)) as f:
+        stored = (f.metadata() or {}).get("batch_axes")
+    return json.loads(stored) if stored else {"inputs": {}, "outputs": {}}
+
+
+def reference_batches(path: Path) -> Iterator[tuple[dict, dict]]:
+    """Yield (inputs, outputs) per batch from reference_outputs' file, in batch order."""
+    from kiln.native.safetensors import load_file
+
+    batches: dict[str, dict[str, dict]] = defaultdict(lambda: {"in": {}, "out": {}})
+    for key, value in load_file(str(path)).items():
+        batch, kind, name = key.split("/", 2)
+        batches[batch][kind][name] = value
+    for batch in sorted(batches):
+        yield batches[batch]["in"], batches[batch]["out"]
+
+
+def padding(feed: dict, mask: str | None, axes: dict[str, int | None]):
+    """The padding mask of this batch with its batch axis first, as the metrics cut rows."""
+    import numpy as np
+
+    if mask is None or mask not in feed or axes.get(mask, 0) is None:
+        return None
+    return np.moveaxis(feed[mask], axes.get(mask, 0), 0)
+
+
+class ReferenceSet:
+    """The reference file in memory, ready to measure runners against: metrics(run) gives
+    {output: {metric: value}} exactly as validation computes them."""
+
+    def __init__(self, path: Path, outputs: list[str], padding_mask: str | None, step: str, max_samples: int | None = None):
+        from kiln.runtime.data import sample_count
+
+        self.outputs, self.padding_mask, self.step = outputs, padding_mask, step
+        self.axes = batch_axes(path)
+        self.batches, self.samples = [], 0
+        for feed, expected in reference_batches(path):
+            if max_samples is not None and self.samples >= max_samples:
+                break
+            self.batches.append((feed, expected))
+            self.samples += sample_count(feed, self.axes["inputs"])
+
+    def metrics(self, run: Callable[[dict], dict], wanted: list[str] | None = None) -> dict[str, dict[str, Any]]:
+        from kiln.runtime.metrics import OutputMetrics
+
+        per_output = {name: OutputMetrics() for name in self.outputs}
+        for feed, expected in self.batches:
+            got = run(feed)
+            mask = padding(feed, self.padding_mask, self.axes["inputs"])
+            for name in self.outputs:
+                try:
+                    per_output[name].add(expected[name], got[name], mask, self.axes["outputs"].get(name, 0))
+                except ValueError as err:
+                    raise StepError(self.step, f"output {name!r}: {err}") from None
+        return {name: select_metrics(m.summary(), wanted) for name, m in per_output.items()}
+
+
+def select_metrics(summary: dict, wanted: list[str] | None) -> dict:
+    if wanted is None:
+        return summary
+    return {k: v for k, v in summary.items() if k in wanted or k in ("rows", "nonfinite", "mismatched")}
+
+
+def worst_over_outputs(metrics: dict[str, dict]) -> dict[str, float]:
+    """One number per metric over all outputs, the worst of them (what a gate on every output sees):
+    the lowest cosine, the largest difference. Counts (rows, nonfinite, mismatched) are left out."""
+    worst: dict[str, float] = {}
+    for values in metrics.values():
+        for metric, value in values.items():
+            if metric in ("rows", "nonfinite", "mismatched"):
+                continue
+            pick = min if metric.endswith("cosine") else max
+            worst[metric] = float(value) if metric not in worst else pick(worst[metric], float(value))
+    return {k: round(v, 6) for k, v in sorted(worst.items())}

@@ -1,0 +1,84 @@
+"""options.fallback = "auto" through the quantize rules: the scan ranks the layers, the search keeps
+the fewest that meet the gates, and the written model meets them when measured afresh, as the
+validate step will measure it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from budget_models import BUDGET, reference, sensitive_model
+from kiln.errors import StepError
+from kiln.rules import RunContext, get_rule
+from kiln.runtime.reference import ReferenceSet, worst_over_outputs
+from kiln.runtime.onnxrt import session
+
+
+def run_rule(name: str, tmp_path: Path, inputs: dict, out: Path, **params) -> dict:
+    rule = get_rule(name)
+    return rule().run(inputs, {"model": out} | ({"sensitivity": out} if name == "scan_layers" else {}),
+                      rule.Params(**params), RunContext(tmp_path, f"test/{name}"))
+
+
+def measured(model: Path, refs: Path) -> dict:
+    sess = session(model)
+    return worst_over_outputs(ReferenceSet(refs, ["Y"], None, "t").metrics(lambda feed: {"Y": sess.run(["Y"], feed)[0]}))
+
+
+@pytest.fixture
+def sensitive(tmp_path):
+    model = sensitive_model(tmp_path)
+    return model, reference(tmp_path, model)
+
+
+@pytest.mark.parametrize("rule, scan", [("quantize_int4", {"quantization": "int4"}), ("quantize_dynamic", {"quantization": "dynamic"})])
+def test_the_fewest_layers_that_meet_the_goal_are_kept(tmp_path, sensitive, rule, scan):
+    model, refs = sensitive
+    run_rule(rule, tmp_path, {"model": [model]}, tmp_path / "plain.onnx")
+    plain = measured(tmp_path / "plain.onnx", refs)
+    goal = round(1 - (1 - plain["min_cosine"]) / 4, 4)  # well above what quantizing everything gives
+    run_rule("scan_layers", tmp_path, {"model": [model], "reference": [refs]}, tmp_path / "sensitivity.json", **BUDGET | scan)
+    out = tmp_path / "kept.onnx"
+    facts = run_rule(rule, tmp_path, {"model": [model], "reference": [refs], "sensitivity": [tmp_path / "sensitivity.json"]}, out,
+                     fallback=BUDGET | {"goal": {"min_cosine": goal}})
+    fallback = facts["fallback"]
+    assert fallback["passed"] and 1 <= len(fallback["kept"]) < 4 and fallback["trials"][0]["min_cosine"] < goal
+    assert measured(out, refs)["min_cosine"] >= goal  # measured afresh on the written file
+    nodes = {n.name: n for n in onnx.load(str(out)).graph.node}
+    for kept in fallback["kept"]:
+        node = nodes.get(kept["node"]) or nodes.get(f"{kept['node']}_MatMul")  # onnxruntime's quantizer may split a Gemm
+        if rule == "quantize_int4":
+            assert node.op_type == "MatMulNBits" and {a.name: a.i for a in node.attribute}["bits"] == 8
+        else:
+            assert node.op_type in ("MatMul", "Gemm")  # kept in fp32
+    assert fallback["bytes_cost"] > 0 and set(fallback["latency_ms"]) == {"all_quantized", "with_fallback"}
+    assert fallback["kept_as"] == ("8-bit blocks" if rule == "quantize_int4" else "float")
+
+
+def test_an_unreachable_goal_fails_the_step_with_its_trials(tmp_path, sensitive):
+    model, refs = sensitive
+    run_rule("scan_layers", tmp_path, {"model": [model], "reference": [refs]}, tmp_path / "sensitivity.json", **BUDGET, quantization="int4")
+    with pytest.raises(StepError, match="gates fail even with all 4 scanned layers kept") as err:
+        run_rule("quantize_int4", tmp_path, {"model": [model], "reference": [refs], "sensitivity": [tmp_path / "sensitivity.json"]},
+                 tmp_path / "never.onnx", fallback=BUDGET | {"goal": {"max_abs_diff": 1e-9}})
+    assert [t["kept"] for t in err.value.facts["fallback"]["trials"]][-1] == 4
+    assert not (tmp_path / "never.onnx").exists()
+
+
+def test_int4_kept_layers_compute_what_their_8_bit_blocks_hold(tmp_path, sensitive):
+    """The 8-bit layout kiln writes for MatMulNBits is what onnxruntime reads: an all-8-bit model
+    equals the fp32 model with every weight replaced by its dequantized blocks."""
+    from kiln.build_rules.quantize_int4 import QuantizeInt4Params, _quantize, int8_blocks
+    from kiln.runtime.onnx_graph import layers_to_quantize, load
+
+    model = load(sensitive[0])
+    layers = layers_to_quantize(model, [], "t")
+    eight = _quantize(model, layers, [layer.node.name for layer in layers], QuantizeInt4Params(), {})
+    assert {n.op_type for n in eight.graph.node if n.name.startswith("fc")} == {"MatMulNBits"}
+    w = np.random.default_rng(0).standard_normal((300, 40)).astype(np.float32)  # K not a multiple of the block
+    B, scales, zero_points = int8_blocks(w, 128)
+    back = ((B.astype(np.float32) - zero_points.reshape(40, 3, 1)) * scales.reshape(40, 3, 1)).reshape(40, 384)[:, :300].T
+    assert B.shape == (40, 3, 128) and np.abs(back - w).max() <= scales.max() / 2 + 1e-6
