@@ -27,7 +27,7 @@ from typing import Any, Literal
 from kiln.errors import StepError, one_line
 from kiln.rules import Params, Rule, RunContext, register
 from kiln.runtime.budget import within_budget
-from kiln.runtime.embeddings import quantize_embeddings
+from kiln.runtime.embeddings import embedding_facts, quantize_embeddings
 
 # What onnxruntime's dynamic (IntegerOps) quantizer rewrites on CPU; Gemm arrives as MatMul.
 DEFAULT_OP_TYPES = ["Attention", "LSTM", "MatMul"]
@@ -58,15 +58,15 @@ class QuantizeDynamic(Rule):
 
         logging.getLogger("onnxruntime").setLevel(logging.WARNING)
         model = load(inputs["model"][0])
-        layers_to_quantize(model, params.exclude_nodes, ctx.step)  # checks the names, and names nameless nodes
+        layers = layers_to_quantize(model, params.exclude_nodes, ctx.step)  # checks the names, and names nameless nodes
         notes: dict[str, Any] = {}
         quantized, facts = within_budget(lambda kept: _quantize(model, params, kept, outputs["model"].parent, ctx, notes),
-                                         inputs, params.fallback, ctx.step, ctx.progress)
+                                         inputs, params.fallback, ctx.step, ctx.progress, max_kept=len(layers) - 1)
         weight_ops = count_ops(quantized.graph, QUANTIZED_WEIGHT_OPS)
         if not weight_ops:
             raise StepError(ctx.step, nothing_quantized(model, params))
         publish(quantized, outputs["model"], ctx.step, outputs["data"] if params.external_data else None)
-        return {"quantized_ops": weight_ops | count_ops(quantized.graph, ACTIVATION_QUANTIZERS), "nodes": len(quantized.graph.node)} | notes | facts
+        return {"quantized_ops": weight_ops | count_ops(quantized.graph, ACTIVATION_QUANTIZERS), "nodes": len(quantized.graph.node)} | embedding_facts(notes, quantized) | facts
 
 
 def _quantize(model, params: QuantizeDynamicParams, kept: list[str], scratch: Path, ctx: RunContext, notes: dict[str, Any]):
@@ -96,7 +96,7 @@ def _quantize(model, params: QuantizeDynamicParams, kept: list[str], scratch: Pa
             raise StepError(ctx.step, f"dynamic int8 quantization failed: {one_line(err)}") from None
         quantized = onnx.load(str(written))
     if params.embeddings != "fp32":
-        notes["embeddings"] = quantize_embeddings(quantized, bits=int(params.embeddings[3:]))
+        notes[id(quantized)] = quantize_embeddings(quantized, bits=int(params.embeddings[3:]))
     return quantized
 
 

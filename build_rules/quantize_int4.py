@@ -17,7 +17,7 @@ from typing import Any, Literal
 from kiln.errors import StepError
 from kiln.rules import Params, Rule, RunContext, register
 from kiln.runtime.budget import within_budget
-from kiln.runtime.embeddings import quantize_embeddings
+from kiln.runtime.embeddings import embedding_facts, quantize_embeddings
 
 MS_DOMAIN = "com.microsoft"
 EIGHT_BIT_BLOCK = 128  # the fallback's 8-bit layers (see _node)
@@ -50,11 +50,11 @@ class QuantizeInt4(Rule):
         if not layers:
             raise StepError(ctx.step, nothing_to_quantize(model, params))
         notes: dict[str, Any] = {}
-        quantized, facts = within_budget(lambda kept: _quantize(model, layers, kept, params, notes), inputs, params.fallback, ctx.step, ctx.progress, kept_as="8-bit blocks")
+        quantized, facts = within_budget(lambda kept: _quantize(model, layers, kept, params, notes), inputs, params.fallback, ctx.step, ctx.progress, kept_as="8-bit blocks (int8 activations)", max_kept=len(layers))
         publish(quantized, outputs["model"], ctx.step, outputs["data"] if params.external_data else None)
         kept = len(facts.get("fallback", {}).get("kept", []))
         return {"quantized_layers": len(layers), "quantized_ops": {"MatMulNBits": len(layers)}, "bits": {"4": len(layers) - kept, "8": kept},
-                "block_size": params.block_size, "symmetric": params.symmetric} | notes | facts
+                "block_size": params.block_size, "symmetric": params.symmetric} | embedding_facts(notes, quantized) | facts
 
 
 def _quantize(model, layers, kept: list[str], params: QuantizeInt4Params, notes: dict[str, Any]):
@@ -79,7 +79,7 @@ def _quantize(model, layers, kept: list[str], params: QuantizeInt4Params, notes:
     if not any(op.domain == MS_DOMAIN for op in quantized.opset_import):
         quantized.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
     if params.embeddings != "fp32":
-        notes["embeddings"] = quantize_embeddings(quantized, bits=int(params.embeddings[3:]))
+        notes[id(quantized)] = quantize_embeddings(quantized, bits=int(params.embeddings[3:]))
     return quantized
 
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 from kiln.errors import StepError, one_line
 from kiln.rules import Params, Rule, RunContext, register
 from kiln.runtime.budget import within_budget
-from kiln.runtime.embeddings import quantize_embeddings
+from kiln.runtime.embeddings import embedding_facts, quantize_embeddings
 
 
 class QuantizeStaticParams(Params):
@@ -72,13 +72,13 @@ class QuantizeStatic(Rule):
         def quantize(kept: list[str]):
             return _quantize_kept(model, ranges, [layer for layer in layers if layer.node.name not in kept], params, ctx, notes)
 
-        quantized, facts = within_budget(quantize, inputs, params.fallback, ctx.step, ctx.progress)
+        quantized, facts = within_budget(quantize, inputs, params.fallback, ctx.step, ctx.progress, max_kept=len(layers) - 1)
         if not int8_weights(quantized):
             raise StepError(ctx.step, f"static int8 wrote no int8 weight for the {len(layers)} weight layers it was given: the artifact would be fp32")
         publish(quantized, outputs["model"], ctx.step, outputs["data"] if params.external_data else None)
         return {"quantized_layers": len(layers), "excluded": len(params.exclude_nodes), "method": params.method,
                 "quantized_ops": count_ops(quantized.graph, ACTIVATION_QUANTIZERS),
-                "ranges": {name: [float(lo), float(hi)] for name, (lo, hi) in sorted(ranges.items())}} | notes | facts
+                "ranges": {name: [float(lo), float(hi)] for name, (lo, hi) in sorted(ranges.items())}} | embedding_facts(notes, quantized) | facts
 
 
 def _quantize_kept(model, ranges: dict, layers, params: QuantizeStaticParams, ctx: RunContext, notes: dict[str, Any]):
@@ -87,12 +87,24 @@ def _quantize_kept(model, ranges: dict, layers, params: QuantizeStaticParams, ct
     import onnx
 
 
+    from onnxruntime.quantization.quant_utils import add_dequant_output_suffix
+
+    from kiln.runtime.onnx_graph import weight_layers
+
     source = onnx.ModelProto()
     source.CopyFrom(model)
     used = {layer.activation for layer in layers}
-    quantized = _quantize(source, {k: v for k, v in ranges.items() if k in used}, [layer.node.name for layer in layers], params, ctx)
+    names = {layer.node.name for layer in layers}
+    floats = {layer.node.name: layer.activation for layer in weight_layers(model, params.op_types) if layer.node.name not in names}
+    quantized = _quantize(source, {k: v for k, v in ranges.items() if k in used}, sorted(names), params, ctx)
+    # onnxruntime points EVERY reader of a quantized activation at its dequantized copy: a layer kept
+    # in fp32 that shares its input with a quantized one (BERT's Q, K, V) would still see int8 values.
+    for node in quantized.graph.node:
+        activation = floats.get(node.name)
+        if activation is not None and node.input and node.input[0] == add_dequant_output_suffix(activation):
+            node.input[0] = activation
     if params.embeddings != "fp32":
-        notes["embeddings"] = quantize_embeddings(quantized, bits=int(params.embeddings[3:]))
+        notes[id(quantized)] = quantize_embeddings(quantized, bits=int(params.embeddings[3:]))
     return quantized
 
 

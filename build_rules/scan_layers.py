@@ -23,7 +23,7 @@ from typing import Any, Literal
 from kiln.errors import StepError
 from kiln.rules import Params, Rule, RunContext, register
 from kiln.runtime.onnxrt import session
-from kiln.runtime.reference import ReferenceSet, worst_over_outputs
+from kiln.runtime.reference import ReferenceSet, session_runner, worst_over_outputs
 
 # Fixed, so the scan's numbers do not depend on the machine's core count (the ranking is all it feeds).
 THREADS = 2
@@ -72,7 +72,7 @@ class ScanLayers(Rule):
         results = []
         for done, layer in enumerate(layers, 1):
             with _quantized_alone(model, layer, params, ranges.get(layer.activation)):
-                alone = refs.metrics(_runner(model, params.outputs), params.metrics)
+                alone = refs.metrics(_runner(model, params.outputs, ctx.step), params.metrics)
             results.append({"node": layer.node.name, "weight": layer.weight, "alone": worst_over_outputs(alone)})
             ctx.progress(done, len(layers))
         seconds = round(time.perf_counter() - started, 2)
@@ -83,10 +83,10 @@ class ScanLayers(Rule):
                 "most_sensitive": min(results, key=lambda r: r["alone"].get("min_cosine", 1.0))["node"]}
 
 
-def _runner(model, names: list[str]):
+def _runner(model, names: list[str], step: str):
 
     sess = session(model.SerializeToString(), threads=THREADS)
-    return lambda feed: dict(zip(names, sess.run(names, {i.name: feed[i.name] for i in sess.get_inputs()})))
+    return session_runner(sess, names, step)
 
 
 def _ranges(inputs: dict[str, list[Path]], layers, params: ScanLayersParams, ctx: RunContext) -> dict[str, tuple[float, float]]:

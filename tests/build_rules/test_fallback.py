@@ -55,13 +55,13 @@ def test_the_fewest_layers_that_meet_the_goal_are_kept(tmp_path, sensitive, rule
         else:
             assert node.op_type in ("MatMul", "Gemm")  # kept in fp32
     assert fallback["bytes_cost"] > 0 and set(fallback["latency_ms"]) == {"all_quantized", "with_fallback"}
-    assert fallback["kept_as"] == ("8-bit blocks" if rule == "quantize_int4" else "float")
+    assert fallback["kept_as"] == ("8-bit blocks (int8 activations)" if rule == "quantize_int4" else "float")
 
 
 def test_an_unreachable_goal_fails_the_step_with_its_trials(tmp_path, sensitive):
     model, refs = sensitive
     run_rule("scan_layers", tmp_path, {"model": [model], "reference": [refs]}, tmp_path / "sensitivity.json", **BUDGET, quantization="int4")
-    with pytest.raises(StepError, match="gates fail even with all 4 scanned layers kept") as err:
+    with pytest.raises(StepError, match="gates fail even with 4 of the 4 scanned layers kept") as err:
         run_rule("quantize_int4", tmp_path, {"model": [model], "reference": [refs], "sensitivity": [tmp_path / "sensitivity.json"]},
                  tmp_path / "never.onnx", fallback=BUDGET | {"goal": {"max_abs_diff": 1e-9}})
     assert [t["kept"] for t in err.value.facts["fallback"]["trials"]][-1] == 4
@@ -82,3 +82,36 @@ def test_int4_kept_layers_compute_what_their_8_bit_blocks_hold(tmp_path, sensiti
     B, scales, zero_points = int8_blocks(w, 128)
     back = ((B.astype(np.float32) - zero_points.reshape(40, 3, 1)) * scales.reshape(40, 3, 1)).reshape(40, 384)[:, :300].T
     assert B.shape == (40, 3, 128) and np.abs(back - w).max() <= scales.max() / 2 + 1e-6
+
+
+def test_a_static_layer_kept_in_fp32_reads_the_float_activation_even_when_it_shares_it(tmp_path):
+    """onnxruntime's QDQ quantizer points every reader of a quantized activation at its dequantized
+    copy; a layer kept fp32 beside a quantized one (Q, K and V read one tensor) must not see it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from kiln.native.calibration import Calibration
+
+    rng = np.random.default_rng(0)
+    w1, w2 = (rng.standard_normal((16, 8)).astype(np.float32) for _ in range(2))
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W1"], ["a"], name="q"), helper.make_node("MatMul", ["X", "W2"], ["b"], name="k"),
+         helper.make_node("Add", ["a", "b"], ["Y"], name="sum")], "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["n", 16])], [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["n", 8])],
+        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")])
+    source = tmp_path / "two.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(source))
+    calibration = Calibration(256)
+    calibration.update("X", rng.standard_normal((64, 16)).astype(np.float32))
+    (tmp_path / "calibration.json").write_text(calibration.to_json())
+    out = tmp_path / "q.onnx"
+    run_rule("quantize_static", tmp_path, {"model": [source], "calibration": [tmp_path / "calibration.json"]}, out, exclude_nodes=["k"])
+    nodes = {n.name: n for n in onnx.load(str(out)).graph.node}
+    assert nodes["k"].input[0] == "X" and nodes["q"].input[0] != "X"  # q reads the QDQ copy, k the float tensor
+
+
+def test_int8_always_leaves_a_layer_quantized(tmp_path, sensitive):
+    model, refs = sensitive
+    run_rule("scan_layers", tmp_path, {"model": [model], "reference": [refs]}, tmp_path / "sensitivity.json", **BUDGET, quantization="dynamic")
+    with pytest.raises(StepError, match="fail even with 3 of the 4 scanned layers kept"):
+        run_rule("quantize_dynamic", tmp_path, {"model": [model], "reference": [refs], "sensitivity": [tmp_path / "sensitivity.json"]},
+                 tmp_path / "never.onnx", fallback=BUDGET | {"goal": {"max_abs_diff": 1e-9}})

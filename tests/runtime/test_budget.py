@@ -65,6 +65,11 @@ def test_nothing_is_kept_when_the_fully_quantized_model_passes(monkeypatch):
 
 
 def test_an_unreachable_goal_fails_naming_it(monkeypatch):
-    with pytest.raises(StepError, match=r"fail even with all 2 scanned layers kept .*best min_cosine 0\.94 with 2 kept") as err:
+    with pytest.raises(StepError, match=r"fail even with 2 of the 2 scanned layers kept .*best min_cosine 0\.94 with 2 kept") as err:
         fake_search(monkeypatch, {"a": 0.02, "b": 0.02}, goal=0.99)
     assert err.value.facts["fallback"]["passed"] is False
+
+
+def test_a_layer_that_gives_nan_alone_ranks_first():
+    layers = [{"node": "a", "alone": {"min_cosine": 0.999}}, {"node": "b", "alone": {"min_cosine": float("nan")}}, {"node": "c", "alone": {"min_cosine": 0.95}}]
+    assert [layer["node"] for layer in ranked(layers, {"min_cosine": 0.98})] == ["b", "c", "a"]

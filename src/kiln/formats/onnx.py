@@ -175,7 +175,9 @@ def quantize_static_step(planner: Planner, name: str, target: Any, model: Path, 
     if getattr(options, "embeddings", "fp32") != "fp32":  # TensorRT's static targets have no such option: fp32
         params["embeddings"] = options.embeddings
     if reference is not None:
-        scan_params = {"quantization": "static", "method": options.calibration, "percentile": options.percentile, "activation_type": activation_type}
+        scan_params = {"quantization": "static", "method": options.calibration, "activation_type": activation_type}
+        if options.calibration == "percentile":
+            scan_params["percentile"] = options.percentile
         more_inputs, deps, params = with_fallback(planner, name, target, model, model_step, reference, scan_params, params, inputs, deps)
         inputs |= more_inputs
     return planner.onnx_step(name, target, "quantize_static", params, model, model_step, inputs, deps)

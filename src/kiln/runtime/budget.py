@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from kiln.errors import StepError
 from kiln.runtime.onnxrt import session
-from kiln.runtime.reference import ReferenceSet, worst_over_outputs
+from kiln.runtime.reference import ReferenceSet, session_runner, worst_over_outputs
 from kiln.runtime.runners import timed
 
 
@@ -45,10 +45,14 @@ def damage(alone: dict[str, float], goal: dict[str, float]) -> float:
     """How much of the budget one layer quantized alone uses up, summed over the gated metrics:
     a cosine gate g spends (1 - cos) / (1 - g), a difference gate d spends diff / d. 1.0 means
     that layer alone would take a metric to its gate."""
+    import math
+
     spent = 0.0
     for metric, limit in goal.items():
         if metric not in alone:
             continue
+        if not math.isfinite(alone[metric]):
+            return math.inf  # NaN or Inf with this layer alone quantized: the most damaging there is
         if metric.endswith("cosine"):
             spent += (1.0 - alone[metric]) / max(1.0 - limit, 1e-12)
         else:
@@ -70,7 +74,8 @@ class Trial:
 
 
 def within_budget(quantize: Callable[[list[str]], Any], inputs: dict[str, list[Path]], fallback: dict[str, Any] | None, step: str,
-                  progress: Callable[[int, int | None], None] | None = None, kept_as: str = "float") -> tuple[Any, dict[str, Any]]:
+                  progress: Callable[[int, int | None], None] | None = None, kept_as: str = "float",
+                  max_kept: int | None = None) -> tuple[Any, dict[str, Any]]:
     """A quantize step's model and facts: quantize([]) when the target has no fallback, else the
     search below over the scan's ranking (inputs "sensitivity") on the reference file (inputs "reference")."""
     import json
@@ -81,19 +86,21 @@ def within_budget(quantize: Callable[[list[str]], Any], inputs: dict[str, list[P
     budget = Budget.from_params(fallback)
     scanned = json.loads(inputs["sensitivity"][0].read_text())["layers"]
     refs = ReferenceSet(inputs["reference"][0], budget.outputs, budget.padding_mask, step)
-    model, facts = search(quantize, scanned, refs, budget, step, progress)
+    model, facts = search(quantize, scanned, refs, budget, step, progress, max_kept)
     facts["fallback"]["kept_as"] = kept_as  # what "kept" means: float, or int4's 8-bit blocks
     return model, facts
 
 
 def search(quantize: Callable[[list[str]], Any], scanned: list[dict], refs: Any, budget: Budget, step: str,
-           progress: Callable[[int, int | None], None] | None = None) -> tuple[Any, dict[str, Any]]:
+           progress: Callable[[int, int | None], None] | None = None, max_kept: int | None = None) -> tuple[Any, dict[str, Any]]:
     """(the quantized model that passes with the fewest layers kept, the facts for the report).
     quantize(kept): the rule's own quantization with those node names kept in higher precision,
     a fresh ModelProto each call. refs: a kiln.runtime.reference.ReferenceSet of the whole
-    validation data. Fails the step when even keeping every scanned layer misses the gates."""
+    validation data. max_kept: at most this many kept (int8 keeps one layer quantized, else it is an
+    fp32 model). Fails the step when even keeping that many misses the gates."""
     order = ranked(scanned, budget.goal)
     names = [layer["node"] for layer in order]
+    top = len(names) if max_kept is None else max(0, min(max_kept, len(names)))
     trials: dict[int, Trial] = {}
     models: dict[int, Any] = {}
     started = time.perf_counter()
@@ -118,13 +125,13 @@ def search(quantize: Callable[[list[str]], Any], scanned: list[dict], refs: Any,
             high = k
         else:
             low = k
-            if k == len(names):
+            if k == top:
                 break
-            k = min(len(names), max(1, 2 * k))
+            k = min(top, max(1, 2 * k))
     if high is None:
         best = max(trials.values(), key=lambda t: t.worst.get("min_cosine", 0.0))
-        raise StepError(step, f"options.fallback = \"auto\": the gates fail even with all {len(names)} scanned layers kept "
-                              f"in higher precision ({'; '.join(trials[len(names)].failed)}; best min_cosine {best.worst.get('min_cosine', float('nan')):.6g} "
+        raise StepError(step, f"options.fallback = \"auto\": the gates fail even with {top} of the {len(names)} scanned layers kept "
+                              f"in higher precision ({'; '.join(trials[top].failed)}; best min_cosine {best.worst.get('min_cosine', float('nan')):.6g} "
                               f"with {best.kept} kept): the error left is outside the scanned layers (embeddings, other ops) or in the "
                               f"kept precision itself; loosen the gates, or set options.embeddings = \"fp32\"",
                         facts={"fallback": _facts(order, trials, None, budget, started)})
@@ -148,7 +155,7 @@ def _measure(model, kept: int, refs: Any, budget: Budget, step: str) -> Trial:
 
     with _session(model) as sess:
         names = budget.outputs
-        metrics = refs.metrics(lambda feed: dict(zip(names, sess.run(names, {i.name: feed[i.name] for i in sess.get_inputs()}))), budget.metrics)
+        metrics = refs.metrics(session_runner(sess, names, step), budget.metrics)
     failed = failures(metrics, budget.goal)
     return Trial(kept, worst_over_outputs(metrics), not failed, failed)
 
@@ -169,7 +176,9 @@ class _session:
 
         self.tmp = tempfile.TemporaryDirectory(prefix=".kiln-budget-")
         path = Path(self.tmp.name) / "model.onnx"
-        onnx.save(self.model, str(path), save_as_external_data=True, location="model.onnx.data")
+        copy = onnx.ModelProto()
+        copy.CopyFrom(self.model)  # saving with external data empties the proto's tensors: not the caller's
+        onnx.save(copy, str(path), save_as_external_data=True, location="model.onnx.data")
         return session(path)
 
     def __exit__(self, *exc):

@@ -16,6 +16,11 @@ int32 and int64 indices alike. Per value: output = float(q - zero_point) * scale
   [V, ceil(D / block / 2)], block 2j in the low nibble, an odd count padded. That is byte for byte the
   MatMulNBits layout of table.T (K = D, N = V), so repack.quantize_int4 of the transposed table makes it.
 Both keep 0.0 exact (the range is widened to hold 0) and put every value within half a step of its block.
+
+One behaviour differs from Gather and is said in every step's facts (OUT_OF_RANGE_NOTE): an index
+outside the table gives a row of zeros, where fp32 Gather fails the run. A token id beyond the
+vocabulary (a tokenizer that does not match the model) therefore passes silently through a
+quantized artifact; validation data, tokenized by the model's own tokenizer, never holds one.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ MS_DOMAIN = "com.microsoft"
 DEFAULT_BLOCK_SIZE = {8: 128, 4: 32}
 SMALLEST_BLOCK = 16  # GatherBlockQuantized's floor (a power of two, at least 16)
 LARGEST_INT4_BLOCK = 256  # the native int4 packer's ceiling
+OUT_OF_RANGE_NOTE = ("GatherBlockQuantized returns a row of zeros for an index outside its table where fp32 Gather "
+                     "fails: feed only ids the model's tokenizer makes")
 
 
 def quantize_embeddings(model: onnx.ModelProto, bits: int, block_size: int | None = None, min_elements: int = 1 << 16) -> list[dict]:
@@ -266,3 +273,10 @@ def _ensure_ms_opset(model: onnx.ModelProto) -> None:
 
     if not any(op.domain == MS_DOMAIN for op in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+
+
+def embedding_facts(notes: dict[int, list[dict]], model) -> dict:
+    """The step facts of the embeddings rewrite applied to `model` (notes: id(model) -> what
+    quantize_embeddings returned for it; a search quantizes several candidates, the chosen one counts)."""
+    done = notes.get(id(model))
+    return {} if done is None else {"embeddings": done, "embeddings_note": OUT_OF_RANGE_NOTE}

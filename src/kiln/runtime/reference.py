@@ -93,3 +93,17 @@ def worst_over_outputs(metrics: dict[str, dict]) -> dict[str, float]:
             pick = min if metric.endswith("cosine") else max
             worst[metric] = float(value) if metric not in worst else pick(worst[metric], float(value))
     return {k: round(v, 6) for k, v in sorted(worst.items())}
+
+
+def session_runner(sess, names: list[str], step: str) -> Callable[[dict], dict]:
+    """run(feed) -> {output: value} for an onnxruntime session, fed the model's own inputs out of a
+    reference batch; an input the reference file lacks fails the step naming it."""
+    wanted = [i.name for i in sess.get_inputs()]
+
+    def run(feed: dict) -> dict:
+        missing = [name for name in wanted if name not in feed]
+        if missing:
+            raise StepError(step, f"the validation data has no input {missing[0]!r} the model takes (it has {', '.join(sorted(feed))})")
+        return dict(zip(names, sess.run(names, {name: feed[name] for name in wanted})))
+
+    return run

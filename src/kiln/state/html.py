@@ -418,7 +418,7 @@ def fallback_section(targets: list[dict]) -> str:
 
 
 def fallback_summary(fallback: dict) -> str:
-    goal = ", ".join(f"{k} ≥ {_num(v, 6)}" for k, v in sorted((fallback.get("goal") or {}).items())) or "–"
+    goal = ", ".join(f"{k} {'≤' if k.startswith('max') else '≥'} {_num(v, 6)}" for k, v in sorted((fallback.get("goal") or {}).items())) or "–"
     passed = fallback.get("passed")
     verdict = {True: '<span class="ok">met</span>', False: '<span class="bad">not met</span>'}.get(passed, '<span class="muted">not said</span>')
     latency = fallback.get("latency_ms") or {}
