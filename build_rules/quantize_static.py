@@ -25,7 +25,7 @@ from kiln.runtime.embeddings import embedding_facts, quantize_embeddings
 
 
 class QuantizeStaticParams(Params):
-    method: Literal["minmax", "percentile", "entropy"] = "percentile"
+    method: Literal["minmax", "percentile", "entropy", "mse"] = "percentile"
     percentile: float = 99.999
     activation_type: Literal["uint8", "int8"] = "uint8"
     per_channel: bool = True
@@ -137,6 +137,9 @@ def activation_ranges(calibration, names: list[str], params: QuantizeStaticParam
     ranges = {}
     for name in names:
         obs = calibration[name]
+        if params.method == "mse":  # the step over [-T, T] in mse_threshold's terms: 2T / levels
+            one_signed = params.activation_type == "uint8" and (obs.min >= 0 or obs.max <= 0)
+            options = {"levels": 510 if one_signed else 254 if params.activation_type == "int8" else 255}
         t = obs.threshold(params.method, **options)
         ranges[name] = (max(obs.min, -t), min(obs.max, t))
     return ranges

@@ -37,7 +37,7 @@ class ScanLayersParams(Params):
     max_samples: int = 64  # the validation slice each of the N runs sees: the scan is N model runs
     exclude_nodes: list[str] = []
     # static: how calibrated ranges are derived (as quantize_static)
-    method: Literal["minmax", "percentile", "entropy"] = "percentile"
+    method: Literal["minmax", "percentile", "entropy", "mse"] = "percentile"
     percentile: float = 99.999
     activation_type: Literal["uint8", "int8"] = "uint8"
     # int4: the MatMulNBits the int4 step writes

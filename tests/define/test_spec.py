@@ -53,7 +53,7 @@ BAD = [
     (_set("targets.onnx_int4.options", {"scan_samples": 8}), "targets.onnx_int4.options.scan_samples", "expected no scan_samples without fallback = \"auto\""),
     (_set("targets.onnx_fp32.options.keep_fp32_ops", ["Softmax"]), "targets.onnx_fp32.options.keep_fp32_ops", "expected no keep_fp32_ops for precision = \"fp32\" (it applies to precision = \"fp16\" only)"),
     (_set("targets.onnx_int8.options.calibration", "entropy"), "targets.onnx_int8.options.calibration", "expected no calibration with quantization = \"dynamic\" (it applies to quantization = \"static\" only)"),
-    (_set("targets.onnx_int8_static.options.calibration", "kl"), "targets.onnx_int8_static.options.calibration", "'kl' is not allowed; expected 'minmax', 'percentile' or 'entropy'"),
+    (_set("targets.onnx_int8_static.options.calibration", "kl"), "targets.onnx_int8_static.options.calibration", "'kl' is not allowed; expected 'minmax', 'percentile', 'entropy' or 'mse'"),
     (_set("targets.onnx_int8_static.options.percentile", 0.0), "targets.onnx_int8_static.options.percentile", "0.0 is not allowed; expected greater than 0"),
     (_set("targets.onnx_int4.options.block_size", 48), "targets.onnx_int4.options.block_size", "48 is not allowed; expected one of 16, 32, 64, 128, 256"),
     (_set("targets.onnx_int4.options.accuracy_level", 5), "targets.onnx_int4.options.accuracy_level", "5 is not allowed; expected 0, 1, 2, 3 or 4"),

@@ -284,8 +284,9 @@ def test_calibration_round_trips(tmp_path):
     for name in ("a/out", "b"):
         assert same(back[name].bins, c[name].bins) and back[name].bins.dtype == np.uint64
     assert c.thresholds("percentile", p=99.0) == back.thresholds("percentile", p=99.0)
+    assert c.thresholds("mse") == back.thresholds("mse")
     with pytest.raises(ValueError, match="unknown"):
-        c.thresholds("mse")
+        c.thresholds("kl")
 
 
 # ---------------------------------------------------------------- threads
@@ -311,3 +312,23 @@ def test_many_threads_at_once_give_the_single_thread_result():
     assert len(results) == 8
     for i, out in results:
         assert same(out, want_h) if i % 2 else all(same(a, b) for a, b in zip(out, want_m))
+
+
+def test_mse_threshold_is_the_brute_force_minimum_and_clips_only_rare_outliers():
+    from kiln.native.calibration import mse_threshold
+
+    rng = np.random.default_rng(4)
+    bins = np.histogram(np.abs(rng.standard_normal(100_000)), bins=256, range=(0, 8))[0].astype(np.uint64)
+    width = 8 / 256
+
+    def cost(t: float) -> float:  # the same model, summed bin by bin
+        c = (np.arange(256) + 0.5) * width
+        n = bins.astype(np.float64)
+        return float((n * np.where(c > t, (c - t) ** 2, (2 * t / 255) ** 2 / 12)).sum())
+
+    t = mse_threshold(bins, width)
+    assert t == min(((j + 1) * width for j in range(256)), key=cost)
+    assert 2.0 < t < 5.0  # a Gaussian's tail is clipped, its body kept
+    heavy = bins.copy()
+    heavy[250] += 20_000  # a fifth of the data out there: the range must reach it
+    assert mse_threshold(heavy, width) >= 250 * width

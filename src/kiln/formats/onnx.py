@@ -28,7 +28,9 @@ class OnnxOptions(ExportOptions):
     keep_io_types: bool = Field(True, description="fp16: keep the model's float inputs and outputs fp32")
     keep_fp32_ops: list[Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")]] = Field([], description="fp16: op types to keep in fp32, e.g. [\"Softmax\"]")
     quantization: Literal["dynamic", "static"] = Field("dynamic", description="int8: 'dynamic' quantizes activations at run time; 'static' uses ranges calibrated on [calibration].data (QDQ)")
-    calibration: Literal["minmax", "percentile", "entropy"] = Field("percentile", description="int8 static: how calibrated histograms become activation ranges")
+    calibration: Literal["minmax", "percentile", "entropy", "mse"] = Field(
+        "percentile", description="int8 static: how calibrated histograms become activation ranges ('mse': per tensor, the range "
+                                  "that minimizes the expected squared quantization error, clipping against rounding)")
     percentile: float = Field(99.999, gt=0.0, le=100.0, description="int8 static, calibration = 'percentile': the share of |x| kept inside the range")
     activation_type: Literal["uint8", "int8"] = Field("uint8", description="int8 static: activation type (uint8 is asymmetric, the fast path on x86 CPUs)")
     exclude_nodes: list[Annotated[str, Field(min_length=1)]] = Field([], description="int8/int4: graph node names left in fp32 (per-layer fallback for sensitive layers)")
