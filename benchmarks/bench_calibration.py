@@ -79,14 +79,15 @@ def kiln_worker(args) -> dict:
     from kiln.build_rules.quantize_static import QuantizeStaticParams, activation_ranges
     from kiln.runtime.onnxrt import session
     from kiln.native.calibration import Calibration
-    from kiln.runtime.onnx_graph import with_outputs
+    from kiln.runtime.onnx_graph import weight_layers, with_outputs
 
     batches, names = feeds(args.samples, args.batch_size), calibrated_tensors(args.model)
     start_rss = rss_mb()
     t0 = time.perf_counter()
     sess = session(with_outputs(onnx.load(str(args.model)), names), optimize=False, threads=2)
     calibration = Calibration(args.bins)
-    channels = ChannelMaxima("bench")  # the calibrate step folds per-channel maxima too (for smoothing)
+    channels = ChannelMaxima("bench")  # the calibrate step folds per-channel maxima too (for smoothing),
+    layer_inputs = {layer.activation for layer in weight_layers(onnx.load(str(args.model), load_external_data=False), OPS)}  # of these
     model_runs = 0.0
     for feed in batches:
         t_run = time.perf_counter()
@@ -94,7 +95,8 @@ def kiln_worker(args) -> dict:
         model_runs += time.perf_counter() - t_run
         for name, value in zip(names, values):
             calibration.update(name, value)
-            channels.update(name, value)
+            if name in layer_inputs:
+                channels.update(name, value)
         del values
     collect = time.perf_counter() - t0
     result = {"collect_s": collect, "model_runs_s": model_runs, "methods": {}}
