@@ -12,7 +12,9 @@
 
 namespace kiln {
 
-void minmax_update(const float* x, std::size_t n, float* lo, float* hi, std::int64_t* nan_count) noexcept {
+namespace {
+
+void minmax_scalar(const float* x, std::size_t n, float* lo, float* hi, std::int64_t* nan_count) noexcept {
     float mn = *lo, mx = *hi;
     std::int64_t nans = 0;
     for (std::size_t i = 0; i < n; ++i) {
@@ -27,6 +29,66 @@ void minmax_update(const float* x, std::size_t n, float* lo, float* hi, std::int
     *lo = mn;
     *hi = mx;
     *nan_count += nans;
+}
+
+#ifdef KILN_X86
+// Eight lanes of min / max with NaNs masked to +-Inf and counted. A nonzero min or max is one value
+// whichever lane finds it, so it equals the sequential result; only a zero result has a sign that
+// depends on order (minps returns the second operand of two zeros), and that is the first zero in x.
+// Several times the scalar loop's speed, whose NaN test and strict compares do not vectorize.
+float first_zero(const float* x, std::size_t n) noexcept {
+    for (std::size_t i = 0; i < n; ++i) {
+        if (x[i] == 0.0f) return x[i];
+    }
+    return 0.0f;  // not reached: called only when x holds a zero
+}
+
+__attribute__((target("avx2"))) void minmax_avx2(const float* x, std::size_t n, float* lo, float* hi,
+                                                 std::int64_t* nan_count) noexcept {
+    const __m256 pinf = _mm256_set1_ps(INFINITY), ninf = _mm256_set1_ps(-INFINITY);
+    __m256 vmn = pinf, vmx = ninf;
+    std::int64_t nans = 0;
+    std::size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+        nans += __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(nan)));
+        vmn = _mm256_min_ps(vmn, _mm256_blendv_ps(v, pinf, nan));
+        vmx = _mm256_max_ps(vmx, _mm256_blendv_ps(v, ninf, nan));
+    }
+    alignas(32) float lmn[8], lmx[8];
+    _mm256_store_ps(lmn, vmn);
+    _mm256_store_ps(lmx, vmx);
+    float mn = INFINITY, mx = -INFINITY;
+    for (std::size_t l = 0; l < 8; ++l) {
+        mn = std::min(mn, lmn[l]);
+        mx = std::max(mx, lmx[l]);
+    }
+    std::int64_t tail_nans = 0;
+    minmax_scalar(x + i, n - i, &mn, &mx, &tail_nans);
+    // A zero min (max) is, in index order, the first zero of x: the running value before it was
+    // larger (smaller), and later zeros do not replace it under a strict compare.
+    if (mn == 0.0f) {
+        if (*lo > 0.0f) *lo = first_zero(x, n);
+    } else if (mn < *lo) {
+        *lo = mn;
+    }
+    if (mx == 0.0f) {
+        if (*hi < 0.0f) *hi = first_zero(x, n);
+    } else if (mx > *hi) {
+        *hi = mx;
+    }
+    *nan_count += nans + tail_nans;
+}
+#endif
+
+}  // namespace
+
+void minmax_update(const float* x, std::size_t n, float* lo, float* hi, std::int64_t* nan_count) noexcept {
+#ifdef KILN_X86
+    if (simd_supported()) return minmax_avx2(x, n, lo, hi, nan_count);
+#endif
+    minmax_scalar(x, n, lo, hi, nan_count);
 }
 
 namespace {

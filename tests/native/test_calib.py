@@ -332,3 +332,18 @@ def test_mse_threshold_is_the_brute_force_minimum_and_clips_only_rare_outliers()
     heavy = bins.copy()
     heavy[250] += 20_000  # a fifth of the data out there: the range must reach it
     assert mse_threshold(heavy, width) >= 250 * width
+
+
+def test_minmax_simd_path_keeps_the_sequential_zero_signs_and_nan_counts():
+    """The AVX2 min/max reduces eight lanes in any order; a zero result's sign must still be the one
+    a strict compare in index order keeps, whatever the starting lo / hi."""
+    rng = np.random.default_rng(1)
+    values = np.array([0.0, -0.0, 1.0, -1.0, np.nan, np.inf, -np.inf, 2.5], np.float32)
+    for _ in range(2000):
+        x = rng.choice(values, int(rng.integers(1, 80)))
+        for lo, hi in ((np.inf, -np.inf), (0.0, -0.0), (-0.0, 0.0), (1.0, -1.0), (-2.0, 3.0)):
+            got = _native.minmax_update(x, lo, hi, 0)
+            want = ref.minmax_update(x, np.float32(lo), np.float32(hi), 0)
+            assert got[2] == want[2]
+            for g, w in zip(got[:2], want[:2]):
+                assert np.float32(g).tobytes() == np.float32(w).tobytes(), (x, lo, hi, got, want)
