@@ -27,7 +27,7 @@ from typing import Any, Literal
 from kiln.errors import StepError, one_line
 from kiln.rules import Params, Rule, RunContext, register
 from kiln.runtime.budget import within_budget
-from kiln.runtime.embeddings import embedding_facts, quantize_embeddings
+from kiln.runtime.embeddings import embedding_facts, quantize_for_target
 
 # What onnxruntime's dynamic (IntegerOps) quantizer rewrites on CPU; Gemm arrives as MatMul.
 DEFAULT_OP_TYPES = ["Attention", "LSTM", "MatMul"]
@@ -95,8 +95,7 @@ def _quantize(model, params: QuantizeDynamicParams, kept: list[str], scratch: Pa
         except Exception as err:  # onnxruntime.quantization raises assorted plain exceptions
             raise StepError(ctx.step, f"dynamic int8 quantization failed: {one_line(err)}") from None
         quantized = onnx.load(str(written))
-    if params.embeddings != "fp32":
-        notes[id(quantized)] = quantize_embeddings(quantized, bits=int(params.embeddings[3:]))
+    quantize_for_target(quantized, params.embeddings, notes)
     return quantized
 
 

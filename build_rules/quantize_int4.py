@@ -17,7 +17,7 @@ from typing import Any, Literal
 from kiln.errors import StepError
 from kiln.rules import Params, Rule, RunContext, register
 from kiln.runtime.budget import within_budget
-from kiln.runtime.embeddings import embedding_facts, quantize_embeddings
+from kiln.runtime.embeddings import embedding_facts, quantize_for_target
 
 MS_DOMAIN = "com.microsoft"
 EIGHT_BIT_BLOCK = 128  # the fallback's 8-bit layers (see _node)
@@ -62,6 +62,7 @@ def _quantize(model, layers, kept: list[str], params: QuantizeInt4Params, notes:
     fallback's higher precision: blockwise int8 costs twice int4's bytes, a quarter of fp32's)."""
     import onnx
 
+    from kiln.runtime.onnx_graph import weight_kn
 
     quantized = onnx.ModelProto()
     quantized.CopyFrom(model)
@@ -72,14 +73,13 @@ def _quantize(model, layers, kept: list[str], params: QuantizeInt4Params, notes:
         bits = 8 if layer.node.name in kept else 4
         key = (layer.weight, layer.transposed, bits)
         if key not in packed:
-            packed[key] = _packed(layer, _weight_kn(weights[layer.weight], layer.transposed), params, bits)
+            packed[key] = _packed(layer, weight_kn(weights[layer.weight], layer.transposed), params, bits)
             quantized.graph.initializer.extend(packed[key][1])
         quantized.graph.node[by_name[layer.node.name]].CopyFrom(_node(layer, packed[key][0], params, bits))
     _drop_unused_initializers(quantized)
     if not any(op.domain == MS_DOMAIN for op in quantized.opset_import):
         quantized.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
-    if params.embeddings != "fp32":
-        notes[id(quantized)] = quantize_embeddings(quantized, bits=int(params.embeddings[3:]))
+    quantize_for_target(quantized, params.embeddings, notes)
     return quantized
 
 
@@ -87,14 +87,6 @@ def matmul_nbits(layer, w, params: QuantizeInt4Params, bits: int = 4):
     """(the MatMulNBits node replacing `layer`, its new initializers) for the weight w[K, N]."""
     shape, inits = _packed(layer, w, params, bits)
     return _node(layer, shape, params, bits), inits
-
-
-def _weight_kn(tensor, transposed: bool):
-    import numpy as np
-    from onnx import numpy_helper
-
-    w = numpy_helper.to_array(tensor)
-    return np.ascontiguousarray(w.T if transposed else w)  # MatMulNBits wants W[K, N]
 
 
 def _packed(layer, w, params: QuantizeInt4Params, bits: int) -> tuple[dict, list]:

@@ -21,7 +21,7 @@ from typing import Any, Literal
 from kiln.errors import StepError, one_line
 from kiln.rules import Params, Rule, RunContext, register
 from kiln.runtime.budget import within_budget
-from kiln.runtime.embeddings import embedding_facts, quantize_embeddings
+from kiln.runtime.embeddings import embedding_facts, quantize_for_target
 
 
 class QuantizeStaticParams(Params):
@@ -103,8 +103,7 @@ def _quantize_kept(model, ranges: dict, layers, params: QuantizeStaticParams, ct
         activation = floats.get(node.name)
         if activation is not None and node.input and node.input[0] == add_dequant_output_suffix(activation):
             node.input[0] = activation
-    if params.embeddings != "fp32":
-        notes[id(quantized)] = quantize_embeddings(quantized, bits=int(params.embeddings[3:]))
+    quantize_for_target(quantized, params.embeddings, notes)
     return quantized
 
 

@@ -135,12 +135,10 @@ def _quantized_alone(model, layer, params: ScanLayersParams, activation_range):
 
 
 def _weight(layer, graph):
-    """The layer's weight as W[K, N] (a Gemm with transB stores it [N, K])."""
-    import numpy as np
-    from onnx import numpy_helper
+    """The layer's weight as W[K, N]."""
+    from kiln.runtime.onnx_graph import weight_kn
 
-    w = numpy_helper.to_array(next(t for t in graph.initializer if t.name == layer.weight))
-    return np.ascontiguousarray(w.T if layer.transposed else w)
+    return weight_kn(next(t for t in graph.initializer if t.name == layer.weight), layer.transposed)
 
 
 def _int8_layer(layer, params: ScanLayersParams, graph, activation_range):

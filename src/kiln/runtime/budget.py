@@ -80,7 +80,6 @@ def within_budget(quantize: Callable[[list[str]], Any], inputs: dict[str, list[P
     search below over the scan's ranking (inputs "sensitivity") on the reference file (inputs "reference")."""
     import json
 
-
     if not fallback:
         return quantize([]), {}
     budget = Budget.from_params(fallback)

@@ -275,8 +275,15 @@ def _ensure_ms_opset(model: onnx.ModelProto) -> None:
         model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
 
 
+def quantize_for_target(model, option: str, notes: dict[int, list[dict]]) -> None:
+    """options.embeddings ("fp32", "int8", "int4") applied to a freshly quantized model, what was
+    done kept in notes under id(model): a search quantizes several candidates, the chosen one counts
+    (embedding_facts)."""
+    if option != "fp32":
+        notes[id(model)] = quantize_embeddings(model, bits=int(option[3:]))
+
+
 def embedding_facts(notes: dict[int, list[dict]], model) -> dict:
-    """The step facts of the embeddings rewrite applied to `model` (notes: id(model) -> what
-    quantize_embeddings returned for it; a search quantizes several candidates, the chosen one counts)."""
+    """The step facts of the embeddings rewrite applied to `model` (notes as quantize_for_target fills them)."""
     done = notes.get(id(model))
     return {} if done is None else {"embeddings": done, "embeddings_note": OUT_OF_RANGE_NOTE}

@@ -67,6 +67,16 @@ def weight_layers(model: onnx.ModelProto, op_types=("MatMul", "Gemm")) -> list[W
     return layers
 
 
+def weight_kn(tensor: onnx.TensorProto, transposed: bool):
+    """A weight layer's initializer as a C-contiguous W[K, N] (a Gemm with transB stores it [N, K]),
+    the orientation MatMulNBits and per-output-channel quantization read."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    w = numpy_helper.to_array(tensor)
+    return np.ascontiguousarray(w.T if transposed else w)
+
+
 def layers_to_quantize(model: onnx.ModelProto, exclude: list[str], step: str, op_types=("MatMul", "Gemm")) -> list[WeightLayer]:
     """The weight layers a quantizer rewrites: every one but the nodes named in exclude_nodes.
     Nameless nodes are named <op_type>_<index> first (quantizers address nodes by name; "" would match
