@@ -75,7 +75,9 @@ def calibrated_tensors(model_path: Path) -> list[str]:
 def kiln_worker(args) -> dict:
     import onnx
 
-    from kiln.build_rules.calibrate import ChannelMaxima
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kiln.build_rules.calibrate import FOLD_THREADS, ChannelMaxima, fold_batch
     from kiln.build_rules.quantize_static import QuantizeStaticParams, activation_ranges
     from kiln.runtime.onnxrt import session
     from kiln.native.calibration import Calibration
@@ -89,15 +91,15 @@ def kiln_worker(args) -> dict:
     channels = ChannelMaxima("bench")  # the calibrate step folds per-channel maxima too (for smoothing),
     layer_inputs = {layer.activation for layer in weight_layers(onnx.load(str(args.model), load_external_data=False), OPS)}  # of these
     model_runs = 0.0
+    pool = ThreadPoolExecutor(FOLD_THREADS)  # as the build's calibrate step folds a batch
     for feed in batches:
         t_run = time.perf_counter()
         values = sess.run(names, feed)
         model_runs += time.perf_counter() - t_run
-        for name, value in zip(names, values):
-            calibration.update(name, value)
-            if name in layer_inputs:
-                channels.update(name, value)
-        del values
+        pairs = list(zip(names, values))
+        fold_batch([p for p in pairs if p[0] in layer_inputs], calibration, channels, pool)
+        fold_batch([p for p in pairs if p[0] not in layer_inputs], calibration, None, pool)
+        del values, pairs  # one batch of activations in memory at a time, as in the build
     collect = time.perf_counter() - t0
     result = {"collect_s": collect, "model_runs_s": model_runs, "methods": {}}
     for method in METHODS:

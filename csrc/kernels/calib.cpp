@@ -43,22 +43,29 @@ float first_zero(const float* x, std::size_t n) noexcept {
     return 0.0f;  // not reached: called only when x holds a zero
 }
 
-__attribute__((target("avx2"))) void minmax_avx2(const float* x, std::size_t n, float* lo, float* hi,
-                                                 std::int64_t* nan_count) noexcept {
-    const __m256 pinf = _mm256_set1_ps(INFINITY), ninf = _mm256_set1_ps(-INFINITY);
-    __m256 vmn = pinf, vmx = ninf;
-    std::int64_t nans = 0;
-    std::size_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        const __m256 v = _mm256_loadu_ps(x + i);
-        const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
-        nans += __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(nan)));
-        vmn = _mm256_min_ps(vmn, _mm256_blendv_ps(v, pinf, nan));
-        vmx = _mm256_max_ps(vmx, _mm256_blendv_ps(v, ninf, nan));
-    }
+// Running state of the eight-lane min / max (NaNs masked to +-Inf and counted).
+struct MinMaxLanes {
+    __m256 mn, mx;
+    std::int64_t nans;
+};
+
+__attribute__((target("avx2"))) inline MinMaxLanes minmax_start() noexcept {
+    return {_mm256_set1_ps(INFINITY), _mm256_set1_ps(-INFINITY), 0};
+}
+
+__attribute__((target("avx2"))) inline void minmax_step(MinMaxLanes& m, __m256 v) noexcept {
+    const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    m.nans += __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(nan)));
+    m.mn = _mm256_min_ps(m.mn, _mm256_blendv_ps(v, _mm256_set1_ps(INFINITY), nan));
+    m.mx = _mm256_max_ps(m.mx, _mm256_blendv_ps(v, _mm256_set1_ps(-INFINITY), nan));
+}
+
+// Folds the lanes, then the scalar tail x[i..n), into *lo / *hi / *nan_count (x: the whole range).
+__attribute__((target("avx2"))) void minmax_finish(const MinMaxLanes& m, const float* x, std::size_t i, std::size_t n,
+                                                   float* lo, float* hi, std::int64_t* nan_count) noexcept {
     alignas(32) float lmn[8], lmx[8];
-    _mm256_store_ps(lmn, vmn);
-    _mm256_store_ps(lmx, vmx);
+    _mm256_store_ps(lmn, m.mn);
+    _mm256_store_ps(lmx, m.mx);
     float mn = INFINITY, mx = -INFINITY;
     for (std::size_t l = 0; l < 8; ++l) {
         mn = std::min(mn, lmn[l]);
@@ -78,7 +85,15 @@ __attribute__((target("avx2"))) void minmax_avx2(const float* x, std::size_t n, 
     } else if (mx > *hi) {
         *hi = mx;
     }
-    *nan_count += nans + tail_nans;
+    *nan_count += m.nans + tail_nans;
+}
+
+__attribute__((target("avx2"))) void minmax_avx2(const float* x, std::size_t n, float* lo, float* hi,
+                                                 std::int64_t* nan_count) noexcept {
+    MinMaxLanes m = minmax_start();
+    std::size_t i = 0;
+    for (; i + 8 <= n; i += 8) minmax_step(m, _mm256_loadu_ps(x + i));
+    minmax_finish(m, x, i, n, lo, hi, nan_count);
 }
 #endif
 
@@ -122,24 +137,67 @@ void histogram_scalar(const float* x, std::size_t n, float range, std::uint64_t*
 
 #ifdef KILN_X86
 // The same two roundings per lane (div then mul, IEEE float32); t < nbins < 2^24 converts exactly.
+struct BinConstants {
+    __m256 range, bins, sign;
+    __m256i last, nan;
+};
+
+__attribute__((target("avx2"))) inline BinConstants bin_constants(float range, std::size_t nbins) noexcept {
+    return {_mm256_set1_ps(range), _mm256_set1_ps(static_cast<float>(nbins)), _mm256_set1_ps(-0.0f),
+            _mm256_set1_epi32(static_cast<int>(nbins - 1)), _mm256_set1_epi32(static_cast<int>(nbins))};
+}
+
+// The bins of eight values (nbins for a NaN: its lane's spare slot).
+__attribute__((target("avx2"))) inline __m256i bins8(const BinConstants& c, __m256 v) noexcept {
+    const __m256 t = _mm256_mul_ps(_mm256_div_ps(_mm256_andnot_ps(c.sign, v), c.range), c.bins);
+    const __m256i over = _mm256_castps_si256(_mm256_cmp_ps(t, c.bins, _CMP_GE_OQ));
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(t, t, _CMP_UNORD_Q));
+    const __m256i b = _mm256_cvttps_epi32(t);  // garbage where over or NaN: replaced just below
+    return _mm256_blendv_epi8(_mm256_blendv_epi8(b, c.last, over), c.nan, nan);
+}
+
+// Values per round of the main loops: four vectors' bins are computed before any is counted, and
+// the input is prefetched a few rounds ahead. Activations arrive from the model out of cache, and
+// the increments alone leave the load unit idle between misses: 1.7x the one-vector loop on BERT's.
+constexpr std::size_t kRound = 32;
+constexpr std::size_t kPrefetchAhead = 512;  // floats (2 KiB); a prefetch past the end is harmless
+
+// Counts idx[0..kRound) into the lanes (element l to lane l % kHistogramLanes).
+inline void count_round(const std::int32_t* idx, std::uint64_t* lanes, std::size_t stride) noexcept {
+    for (std::size_t l = 0; l < kRound; ++l) ++lanes[(l % kHistogramLanes) * stride + static_cast<std::size_t>(idx[l])];
+}
+
+// minmax: also fold every value into m (the fused kernel); the compiler drops it where false.
+template <bool kMinMax>
+__attribute__((target("avx2"))) inline std::size_t histogram_rounds(const float* x, std::size_t n, const BinConstants& c,
+                                                                    std::uint64_t* lanes, std::size_t stride, MinMaxLanes& m) noexcept {
+    alignas(32) std::int32_t idx[kRound];
+    std::size_t i = 0;
+    for (; i + kRound <= n; i += kRound) {
+        _mm_prefetch(reinterpret_cast<const char*>(x + i + kPrefetchAhead), _MM_HINT_T0);
+        for (std::size_t v = 0; v < kRound / 8; ++v) {
+            const __m256 xv = _mm256_loadu_ps(x + i + 8 * v);
+            if constexpr (kMinMax) minmax_step(m, xv);
+            _mm256_store_si256(reinterpret_cast<__m256i*>(idx + 8 * v), bins8(c, xv));
+        }
+        count_round(idx, lanes, stride);
+    }
+    return i;  // the tail x[i..n) is left to the scalar loops
+}
+
 __attribute__((target("avx2"))) void histogram_avx2(const float* x, std::size_t n, float range, std::uint64_t* lanes,
                                                     std::size_t nbins) noexcept {
-    const __m256 vrange = _mm256_set1_ps(range), vbins = _mm256_set1_ps(static_cast<float>(nbins));
-    const __m256 sign = _mm256_set1_ps(-0.0f);
-    const __m256i vlast = _mm256_set1_epi32(static_cast<int>(nbins - 1)), vnan = _mm256_set1_epi32(static_cast<int>(nbins));
-    const std::size_t stride = nbins + 1;
-    alignas(32) std::int32_t idx[8];
-    std::size_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        const __m256 t = _mm256_mul_ps(_mm256_div_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)), vrange), vbins);
-        const __m256i over = _mm256_castps_si256(_mm256_cmp_ps(t, vbins, _CMP_GE_OQ));
-        const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(t, t, _CMP_UNORD_Q));
-        __m256i b = _mm256_cvttps_epi32(t);  // garbage where over or NaN: replaced just below
-        b = _mm256_blendv_epi8(b, vlast, over);
-        b = _mm256_blendv_epi8(b, vnan, nan);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(idx), b);
-        for (std::size_t l = 0; l < 8; ++l) ++lanes[(l % kHistogramLanes) * stride + static_cast<std::size_t>(idx[l])];
-    }
+    MinMaxLanes unused = minmax_start();
+    const std::size_t i = histogram_rounds<false>(x, n, bin_constants(range, nbins), lanes, nbins + 1, unused);
+    histogram_scalar(x + i, n - i, range, lanes, nbins);
+}
+
+// Both in one read of x.
+__attribute__((target("avx2"))) void minmax_histogram_avx2(const float* x, std::size_t n, float range, float* lo, float* hi,
+                                                           std::int64_t* nan_count, std::uint64_t* lanes, std::size_t nbins) noexcept {
+    MinMaxLanes m = minmax_start();
+    const std::size_t i = histogram_rounds<true>(x, n, bin_constants(range, nbins), lanes, nbins + 1, m);
+    minmax_finish(m, x, i, n, lo, hi, nan_count);
     histogram_scalar(x + i, n - i, range, lanes, nbins);
 }
 #endif
@@ -152,6 +210,15 @@ void abs_histogram_accumulate(const float* x, std::size_t n, float range, std::u
     if (simd && simd_supported()) return histogram_avx2(x, n, range, lanes, nbins);
 #endif
     (void)simd;
+    histogram_scalar(x, n, range, lanes, nbins);
+}
+
+void minmax_abs_histogram(const float* x, std::size_t n, float range, float* lo, float* hi, std::int64_t* nan_count,
+                          std::uint64_t* lanes, std::size_t nbins, bool simd) noexcept {
+#ifdef KILN_X86
+    if (simd && simd_supported()) return minmax_histogram_avx2(x, n, range, lo, hi, nan_count, lanes, nbins);
+#endif
+    minmax_scalar(x, n, lo, hi, nan_count);
     histogram_scalar(x, n, range, lanes, nbins);
 }
 

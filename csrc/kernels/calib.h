@@ -22,12 +22,19 @@ void minmax_update(const float* x, std::size_t n, float* lo, float* hi, std::int
 // nbins + 1 long (the extra slot takes the NaNs): consecutive values landing in the same bin then
 // increment different memory, which is what limits a single histogram on peaked data. The caller
 // sums lanes[l * (nbins + 1) + b] over l; lanes must be zeroed (or hold earlier counts).
-// Preconditions: range > 0 and finite, |x| <= range for finite x, 0 < nbins < 2^24 (exact as float).
+// Preconditions: range > 0 and finite, 0 < nbins < 2^24 (exact as float); a finite |x| > range is
+// counted in the last bin (the streaming observer grows range first, so it never sends one).
 constexpr std::size_t kHistogramLanes = 4;
 // simd: compute the bin indices 8 at a time with AVX2 when the CPU has it (the same IEEE float32
 // operations, so the same bins; tests run both paths).
 void abs_histogram_accumulate(const float* x, std::size_t n, float range, std::uint64_t* lanes,
                               std::size_t nbins, bool simd = true) noexcept;
+
+// minmax_update and abs_histogram_accumulate in one read of x (the same results as calling both),
+// for a batch whose range is not known to fit yet: a finite |x| above range lands in the last bin,
+// so the caller keeps these lanes only when the batch's finite abs max is <= range.
+void minmax_abs_histogram(const float* x, std::size_t n, float range, float* lo, float* hi, std::int64_t* nan_count,
+                          std::uint64_t* lanes, std::size_t nbins, bool simd = true) noexcept;
 
 
 // TensorRT's KL-divergence threshold search on a |x| histogram, one candidate i: the KL(P || Q) of

@@ -115,3 +115,27 @@ def test_channels_output_holds_each_tensors_max_abs_per_channel_over_every_batch
         whole = np.concatenate([b.reshape(-1, b.shape[-1]) for b in batches])
         assert found[name] == [float(v) for v in np.abs(whole).max(axis=0)], name
     assert out["calibration"].read_bytes() == calibrate(tmp_path, "without.json").read_bytes()  # the histograms are unchanged
+
+
+def test_folding_a_batch_in_threads_gives_the_serial_result():
+    """fold_batch spreads a batch's tensors over threads; every observer (and channel maximum) equals
+    one folded serially, a name repeated within a batch included, and a thread's error reaches the caller."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kiln.build_rules.calibrate import ChannelMaxima, fold_batch
+
+    rng = np.random.default_rng(3)
+    stream = [[(f"t{i}", (rng.standard_normal((4, 1 + i * 300)) * 2.0 ** (b + i)).astype(np.float32)) for i in range(6)] for b in range(5)]
+    stream[2].append(("t1", rng.standard_normal((4, 301)).astype(np.float32) * 1e3))  # t1 twice in one batch: its range grows mid-batch
+    serial, threaded = Calibration(256), Calibration(256)
+    serial_channels, threaded_channels = ChannelMaxima("calibrate"), ChannelMaxima("calibrate")
+    with ThreadPoolExecutor(4) as pool:
+        for pairs in stream:
+            for name, value in pairs:
+                serial.update(name, value)
+                serial_channels.update(name, value)
+            fold_batch(pairs, threaded, threaded_channels, pool)
+        assert threaded.to_json() == serial.to_json()
+        assert threaded_channels.to_json() == serial_channels.to_json()
+        with pytest.raises(StepError, match="channels"):
+            fold_batch([("t0", np.zeros((4, 5), np.float32))], threaded, threaded_channels, pool)

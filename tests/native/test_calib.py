@@ -13,7 +13,7 @@ from kiln import _native
 from kiln.native import calibration as cal
 from kiln.native import twins as ref
 
-SIZES = [0, 1, 7, 1000, 4097, 65537]
+SIZES = [0, 1, 7, 31, 40, 1000, 4097, 65537]  # 31, 40: the AVX2 loops take 32 values a round
 BIG = (1 << 20) + 4099  # above kParallelMinElements: the bindings split the work across threads
 
 
@@ -87,6 +87,22 @@ def test_histogram_matches_the_twin(seed, n, nbins, simd):
     assert int(got.sum()) == int((~np.isnan(x)).sum())
     start = np.arange(nbins, dtype=np.uint64)  # accumulates onto existing counts
     assert same(native_hist(x, r, nbins, start, simd), ref.abs_histogram_accumulate(x, r, start))
+
+
+@pytest.mark.parametrize("simd", [True, False], ids=["simd", "scalar"])
+@pytest.mark.parametrize("n", SIZES + [BIG])
+@pytest.mark.parametrize("seed", range(3))
+def test_fused_minmax_histogram_equals_the_two_kernels(seed, n, simd):
+    """One read for both: the twins' min / max (zero signs and NaN counts included) and histogram;
+    at a range below the data's abs max the values above it are counted in the last bin."""
+    x = activations(seed, n, specials=seed != 0)
+    for r in (finite_absmax(x), finite_absmax(x) / 3):
+        bins = np.arange(2048, dtype=np.uint64)
+        lo, hi, nans = _native.minmax_abs_histogram(x, r, bins, simd)
+        assert all(same(a, b) for a, b in zip((np.float32(lo), np.float32(hi), nans), ref.minmax_update(x)))
+        assert same(bins, ref.abs_histogram_accumulate(np.minimum(np.abs(x), np.float32(r)), r, np.arange(2048, dtype=np.uint64)))
+    with pytest.raises(ValueError, match="range"):
+        _native.minmax_abs_histogram(x, 0.0, np.zeros(4, np.uint64))
 
 
 @pytest.mark.parametrize("simd", [True, False], ids=["simd", "scalar"])

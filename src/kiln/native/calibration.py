@@ -89,7 +89,12 @@ class HistogramObserver:
 
     def update(self, x) -> HistogramObserver:
         x = _f32_batch(x)
-        lo, hi, nans = _native.minmax_update(x, math.inf, -math.inf, 0)
+        counted = None  # this batch's histogram at the current range, from the same read as min / max
+        if self.range > 0.0:
+            counted = np.zeros_like(self.bins)
+            lo, hi, nans = _native.minmax_abs_histogram(x, self.range, counted)
+        else:
+            lo, hi, nans = _native.minmax_update(x, math.inf, -math.inf, 0)
         self.nan_count += nans
         if nans == x.size:
             return self  # nothing to bin
@@ -98,10 +103,14 @@ class HistogramObserver:
         self.absmax = max(self.absmax, absmax)
         if self.range == 0.0:
             self.range = absmax if absmax > 0 else 1.0
-        elif absmax > self.range:
+        elif absmax > self.range:  # the counts above clamped the new values: bin again at the grown range
             self.range, k = grow_range(self.range, absmax)
             self.bins = merge_pairs(self.bins, k)
-        _native.abs_histogram_accumulate(x, self.range, self.bins)
+            counted = None
+        if counted is None:
+            _native.abs_histogram_accumulate(x, self.range, self.bins)
+        else:
+            self.bins += counted
         return self
 
     # ---------------------------------------------------------------- thresholds
@@ -234,10 +243,14 @@ class Calibration:
         self.bins = bins
         self.observers: dict[str, HistogramObserver] = {}
 
-    def update(self, name: str, x) -> None:
+    def observer(self, name: str) -> HistogramObserver:
+        """The tensor's observer, created empty on first use."""
         if name not in self.observers:
             self.observers[name] = HistogramObserver(self.bins)
-        self.observers[name].update(x)
+        return self.observers[name]
+
+    def update(self, name: str, x) -> None:
+        self.observer(name).update(x)
 
     def update_all(self, batch: dict) -> None:
         for name, x in batch.items():
