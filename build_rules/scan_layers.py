@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from kiln.errors import StepError
 from kiln.rules import Params, Rule, RunContext, register
-from kiln.runtime.onnxrt import session
+from kiln.runtime.onnxrt import SharedWeights, session
 from kiln.runtime.reference import ReferenceSet, session_runner, worst_over_outputs
 
 # Fixed, so the scan's numbers do not depend on the machine's core count (the ranking is all it feeds).
@@ -69,10 +69,11 @@ class ScanLayers(Rule):
         refs = ReferenceSet(inputs["reference"][0], params.outputs, params.padding_mask, ctx.step, params.max_samples)
         ranges = _ranges(inputs, layers, params, ctx) if params.quantization == "static" else {}
         started = time.perf_counter()
+        shared = SharedWeights(model)  # one copy of the weights for the N sessions
         results = []
         for done, layer in enumerate(layers, 1):
-            with _quantized_alone(model, layer, params, ranges.get(layer.activation)):
-                alone = refs.metrics(_runner(model, params.outputs, ctx.step), params.metrics)
+            with _quantized_alone(model, layer, params, ranges.get(layer.activation), shared):
+                alone = refs.metrics(_runner(model, params.outputs, ctx.step, shared), params.metrics)
             results.append({"node": layer.node.name, "weight": layer.weight, "alone": worst_over_outputs(alone)})
             ctx.progress(done, len(layers))
         seconds = round(time.perf_counter() - started, 2)
@@ -83,9 +84,8 @@ class ScanLayers(Rule):
                 "most_sensitive": min(results, key=lambda r: r["alone"].get("min_cosine", 1.0))["node"]}
 
 
-def _runner(model, names: list[str], step: str):
-
-    sess = session(model.SerializeToString(), threads=THREADS)
+def _runner(model, names: list[str], step: str, shared: SharedWeights):
+    sess = session(model.SerializeToString(), threads=THREADS, external=shared.used_by(model))
     return session_runner(sess, names, step)
 
 
@@ -102,7 +102,7 @@ def _ranges(inputs: dict[str, list[Path]], layers, params: ScanLayersParams, ctx
 
 
 @contextlib.contextmanager
-def _quantized_alone(model, layer, params: ScanLayersParams, activation_range):
+def _quantized_alone(model, layer, params: ScanLayersParams, activation_range, shared: SharedWeights):
     """The model with only `layer` quantized, for the duration of the block; restored after."""
     import onnx
 
@@ -111,9 +111,9 @@ def _quantized_alone(model, layer, params: ScanLayersParams, activation_range):
     original = type(layer.node)()
     original.CopyFrom(layer.node)
     if params.quantization == "int4":
-        nodes, inits = _int4_layer(layer, params, graph)
+        nodes, inits = _int4_layer(layer, params, _weight(layer, graph, shared))
     else:
-        nodes, inits = _int8_layer(layer, params, graph, activation_range)
+        nodes, inits = _int8_layer(layer, params, _weight(layer, graph, shared), activation_range)
     added_inits = [t.name for t in inits]
     opsets = len(model.opset_import)
     if params.quantization == "int4" and not any(op.domain == "com.microsoft" for op in model.opset_import):
@@ -134,14 +134,15 @@ def _quantized_alone(model, layer, params: ScanLayersParams, activation_range):
         del model.opset_import[opsets:]
 
 
-def _weight(layer, graph):
-    """The layer's weight as W[K, N]."""
+def _weight(layer, graph, shared: SharedWeights):
+    """The layer's weight as W[K, N] (from the shared arrays, where it moved)."""
     from kiln.runtime.onnx_graph import weight_kn
 
-    return weight_kn(next(t for t in graph.initializer if t.name == layer.weight), layer.transposed)
+    array = shared.arrays.get(layer.weight)
+    return weight_kn(next(t for t in graph.initializer if t.name == layer.weight) if array is None else array, layer.transposed)
 
 
-def _int8_layer(layer, params: ScanLayersParams, graph, activation_range):
+def _int8_layer(layer, params: ScanLayersParams, w, activation_range):
     """Nodes (the last replaces the layer) and initializers: the activation quantized and
     dequantized, times the weight quantized per output channel (symmetric int8) and dequantized."""
     import numpy as np
@@ -150,7 +151,6 @@ def _int8_layer(layer, params: ScanLayersParams, graph, activation_range):
 
     from kiln.native import repack, twins
 
-    w = _weight(layer, graph)
     q, scale, zero_point = repack.quantize_int8(w, symmetric=True, axis=1)
     stem = f"{layer.node.name}.scan"
     inits = [numpy_helper.from_array(repack.dequantize_int8(q, scale, zero_point, axis=1), f"{stem}.w")]
@@ -177,14 +177,14 @@ def _int8_layer(layer, params: ScanLayersParams, graph, activation_range):
     return nodes, inits
 
 
-def _int4_layer(layer, params: ScanLayersParams, graph):
+def _int4_layer(layer, params: ScanLayersParams, w):
     """The MatMulNBits node and packed initializers the int4 step writes for this layer."""
     import onnx
 
     from kiln.build_rules.quantize_int4 import QuantizeInt4Params, matmul_nbits
 
     int4 = QuantizeInt4Params(block_size=params.block_size, symmetric=params.symmetric, accuracy_level=params.accuracy_level)
-    node, inits = matmul_nbits(layer, _weight(layer, graph), int4, bits=4)
+    node, inits = matmul_nbits(layer, w, int4, bits=4)
     replaced = onnx.NodeProto()
     replaced.CopyFrom(node)
     return [replaced], inits

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -44,15 +45,38 @@ def test_excluded_nodes_are_not_scanned_and_the_slice_is_respected(tmp_path):
 
 def test_the_model_is_restored_after_each_layer(tmp_path):
     from kiln.build_rules.scan_layers import ScanLayersParams, _quantized_alone
+    from kiln.runtime.onnxrt import SharedWeights
 
     model = load(sensitive_model(tmp_path))
     layers = layers_to_quantize(model, [], "test")
+    shared = SharedWeights(model)
     before = model.SerializeToString()
     for layer in layers:
-        with _quantized_alone(model, layer, ScanLayersParams(quantization="int4", **BUDGET), None):
+        with _quantized_alone(model, layer, ScanLayersParams(quantization="int4", **BUDGET), None, shared):
             assert model.SerializeToString() != before
-            onnx.checker.check_model(model)
     assert model.SerializeToString() == before
+
+
+@pytest.mark.parametrize("quantization", ["dynamic", "int4"])
+def test_sessions_sharing_the_weights_give_the_whole_models_outputs_bit_for_bit(tmp_path, quantization):
+    """The scan hands onnxruntime the weights as external initializers instead of serializing the
+    model per layer: the outputs must be those of a session of the whole variant."""
+    from kiln.build_rules.scan_layers import ScanLayersParams, _quantized_alone
+    from kiln.runtime.onnxrt import SharedWeights, session
+
+    whole = load(sensitive_model(tmp_path))
+    slim = load(sensitive_model(tmp_path))
+    layers, slim_layers = layers_to_quantize(whole, [], "test"), layers_to_quantize(slim, [], "test")
+    shared = SharedWeights(slim)
+    assert shared.arrays and slim.ByteSize() < whole.ByteSize() // 4
+    params = ScanLayersParams(quantization=quantization, **BUDGET)
+    feed = {i.name: np.random.default_rng(0).standard_normal([d.dim_value or 3 for d in i.type.tensor_type.shape.dim]).astype(np.float32)
+            for i in whole.graph.input}
+    for layer, slim_layer in zip(layers, slim_layers):
+        with _quantized_alone(whole, layer, params, None, SharedWeights(onnx.ModelProto())), _quantized_alone(slim, slim_layer, params, None, shared):
+            want = session(whole.SerializeToString(), threads=2).run(None, feed)
+            got = session(slim.SerializeToString(), threads=2, external=shared.used_by(slim)).run(None, feed)
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(want, got)), layer.node.name
 
 
 def test_static_needs_the_models_own_calibration(tmp_path):

@@ -132,3 +132,9 @@ def test_a_search_that_never_met_the_gate_names_its_largest_try():
               "trials": [{"kept": 0, "min_cosine": 0.9, "passed": False}, {"kept": 12, "min_cosine": 0.95, "passed": False}]}
     (row,) = target_rows(report({"target": "int4", "status": "failed", "fallback": failed}))
     assert row["fallback"] == "gate not reached with 12 layers kept in float: min_cosine 0.900 -> 0.950 (goal 0.98)"
+
+
+def test_a_trial_stopped_at_its_first_failing_batch_shows_its_minimum_as_an_upper_bound():
+    early = FALLBACK | {"trials": [FALLBACK["trials"][0] | {"stopped_early": True}, *FALLBACK["trials"][1:]]}
+    rows = target_rows(report({"target": "onnx_int8", "precision": "int8", "latency": {"median_ms": 8.0}, "status": "ran", "fallback": early}))
+    assert "min_cosine <=0.969 -> 0.982" in rows[0]["fallback"]

@@ -35,10 +35,10 @@ def fake_search(monkeypatch, gain: dict[str, float], goal: float):
 
     calls = []
 
-    def measure(model, kept, refs, b, step):
+    def measure(model, kept, refs, b, step, order):
         calls.append(kept)
         value = 0.9 + sum(gain[n] for n in model)
-        return budget.Trial(kept, {"min_cosine": value}, value >= goal, [] if value >= goal else [f"min_cosine {value} < {goal}"])
+        return budget.Trial(kept, {"min_cosine": value}, value >= goal, [] if value >= goal else [f"min_cosine {value} < {goal}"]), {0: value}
 
     class Kept(frozenset):
         def ByteSize(self):

@@ -160,3 +160,21 @@ def test_histogram_edges_underflow_and_overflow_are_exact():
     hist = histogram(np.array([0.0, 1e-13, -1e-16, 1e-12, 3.1e-12, 99.99, 100.0, np.inf, np.nan]))
     assert hist["zero"] == 1 and hist["underflow"] == 2 and hist["overflow"] == 2 and hist["nan"] == 1
     assert hist["counts"][0] == 2 and hist["counts"][-1] == 1 and sum(hist["counts"]) == 3  # 1e-12 and 3.1e-12 in [1e-12, 3.16e-12)
+
+
+def test_extend_equals_adding_every_batch_to_one_instance():
+    from kiln.runtime.metrics import OutputMetrics
+
+    rng = np.random.default_rng(5)
+    batches = [(rng.standard_normal((3 + i, 5)).astype(np.float32), rng.standard_normal((3 + i, 5)).astype(np.float32)) for i in range(4)]
+    batches[2][1][0, 0] = np.nan
+    one = OutputMetrics()
+    merged = OutputMetrics()
+    for ref, out in batches:
+        one.add(ref, out)
+        part = OutputMetrics()
+        part.add(ref, out)
+        merged.extend(part)
+    a, b = one.summary(), merged.summary()
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k], equal_nan=True) for k in a)
+    assert one.distribution() == merged.distribution()

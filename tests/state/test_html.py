@@ -298,3 +298,11 @@ def test_quantized_targets_show_their_latency_against_fp32_and_the_layers_kept_i
     assert "runs 1.27x slower than fp32" in page
     plain = model_page(tmp_path, {"model": "m", "artifacts": [dict(report["artifacts"][0])]}, None, None)
     assert "Layers kept in higher precision" not in plain and "×" not in plain  # no fallback, no ratio: nothing added
+
+
+def test_the_trials_table_says_which_trials_stopped_early():
+    from kiln.state.html import trials_table
+
+    html = trials_table({"trials": [{"kept": 0, "min_cosine": 0.87, "mean_cosine": 0.99, "passed": False, "stopped_early": True},
+                                    {"kept": 2, "min_cosine": 0.95, "mean_cosine": 0.995, "passed": True}]})
+    assert html.count("stopped at the first batch failing") == 1

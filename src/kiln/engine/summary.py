@@ -182,8 +182,8 @@ def fallback_text(fallback: dict[str, Any]) -> str:
         text += f" ({', '.join(names[:MAX_KEPT_NAMES])}{more})"
     facts = []
     cosines = _fallback_cosines(fallback, count)
-    if cosines:
-        facts.append("min_cosine " + " -> ".join(f"{c:.3f}" for c in cosines))
+    if cosines:  # a trial stopped at its first failing batch saw part of the data: its true minimum is at most that
+        facts.append("min_cosine " + " -> ".join(f"{'<=' if partial else ''}{c:.3f}" for c, partial in cosines))
         goal = (fallback.get("goal") or {}).get("min_cosine")
         if fallback.get("passed") is False and _number(goal):
             facts[-1] += f" (goal {goal:g})"
@@ -195,15 +195,15 @@ def fallback_text(fallback: dict[str, Any]) -> str:
     return text + (": " + ", ".join(facts) if facts else "")
 
 
-def _fallback_cosines(fallback: dict[str, Any], kept: int) -> list[float]:
-    """The min cosine with every layer quantized and with the kept layers in float (one value when
-    these are the same trial: nothing was kept); [] when the trials do not say."""
+def _fallback_cosines(fallback: dict[str, Any], kept: int) -> list[tuple[float, bool]]:
+    """(min cosine, whether its trial stopped early) with every layer quantized and with the kept
+    layers in float (one entry when these are the same trial: nothing was kept); [] when the trials
+    do not say."""
     trials = [t for t in fallback.get("trials") or [] if isinstance(t, dict) and _number(t.get("min_cosine"))]
     before = next((t for t in trials if t.get("kept") == 0), None)
     after = next((t for t in trials if t.get("kept") == kept), trials[-1] if trials else None)
-    if before is None or after is None:
-        return [after["min_cosine"]] if after is not None else []
-    return [before["min_cosine"]] if before is after else [before["min_cosine"], after["min_cosine"]]
+    chosen = [after] if before is None or before is after else [before, after]
+    return [(t["min_cosine"], bool(t.get("stopped_early"))) for t in chosen if t is not None]
 
 
 def _most_kept(fallback: dict[str, Any]) -> int:

@@ -17,6 +17,8 @@ import numpy as np
 
 from kiln import _native
 
+# Gates more data can only make worse (a minimum, a maximum): one batch failing them fails the whole set.
+MONOTONE_GATES = ("min_cosine", "max_abs_diff", "max_rel_diff")
 GATES = {  # metric -> (comparison, words for a failure)
     "min_cosine": (lambda value, limit: value >= limit, "<"),
     "mean_cosine": (lambda value, limit: value >= limit, "<"),
@@ -64,6 +66,17 @@ class OutputMetrics:
         self.nonfinite += nonfinite
         self.cosines.append(row_cosines(ref32, out32))
         self.row_max_abs.append(row_max_abs_diffs(ref32, out32))
+
+    def extend(self, later: OutputMetrics) -> None:
+        """Fold in another instance's batches as if they had been added after this one's: the same
+        numbers, bit for bit, as adding every batch to one instance in that order."""
+        self.max_abs_diff = max(self.max_abs_diff, later.max_abs_diff) if not np.isnan(later.max_abs_diff) else float("nan")
+        self.max_rel_diff = max(self.max_rel_diff, later.max_rel_diff) if not np.isnan(later.max_rel_diff) else float("nan")
+        self.nonfinite += later.nonfinite
+        if later.mismatched is not None:
+            self.mismatched = (self.mismatched or 0) + later.mismatched
+        self.cosines += later.cosines
+        self.row_max_abs += later.row_max_abs
 
     def summary(self) -> dict[str, float | int]:
         cos = np.concatenate(self.cosines) if self.cosines else np.ones(1)

@@ -67,13 +67,13 @@ def weight_layers(model: onnx.ModelProto, op_types=("MatMul", "Gemm")) -> list[W
     return layers
 
 
-def weight_kn(tensor: onnx.TensorProto, transposed: bool):
-    """A weight layer's initializer as a C-contiguous W[K, N] (a Gemm with transB stores it [N, K]),
-    the orientation MatMulNBits and per-output-channel quantization read."""
+def weight_kn(tensor, transposed: bool):
+    """A weight layer's initializer (a TensorProto, or its array) as a C-contiguous W[K, N] (a Gemm
+    with transB stores it [N, K]), the orientation MatMulNBits and per-output-channel quantization read."""
     import numpy as np
     from onnx import numpy_helper
 
-    w = numpy_helper.to_array(tensor)
+    w = tensor if isinstance(tensor, np.ndarray) else numpy_helper.to_array(tensor)
     return np.ascontiguousarray(w.T if transposed else w)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -62,18 +63,53 @@ class ReferenceSet:
             self.samples += sample_count(feed, self.axes["inputs"])
 
     def metrics(self, run: Callable[[dict], dict], wanted: list[str] | None = None) -> dict[str, dict[str, Any]]:
+        return self.measure(run, wanted).metrics
+
+    def measure(self, run: Callable[[dict], dict], wanted: list[str] | None = None, stop_on: dict[str, float] | None = None,
+                order: list[int] | None = None) -> Measurement:
+        """The metrics of `run` over the batches. order: the batch indices to run first (the rest
+        follow in file order); the metrics are still folded in file order, so a complete measurement
+        is the same to the last bit whatever the order. stop_on: gates; once one batch fails a gate
+        that more data can only make worse (metrics.MONOTONE_GATES) or gives NaN/Inf, the rest are
+        not run: the measurement is then partial (complete False) but already fails that gate."""
+        from kiln.runtime.metrics import MONOTONE_GATES, OutputMetrics, failures
+
+        first = [i for i in order or [] if 0 <= i < len(self.batches)]
+        sequence = list(dict.fromkeys(first + list(range(len(self.batches)))))
+        monotone = {k: v for k, v in (stop_on or {}).items() if k in MONOTONE_GATES}
+        parts: dict[int, dict[str, OutputMetrics]] = {}
+        for index in sequence:
+            parts[index] = self._batch(index, run)
+            if stop_on is not None and failures({n: m.summary() for n, m in parts[index].items()}, monotone):
+                break
+        per_output = {name: OutputMetrics() for name in self.outputs}
+        for index in sorted(parts):
+            for name, part in parts[index].items():
+                per_output[name].extend(part)
+        batch_worst = {i: min(m.summary()["min_cosine"] for m in part.values()) for i, part in parts.items()}
+        return Measurement({name: select_metrics(m.summary(), wanted) for name, m in per_output.items()},
+                           len(parts) == len(self.batches), batch_worst)
+
+    def _batch(self, index: int, run: Callable[[dict], dict]) -> dict:
         from kiln.runtime.metrics import OutputMetrics
 
-        per_output = {name: OutputMetrics() for name in self.outputs}
-        for feed, expected in self.batches:
-            got = run(feed)
-            mask = padding(feed, self.padding_mask, self.axes["inputs"])
-            for name in self.outputs:
-                try:
-                    per_output[name].add(expected[name], got[name], mask, self.axes["outputs"].get(name, 0))
-                except ValueError as err:
-                    raise StepError(self.step, f"output {name!r}: {err}") from None
-        return {name: select_metrics(m.summary(), wanted) for name, m in per_output.items()}
+        feed, expected = self.batches[index]
+        got = run(feed)
+        mask = padding(feed, self.padding_mask, self.axes["inputs"])
+        metrics = {name: OutputMetrics() for name in self.outputs}
+        for name in self.outputs:
+            try:
+                metrics[name].add(expected[name], got[name], mask, self.axes["outputs"].get(name, 0))
+            except ValueError as err:
+                raise StepError(self.step, f"output {name!r}: {err}") from None
+        return metrics
+
+
+@dataclass
+class Measurement:
+    metrics: dict[str, dict[str, Any]]  # {output: {metric: value}}, over the batches run
+    complete: bool  # every batch ran (False: stopped early on a failed gate)
+    batch_worst: dict[int, float]  # batch index -> its lowest row cosine over the outputs, for the batches run
 
 
 def select_metrics(summary: dict, wanted: list[str] | None) -> dict:

@@ -446,8 +446,14 @@ def trials_table(fallback: dict) -> str:
     if not trials:
         return ""
     rows = "".join(f"<tr><td class=n>{_num(r.get('kept'), 6)}</td><td class=n>{_num(r.get('min_cosine'), 6)}</td>"
-                   f"<td class=n>{_num(r.get('mean_cosine'), 6)}</td><td>{_passed_html(r.get('passed'))}</td></tr>" for r in trials)
+                   f"<td class=n>{_num(r.get('mean_cosine'), 6)}</td><td>{_passed_html(r.get('passed'))}{_stopped(r)}</td></tr>" for r in trials)
     return "<table class=small><tr><th>trial: layers kept</th><th>min cosine</th><th>mean cosine</th><th>gate</th></tr>" + rows + "</table>"
+
+
+def _stopped(trial: dict) -> str:
+    if not trial.get("stopped_early"):
+        return ""
+    return " <span class=muted>(stopped at the first batch failing a min / max gate: values over the batches run)</span>"
 
 
 def _float(value: Any) -> float | None:
