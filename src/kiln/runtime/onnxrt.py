@@ -64,5 +64,15 @@ class SharedWeights:
     def used_by(self, model) -> dict:
         """{name: OrtValue} of the shared initializers the model's nodes still read: onnxruntime drops
         unused initializers before it replaces the rest, and refuses a value for a dropped one."""
-        read = {name for node in model.graph.node for name in node.input}
+        read = set(_inputs_read(model.graph))
         return {name: value for name, value in self.values.items() if name in read}
+
+
+def _inputs_read(graph):
+    """Every tensor name a node of the graph reads, subgraphs (If, Loop, Scan bodies) included: a body
+    may read the outer graph's initializers."""
+    for node in graph.node:
+        yield from node.input
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                yield from _inputs_read(sub)
