@@ -86,7 +86,7 @@ class ScanLayers(Rule):
 
 def _runner(model, names: list[str], step: str, shared: SharedWeights):
     sess = session(model.SerializeToString(), threads=THREADS, external=shared.used_by(model))
-    return session_runner(sess, names, step)
+    return session_runner(sess, names, step, concurrent=False)  # two intra-op threads already
 
 
 def _ranges(inputs: dict[str, list[Path]], layers, params: ScanLayersParams, ctx: RunContext) -> dict[str, tuple[float, float]]:

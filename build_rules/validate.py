@@ -18,8 +18,7 @@ from kiln.base.fsio import copy_artifact
 from kiln.errors import StepError, one_line
 from kiln.rules import Params, Rule, RunContext, register
 from kiln.runtime.runners import Artifact, RuntimeUnavailable, StructuralOnly, close_runner
-from kiln.runtime.reference import batch_axes, reference_batches, select_metrics
-from kiln.runtime.reference import padding as padding_of
+from kiln.runtime.reference import ReferenceSet, select_metrics
 
 
 class ValidateParams(Params):
@@ -70,12 +69,9 @@ class Validate(Rule):
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ValidateParams, ctx: RunContext) -> dict[str, Any]:
         from kiln.formats import target_format
-        from kiln.runtime.data import sample_count
-        from kiln.runtime.metrics import OutputMetrics, failures
+        from kiln.runtime.metrics import failures
 
         fmt = target_format(params.format)
-        per_output = {name: OutputMetrics() for name in params.outputs}
-        samples = 0
         try:
             run = fmt.open_runner(Artifact(inputs["model"][0], params.outputs, ctx.step, params.source, inputs.get("source"),
                                            params.inputs, ctx.root, params.device, params.precision, params.output_specs, params.format_options))
@@ -83,23 +79,13 @@ class Validate(Rule):
             return self._structural(str(err), err.checks, inputs, outputs, params)
         except RuntimeUnavailable as err:
             return self._unvalidated(str(err), inputs, outputs, params, ctx)
-        axes = batch_axes(inputs["reference"][0])
-        first_feed = None
         try:
-            batches = list(reference_batches(inputs["reference"][0]))  # all in memory already (load_file)
-            for done, (feed, expected) in enumerate(batches, 1):
-                first_feed = feed if first_feed is None else first_feed
-                got = run(feed)
-                samples += sample_count(feed, axes["inputs"])
-                padding = padding_of(feed, params.padding_mask, axes["inputs"])
-                for name in params.outputs:
-                    try:
-                        per_output[name].add(expected[name], got[name], padding, axes["outputs"].get(name, 0))
-                    except ValueError as err:
-                        raise StepError(ctx.step, f"output {name!r}: {err}") from None
-                ctx.progress(done, len(batches))
+            refs = ReferenceSet(inputs["reference"][0], params.outputs, params.padding_mask, ctx.step)
+            measured = refs.measure(run, progress=ctx.progress)
         finally:
             close_runner(run)
+        per_output, samples = measured.per_output, refs.samples
+        first_feed = refs.batches[0][0] if refs.batches else None
         metrics = {name: select_metrics(m.summary(), params.metrics) for name, m in per_output.items()}
         gates = {k: v for k, v in params.thresholds.items() if v is not None}
         report = {"target": params.target, "samples": samples, "thresholds": gates, "metrics": metrics}
@@ -110,7 +96,7 @@ class Validate(Rule):
         # record, and so report.json, keeps the small summaries
         distributions = {name: m.distribution() for name, m in per_output.items()}
         _publish(inputs, outputs, report | {"passed": True, "distributions": distributions})
-        latency = _latency(fmt, inputs["model"][0], first_feed, axes["inputs"]) if first_feed else None
+        latency = _latency(fmt, inputs["model"][0], first_feed, refs.axes["inputs"]) if first_feed else None
         return report | {"passed": True} | ({"latency": latency} if latency else {})
 
     @staticmethod

@@ -75,3 +75,26 @@ def test_a_passing_run_is_measured_whole(tmp_path, passing):
     refs = ReferenceSet(reference_file(tmp_path), ["y"], None, "t/validate")
     measured = refs.measure(noisy(bad_batch_rows=None if passing else 4), stop_on={"min_cosine": 0.9})  # 4 rows: batch 0
     assert measured.complete == passing
+
+
+def test_a_concurrent_runner_gives_the_sequential_measurement_and_stops_at_the_same_batch(tmp_path, monkeypatch):
+    import threading
+
+    from kiln.runtime import reference
+    from kiln.runtime.reference import concurrent_runner
+
+    monkeypatch.setattr(reference, "BATCH_WORKERS", 3)
+    refs = ReferenceSet(reference_file(tmp_path, batches=7), ["y"], None, "t/validate")
+    outputs = {feed["x"].shape[0]: noisy(bad_batch_rows=6, seed=4)(feed) for feed, _ in refs.batches}
+    threads = set()
+
+    def run(feed):
+        threads.add(threading.get_ident())
+        return outputs[feed["x"].shape[0]]
+
+    sequential = refs.measure(lambda feed: outputs[feed["x"].shape[0]])
+    concurrent = refs.measure(concurrent_runner(run))
+    assert concurrent.metrics == sequential.metrics and concurrent.complete and len(threads) > 1
+    done = []
+    stopped = refs.measure(concurrent_runner(run), stop_on={"min_cosine": 0.9}, progress=lambda d, t: done.append(d))
+    assert not stopped.complete and set(stopped.batch_worst) == {0, 1, 2} and done == [1, 2, 3]  # 6 rows: batch 2

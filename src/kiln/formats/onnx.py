@@ -12,6 +12,7 @@ from pydantic import Field, model_validator
 from kiln.errors import StepError, one_line
 from kiln.formats.base import TargetFormat
 from kiln.runtime.onnxrt import session
+from kiln.runtime.reference import concurrent_runner
 from kiln.runtime.runners import Artifact, Runner, onnx_latency, require_outputs
 from kiln.schema.fields import MAX_OPSET, MIN_OPSET, CrossError, ExportOptions, TargetBase, check_option_precisions
 
@@ -133,7 +134,7 @@ class Onnx(TargetFormat):
             raise StepError(artifact.step, f"onnxruntime cannot load {artifact.path.name}: {one_line(err)}") from None
         names = artifact.outputs
         require_outputs({o.name for o in sess.get_outputs()}, names, "ONNX", artifact.step)
-        return lambda feed: dict(zip(names, sess.run(names, feed)))
+        return concurrent_runner(lambda feed: dict(zip(names, sess.run(names, feed))))  # one intra-op thread: batches side by side
 
     def latency(self, artifact: Path, feed: dict) -> dict[str, Any] | None:
         return onnx_latency(artifact, feed)
