@@ -16,6 +16,7 @@ real where it is cheap (int4: the layer becomes the MatMulNBits node the int4 st
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -25,8 +26,10 @@ from kiln.rules import Params, Rule, RunContext, register
 from kiln.runtime.onnxrt import SharedWeights, session
 from kiln.runtime.reference import ReferenceSet, session_runner, worst_over_outputs
 
-# Fixed, so the scan's numbers do not depend on the machine's core count (the ranking is all it feeds).
-THREADS = 2
+# Fixed, so the scan's numbers do not depend on the machine's core count (the ranking is all it feeds):
+# one intra-op thread per session, and the cores taken by measuring several layers at once.
+THREADS = 1
+LAYERS_AT_ONCE = max(1, min(4, os.cpu_count() or 1))
 
 
 class ScanLayersParams(Params):
@@ -49,7 +52,7 @@ class ScanLayersParams(Params):
 @register
 class ScanLayers(Rule):
     name = "scan_layers"
-    version = 1
+    version = 2  # 2: one-thread sessions (were two), several layers at once: the same numbers on bert, not promised everywhere
     tools = ("onnx", "onnxruntime", "numpy")
     Params = ScanLayersParams
     memory_base_mib = 1024
@@ -70,12 +73,8 @@ class ScanLayers(Rule):
         ranges = _ranges(inputs, layers, params, ctx) if params.quantization == "static" else {}
         started = time.perf_counter()
         shared = SharedWeights(model)  # one copy of the weights for the N sessions
-        results = []
-        for done, layer in enumerate(layers, 1):
-            with _quantized_alone(model, layer, params, ranges.get(layer.activation), shared):
-                alone = refs.metrics(_runner(model, params.outputs, ctx.step, shared), params.metrics)
-            results.append({"node": layer.node.name, "weight": layer.weight, "alone": worst_over_outputs(alone)})
-            ctx.progress(done, len(layers))
+        alone = _scan(model, layers, params, ranges, shared, refs, ctx)
+        results = [{"node": layer.node.name, "weight": layer.weight, "alone": worst_over_outputs(metrics)} for layer, metrics in zip(layers, alone)]
         seconds = round(time.perf_counter() - started, 2)
         # no timing in the file: its bytes are part of every downstream key and of the provenance
         report = {"quantization": params.quantization, "samples": refs.samples, "layers": results}
@@ -84,9 +83,32 @@ class ScanLayers(Rule):
                 "most_sensitive": min(results, key=lambda r: r["alone"].get("min_cosine", 1.0))["node"]}
 
 
-def _runner(model, names: list[str], step: str, shared: SharedWeights):
-    sess = session(model.SerializeToString(), threads=THREADS, external=shared.used_by(model))
-    return session_runner(sess, names, step, concurrent=False)  # two intra-op threads already
+def _scan(model, layers, params: ScanLayersParams, ranges: dict, shared: SharedWeights, refs: ReferenceSet, ctx: RunContext) -> list[dict]:
+    """Each layer's metrics alone, in layer order. The variants are made here, one at a time (they
+    edit `model` in place), and measured LAYERS_AT_ONCE at a time in threads, each in its own
+    one-thread session: the same numbers as one after the other."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    results: list[dict] = []
+    with ThreadPoolExecutor(LAYERS_AT_ONCE, thread_name_prefix="kiln-scan") as pool:
+        ahead: deque = deque()
+        for layer in layers:
+            with _quantized_alone(model, layer, params, ranges.get(layer.activation), shared):
+                variant, external = model.SerializeToString(), shared.used_by(model)
+            ahead.append(pool.submit(_measure_variant, variant, external, refs, params, ctx.step))
+            while len(ahead) > LAYERS_AT_ONCE:  # at most that many sessions (each a copy of the weights) alive
+                results.append(ahead.popleft().result())
+                ctx.progress(len(results), len(layers))
+        while ahead:
+            results.append(ahead.popleft().result())
+            ctx.progress(len(results), len(layers))
+    return results
+
+
+def _measure_variant(variant: bytes, external: dict, refs: ReferenceSet, params: ScanLayersParams, step: str) -> dict:
+    sess = session(variant, threads=THREADS, external=external)
+    return refs.metrics(session_runner(sess, params.outputs, step, concurrent=False), params.metrics)
 
 
 def _ranges(inputs: dict[str, list[Path]], layers, params: ScanLayersParams, ctx: RunContext) -> dict[str, tuple[float, float]]:
