@@ -17,6 +17,9 @@ status is 1 when any differs or a build failed. Everything temporary is removed 
 TFLite steps run kiln in a tool environment (kiln.runtime.toolchild), which drops PYTHONPATH: those
 children import the working tree's kiln on both sides (a note says so when src/ differs).
 
+The default set also builds "bert:onnx_fp32": bert.toml with only its onnx_fp32 target (reference,
+export, simplify, validate), the single-target build issue 19 times.
+
 Run (from the repository root, venv active; nothing else heavy running, the numbers are wall times):
 
     python benchmarks/bench_cold.py                        # bert and tinycnn, base HEAD~1, once
@@ -93,7 +96,8 @@ def main() -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["bert", "tinycnn"], help="manifest names in manifests/ (default: bert tinycnn)")
+    parser.add_argument("--models", nargs="+", default=["bert", "tinycnn", "bert:onnx_fp32"],
+                        help="manifest names in manifests/, or model:target for that manifest with one target (default: bert tinycnn bert:onnx_fp32)")
     parser.add_argument("--base", default="HEAD~1", help="git revision to compare with (default: HEAD~1)")
     parser.add_argument("--jobs", type=int, help="passed to `kiln build -n` (default: kiln's own)")
     parser.add_argument("--repeat", type=int, default=1, help="cold builds per model and side; the table shows medians")
@@ -162,7 +166,7 @@ def _warn_tool_children(rev: str, models: list[str]) -> None:
     import tomllib
 
     def formats(model: str) -> set[str]:
-        targets = tomllib.loads((REPO / "manifests" / f"{model}.toml").read_text()).get("targets", {})
+        targets = tomllib.loads((REPO / "manifests" / f"{model.partition(':')[0]}.toml").read_text()).get("targets", {})
         return {t.get("format") for t in targets.values()}
 
     uses_toolenv = [m for m in models if "tflite" in formats(m)]
@@ -196,17 +200,36 @@ def _show_imports(side: _Side, tmp: Path) -> None:
         sys.exit("bench_cold: the base run would import code outside the base checkout; refusing to compare")
 
 
-def _workspace(side: _Side, model: str, ws: Path) -> None:
+def _workspace(side: _Side, spec: str, ws: Path) -> None:
+    """The side's manifest (only the named target of it for "model:target") and its data."""
+    model, _, target = spec.partition(":")
     manifests = ws / "manifests"
     manifests.mkdir(parents=True)
-    shutil.copy2(side.tree / "manifests" / f"{model}.toml", manifests)
+    text = (side.tree / "manifests" / f"{model}.toml").read_text()
+    (manifests / f"{model}.toml").write_text(_only_target(text, target) if target else text)
     for folder in ("data", "models"):
         if (side.tree / "manifests" / folder).is_dir():
             shutil.copytree(side.tree / "manifests" / folder, manifests / folder)
 
 
-def _cold_build(side: _Side, model: str, ws: Path, jobs: int | None, keep_hashes: bool) -> dict:
-    _workspace(side, model, ws)
+def _only_target(text: str, target: str) -> str:
+    """The manifest's text without the tables of other targets ([targets.x] and [targets.x.*])."""
+    kept, keep = [], True
+    for line in text.splitlines(keepends=True):
+        header = line.strip()
+        if header.startswith("[") and not header.startswith("[["):
+            name = header.strip("[]").strip()
+            keep = not name.startswith("targets.") or name.split(".")[1] == target
+        elif header.startswith("[["):
+            keep = True
+        if keep:
+            kept.append(line)
+    return "".join(kept)
+
+
+def _cold_build(side: _Side, spec: str, ws: Path, jobs: int | None, keep_hashes: bool) -> dict:
+    _workspace(side, spec, ws)
+    model = spec.partition(":")[0]
     env = {k: v for k, v in side.env.items() if k != "KILN_CACHE_DIR"} | {"KILN_CACHE": "off", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     argv = [sys.executable, "-m", "kiln.cli", "--root", str(ws), "build", model, *(["-n", str(jobs)] if jobs else [])]
     log = ws.parent / f"{ws.name}.log"

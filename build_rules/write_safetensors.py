@@ -30,7 +30,8 @@ class WriteSafetensorsParams(Params):
 @register
 class WriteSafetensors(Rule):
     name = "write_safetensors"
-    version = 2  # 2: tied weights stored once; config.json and the tokenizer files beside the weights
+    version = 3  # 2: tied weights stored once; config.json and the tokenizer files beside the weights
+    # 3: tensors in safetensors' own file order (dtype enum, then name): mixed dtypes of one width were ordered by name
     tools = ("torch", "transformers")
     Params = WriteSafetensorsParams
     memory_base_mib, memory_per_input = TORCH_MODEL_MEMORY

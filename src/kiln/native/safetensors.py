@@ -11,9 +11,13 @@ straight into one new buffer (page cache -> array, one copy); `copy=False` retur
 zero-copy views of a memory map. Every violation raises SafetensorError (a ValueError) naming the
 rule and the tensor; nothing crashes and nothing reads out of bounds.
 
-Writing: tensors stream to a temp file next to the target (never the whole file in memory), then
-rename. Order is deterministic (larger item sizes first, then by name, so every tensor is aligned
-to its item size), the header is padded to 8 bytes: same tensors, same bytes.
+Writing: one native call (kiln._native.write_file) streams the header and every tensor straight from
+the arrays into a temp file next to the target (never the whole file in memory; arrays that are not
+C-contiguous little-endian are converted first, others are not copied), then rename. The file is
+sized with fallocate and written with 8 MiB pwritev calls on the calling thread (more threads or a
+mapping do not help: csrc/bindings_safetensors.inc says why, benchmarks/bench_safetensors.py measures). Order is the package's (descending dtype in its enum
+order, which puts wider items first so every tensor stays aligned, then by name) and the header is
+padded to 8 bytes: same tensors, same bytes as safetensors.numpy.save_file.
 """
 
 from __future__ import annotations
@@ -44,6 +48,10 @@ DTYPES: dict[str, np.dtype] = {
     "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
+# The package's Dtype enum order: it writes tensors by descending dtype, then by name. Widths only
+# fall as the rank does, so every tensor stays aligned to its item size.
+_FILE_ORDER = {name: rank for rank, name in enumerate(
+    ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"])}
 
 LAYOUT_RULES = {  # kiln::LayoutRule codes -> (rule, what it means)
     1: ("shape overflow", "the product of the shape's non-zero dims does not fit a signed 64-bit index"),
@@ -279,17 +287,26 @@ def _pread_into(fd: int, out: np.ndarray, offset: int, threads: int = 1) -> None
 # ---- writing -----------------------------------------------------------------------------------
 
 def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
+    """Writes a temp file beside `path` in one native call (header and tensors straight from the
+    arrays, no whole-file buffer), then renames it into place: an error leaves `path` as it was and
+    no temp file behind, and raises OSError("cannot write <path>: <why>") with the errno."""
     path = Path(path)
     header, ordered = _prepare(tensors, metadata)
+    data = [array.reshape(-1).view(np.uint8) for _, array in ordered]
     tmp = temp_path(path)
     try:
-        with open(tmp, "wb", buffering=0) as f:
-            f.write(header)
-            for _, array in ordered:
-                _write_all(f, array)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        try:
+            err, call = _native.write_file(fd, header, data)
+        finally:
+            os.close(fd)
+        if err:
+            raise OSError(err, f"{os.strerror(err)} ({call} of the temp file)")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from None
         raise
 
 
@@ -303,16 +320,10 @@ def _bytes_of(array: np.ndarray) -> memoryview:
     return memoryview(array.reshape(-1).view(np.uint8))
 
 
-def _write_all(f, array: np.ndarray) -> None:
-    view = _bytes_of(array)
-    while view:
-        view = view[f.write(view) :]
-
-
 def _prepare(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None) -> tuple[bytes, list[tuple[str, np.ndarray]]]:
     """The header bytes and the arrays in file order, each C-contiguous little-endian."""
     arrays = {name: _as_stored(name, array) for name, array in _check_names(tensors)}
-    ordered = sorted(arrays.items(), key=lambda item: (-item[1].dtype.itemsize, item[0]))
+    ordered = sorted(arrays.items(), key=lambda item: (-_FILE_ORDER[_NAMES[item[1].dtype]], item[0]))
     header: dict[str, Any] = {}
     if metadata is not None:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
