@@ -20,6 +20,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# A developer's own team settings must not reach the tests: a remote cache would serve (or, with
+# uploads on, receive) test outputs, and an executor setting would send test builds to a cluster.
+# The tests that need them set them themselves.
+for _name in [n for n in os.environ if n.startswith(("KILN_REMOTE_CACHE", "KILN_EXECUTOR", "KILN_RAY"))]:
+    del os.environ[_name]
+
 
 @dataclass
 class Workspace:

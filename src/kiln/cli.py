@@ -5,7 +5,9 @@ else is a bug with a traceback."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `kiln explain ... | head`: the reader left, which is not an error
         sys.stderr.close()
         return 0
+
+
+def run() -> None:
+    """The console script: main(), then exit without the interpreter's teardown (a second or more
+    once torch is loaded: kiln.base.exiting). main() itself returns, for callers in-process."""
+    from kiln.base.exiting import exit_without_teardown
+
+    exit_without_teardown(main())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,7 +82,16 @@ def _parser() -> argparse.ArgumentParser:
     loudness = build.add_mutually_exclusive_group()
     loudness.add_argument("-q", "--quiet", action="store_true", help="print only errors and the summary")
     loudness.add_argument("-v", "--verbose", action="store_true", help="also print why each step ran (or was up to date)")
+    build.add_argument("--executor", choices=("local", "ray"), help="where steps that miss the caches run: here (local, the default) "
+                       "or on a Ray cluster (ray; needs a remote cache: docs/remote-execution.md); env KILN_EXECUTOR")
+    build.add_argument("--ray-address", metavar="ADDR", help="the Ray cluster (host:port); default: start one here (local); env KILN_RAY_ADDRESS")
     build.set_defaults(func=_build)
+
+    worker = sub.add_parser("worker", help="join this machine to a kiln Ray cluster, labelled with its GPU (docs/remote-execution.md)")
+    worker.add_argument("--address", required=True, metavar="HEAD", help="the head node's Ray address (host:port)")
+    worker.add_argument("--num-cpus", type=int, help="CPUs this node offers; default: all")
+    worker.add_argument("--dry-run", action="store_true", help="print the `ray start` command, do not run it")
+    worker.set_defaults(func=_worker)
     return parser
 
 
@@ -191,10 +210,39 @@ def _build(args) -> int:
     from kiln.engine.progress import NORMAL, QUIET, VERBOSE
 
     verbosity = QUIET if args.quiet else VERBOSE if args.verbose else NORMAL
-    namespace = doit_globals(args.root, names, skip_unchanged=True, verbosity=verbosity)  # a plain build: unchanged manifests are not planned
     extra = ["-n", str(args.jobs), "-P", "thread"] if args.jobs > 1 else []
-    return DoitMain(ModuleTaskLoader(namespace)).run([*extra, "build"])  # doit options go before the task name
+    with _executor_settings(args):  # planned under it: a Ray build's GPU facts are the cluster's
+        namespace = doit_globals(args.root, names, skip_unchanged=True, verbosity=verbosity)  # a plain build: unchanged manifests are not planned
+        return DoitMain(ModuleTaskLoader(namespace)).run([*extra, "build"])  # doit options go before the task name
+
+
+@contextlib.contextmanager
+def _executor_settings(args):
+    """--executor / --ray-address as KILN_EXECUTOR / KILN_RAY_ADDRESS for the build's steps (restored
+    afterwards: main() may run in-process); a Ray build is checked first and disconnected after."""
+    from kiln.execute import ray_executor
+
+    wanted = {ray_executor.ENV_EXECUTOR: args.executor, ray_executor.ENV_ADDRESS: args.ray_address}
+    before = {name: os.environ.get(name) for name in wanted}
+    os.environ.update({name: value for name, value in wanted.items() if value is not None})
+    try:
+        if ray_executor.executor() == "ray":
+            ray_executor.check_usable(args.root.resolve())
+        yield
+    finally:
+        ray_executor.shutdown()
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _worker(args) -> int:
+    from kiln.execute.ray_executor import start_worker
+
+    return start_worker(args.address, args.num_cpus, args.dry_run)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

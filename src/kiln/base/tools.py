@@ -7,11 +7,15 @@ import functools
 from importlib import metadata
 
 import kiln
+from kiln.base.cuda import tensorrt_version
 from kiln.base.toolenv import PREFIX as TOOLENV
 from kiln.base.toolenv import tool_env
 
 
 JAVA = "java"  # not a Python distribution: the JVM on PATH
+# tensorrt.__version__, read by kiln.base.cuda's probe: the `tensorrt` distribution is a metapackage that
+# is absent when tensorrt-cu12/-cu13 is installed directly (how a CUDA major is pinned)
+TENSORRT = "tensorrt"
 
 
 @functools.cache
@@ -25,6 +29,8 @@ def tool_version(name: str) -> str:
         return tool_env(name[len(TOOLENV):]).version()
     if name == JAVA:
         return java_version()
+    if name == TENSORRT:
+        return tensorrt_version()
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from kiln.base.cuda import probe_source
 from kiln.base.locate import module_file, package_dir
 from kiln.define.spec import Spec
 from kiln.errors import ManifestError
@@ -139,13 +140,17 @@ def _check_extras(spec: Spec, raw: RawManifest) -> None:
         fmt = target_format(target.format)
         if fmt.extra is not None:
             module, extra = fmt.extra
-            _require_modules((module,), extra, repr(target.format), raw, f"targets.{name}.format")
+            if module == "tensorrt" and probe_source() is not None:
+                continue  # TensorRT steps run on other machines (the Ray executor's GPU nodes), whose workers check their own tensorrt
+            _require_modules((module,), extra, repr(target.format), raw, f"targets.{name}.format", getattr(fmt, "install", None))
 
 
-def _require_modules(modules: tuple[str, ...], extra: str, what: str, raw: RawManifest, key: str) -> None:
+def _require_modules(modules: tuple[str, ...], extra: str, what: str, raw: RawManifest, key: str, install: str | None = None) -> None:
+    """install: the format's own advice where one extra does not fit all (TensorRT: one per CUDA major)."""
+    install = install or f"pip install 'kiln[{extra}]'"
     for module in modules:
         if importlib.util.find_spec(module) is None:
-            raise ManifestError(raw.path, key, f"{what} needs the {module!r} package, which is not installed; install it with: pip install 'kiln[{extra}]'")
+            raise ManifestError(raw.path, key, f"{what} needs the {module!r} package, which is not installed; install it with: {install}")
 
 
 def _data_file(spec: Spec, resolver: ManifestResolver, table: str) -> Path:

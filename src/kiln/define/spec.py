@@ -110,9 +110,12 @@ def _kinds_giving(frameworks: frozenset[str]) -> str:
 
 
 def effective_thresholds(spec: Spec, target_name: str) -> Thresholds:
-    """Per-precision defaults, overridden by [validation.thresholds], overridden by the target's."""
+    """Per-precision defaults, with the format's own where its runtime cannot match the CPU reference
+    as closely (TensorRT fp32: Tensorrt.threshold_defaults), overridden by [validation.thresholds],
+    overridden by the target's."""
     target = spec.targets[target_name]
     merged = PRECISION_DEFAULTS[target.precision].model_dump()
+    merged |= getattr(target_format(target.format), "threshold_defaults", {}).get(target.precision, {})
     for layer in (spec.validation.thresholds, target.thresholds):
         merged |= {k: v for k, v in layer.model_dump().items() if v is not None}
     return Thresholds(**merged)

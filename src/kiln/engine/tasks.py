@@ -30,6 +30,7 @@ from kiln.engine.reporter import page_written, reporter_for
 from kiln.engine.summary import html_line, html_report_path, print_table, target_rows
 from kiln.state.html import write_model_html
 from kiln.errors import KilnError
+from kiln.execute import ray_executor
 from kiln.execute.resources import lock_workspace
 from kiln.schema.manifest import manifest_paths
 from kiln.state import fresh
@@ -48,7 +49,7 @@ def to_task(step: Step, plan: Plan, names: dict[str, str]) -> dict[str, Any]:
     return {
         "name": step.name,
         "doc": f"{step.rule} for {', '.join(step.targets)} of {plan.manifest.name}{shared}",
-        "actions": [(run_step, [step, plan.root])],
+        "actions": [(run_step, [step, plan.root], {"remote": ray_executor.run_remote})] if ray_executor.active() else [(run_step, [step, plan.root])],
         "uptodate": [(is_up_to_date, [step, plan.root])],
         "task_dep": [f"{TASK}:{names[d]}" for d in step.deps],
         "targets": [str(p) for p in step.outputs.values()],
@@ -107,6 +108,9 @@ def doit_globals(root: Path | None = None, manifest_arg: str | None = None, skip
     `verbosity=quiet|normal|verbose`, as in `doit build verbosity=quiet`; `kiln build -q/-v`)."""
     started = time.monotonic()
     root = Path(root or os.getcwd()).resolve()
+    # Under the Ray executor, GPU facts in step keys (and "can this TensorRT target be built") are the
+    # cluster's GPU pool's, not this head's: installed before anything computes a key; read lazily
+    ray_executor.use_cluster_gpu_facts(ray_executor.active())
     manifest_arg = manifest_arg if manifest_arg is not None else get_var("manifest")
     if skip_unchanged is None:
         skip_unchanged = plain_build(sys.argv)

@@ -18,7 +18,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Callable, TextIO
 
 from doit.exceptions import TaskFailed
 
@@ -27,11 +27,11 @@ from kiln.base.fsio import artifact_bytes, remove_artifact, replace_artifact, wr
 from kiln.base.hashing import UnsafeFolderEntry, list_tree, tree_sha256
 from kiln.base.paths import relative
 from kiln.base.temps import sweep_stale_temps, temp_path
-from kiln.errors import StepError, one_line
+from kiln.errors import KilnError, StepError, one_line
 from kiln.execute.resources import Meter, metered, remember_usage, reservation_mib, reserve
 from kiln.rules import RunContext, get_rule
 from kiln.runtime.child import raised_at
-from kiln.state.cache import Cache
+from kiln.state.cache_tiers import REMOTE, tiers_for
 from kiln.state.records import failure_path, last_path, log_path, write_record
 from kiln.state.uptodate import components, reason, step_key
 
@@ -44,18 +44,20 @@ if TYPE_CHECKING:
 _torch_lock = threading.Lock()
 
 
-def run_step(step: Step, root: Path):
+def run_step(step: Step, root: Path, remote: Callable | None = None):
     """doit action: restore the step's outputs from the cache when its key is there, else run the
     rule into temp files and rename them into place; then write the record, with what the run cost
-    (kiln.execute.resources.metered). What the rule used sizes its next reservation."""
+    (kiln.execute.resources.metered). What the rule used sizes its next reservation. `remote` runs
+    a step that missed the caches elsewhere instead (kiln.execute.ray_executor.run_remote, given by
+    kiln.engine.tasks under `--executor ray`): its outputs come back through the remote cache."""
     started = time.monotonic()
     with metered() as meter:
-        result = _run(step, root, started, meter)
+        result = _run(step, root, started, meter, remote)
     remember_usage(root, step, meter.finish())
     return result
 
 
-def _run(step: Step, root: Path, started: float, meter: Meter):
+def _run(step: Step, root: Path, started: float, meter: Meter, remote: Callable | None):
     sweep_stale_temps(log_path(root, step).parent)  # a killed run's log, even when this run restores from the cache
     try:
         current = components(step, root)
@@ -63,21 +65,33 @@ def _run(step: Step, root: Path, started: float, meter: Meter):
         return _failed(step, root, "inputs checked", f"{step.name}: input {err.naming(relative(err.folder, root))}", started, meter)
     key = step_key(current)
     why = reason(step, root, current) or "forced (doit -a or an explicit request)"
-    cache = Cache.for_root(root)
-    entry = cache.restore(key, step.outputs) if cache is not None else None
-    if entry is not None:
-        info, why = entry["info"], f"{why}; restored from the cache"
+    try:  # the local cache, then the remote one (kiln.state.cache_tiers)
+        tiers = tiers_for(root)
+        hit = tiers.restore(key, step.outputs, step.name) if tiers is not None else None
+    except KilnError as err:  # a bad remote cache setting, or a required remote cache that failed
+        return _failed(step, root, why, f"{step.name}: {err}", started, meter)
+    entry = hit[0] if hit is not None else None
+    if hit is not None:
+        info, why = entry["info"], f"{why}; restored from the {hit[1]}"
         for role, path in step.outputs.items():  # restore re-hashed every byte it copied: remember that digest, do not read again
             _remember_output(root, path, entry["outputs"][role])
     else:
-        info = _execute(step, root, why, started, meter)
+        if remote is not None:
+            info = remote(step, root, key, current, tiers, why, started, meter)
+        else:
+            info = _execute(step, root, why, started, meter)
         if isinstance(info, TaskFailed):
             return info
     outputs = {role: output_entry(root, p) for role, p in step.outputs.items()}
-    if cache is not None and entry is None:
-        cache.store(key, outputs, root, info)
+    if tiers is not None and entry is None:
+        tiers.store(key, outputs, root, info)
         for role, path in step.outputs.items():  # a hard link changes the file's ctime: keep its digest fresh
             _remember_output(root, path, outputs[role])
+    if tiers is not None and (hit is None or hit[1] != REMOTE):
+        try:
+            tiers.share(key, ran=entry is None)  # uploads, when they are on
+        except KilnError as err:  # a required remote cache that failed
+            return _failed(step, root, why, f"{step.name}: {err}", started, meter)
     write_record(root, step, {
         "step": step.name, "id": step.id, "key": key, "components": current, "outputs": outputs,
         "reason": why, "seconds": round(time.monotonic() - started, 3), "info": info, "restored": entry is not None,

@@ -9,6 +9,8 @@ checkpoint) would make the reference and every artifact agree on noise.
 
 from __future__ import annotations
 
+import functools
+
 import json
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -205,8 +207,17 @@ def _check_model_class_exists(name: str, resolver: Resolver) -> None:
     """source.model_class names a class transformers has (its lazy listing: no model is imported)."""
     import transformers
 
-    if name not in dir(transformers):
+    if name not in transformers_names():
         raise resolver.error("source.model_class", f"{name!r} is not a class of transformers {transformers.__version__}; expected a model class such as 'BertModel', 'GPT2LMHeadModel' or 'AutoModelForCausalLM'")
+
+
+@functools.cache
+def transformers_names() -> frozenset[str]:
+    """What transformers offers, from its lazy listing (no model is imported). Listing it takes
+    ~0.27 s, and every step that loads a model asks: once per process."""
+    import transformers
+
+    return frozenset(dir(transformers))
 
 
 def load_class(source: dict[str, Any], folder: Path):
@@ -226,7 +237,7 @@ def load_class(source: dict[str, Any], folder: Path):
     architectures = _config(folder).get("architectures") or []
     if not architectures:
         return transformers.AutoModel
-    if architectures[0] not in dir(transformers):
+    if architectures[0] not in transformers_names():
         if source.get("trust_remote_code"):
             return transformers.AutoModel  # the folder's auto_map names its own code
         raise StepError(str(folder), f"config.json architectures[0] {architectures[0]!r} is not a class of transformers {transformers.__version__}; set source.model_class to one that is, or source.task")

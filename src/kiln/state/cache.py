@@ -26,7 +26,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from kiln.base.env import switched_off
 from kiln.base.fsio import remove_artifact, replace_artifact, write_bytes_atomic
@@ -38,6 +38,21 @@ def cache_dir(root: Path) -> Path | None:
     if switched_off("KILN_CACHE"):
         return None
     return Path(os.environ.get("KILN_CACHE_DIR") or Path(root) / ".kiln" / "cache")
+
+
+class ActionCache(Protocol):
+    """Step key -> entry (outputs: role -> name, sha256, bytes[, files]; info), like Bazel's action
+    cache. Cache (local) and kiln.state.remote_cache.RemoteCache (a shared server) both are one."""
+
+    def get_entry(self, key: str) -> Any | None: ...
+
+    def put_entry(self, key: str, entry: dict[str, Any]) -> None: ...
+
+
+class ContentStore(Protocol):
+    """sha256 -> bytes, like Bazel's CAS: where the objects an entry names are kept."""
+
+    def has_object(self, sha256: str, size: int) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -68,7 +83,16 @@ class Cache:
             else:
                 self._store_object(root / out["path"], out["sha256"])
         entry = {"key": key, "outputs": {role: _entry_output(o) for role, o in outputs.items()}, "info": info}
+        self.put_entry(key, entry)
+
+    def put_entry(self, key: str, entry: dict[str, Any]) -> None:
+        """Write a step's entry as it is (temp + rename): its objects must be stored first."""
         write_bytes_atomic(self.entry_path(key), (json.dumps(entry, sort_keys=True, indent=1) + "\n").encode())
+
+    def adopt_object(self, sha256: str, verified: Path) -> None:
+        """Move a file whose bytes were just checked to have this sha256 (a download's temp file,
+        in this object's folder) into place as that object."""
+        os.replace(verified, self.object_path(sha256))
 
     def _store_object(self, path: Path, sha256: str) -> None:
         target = self.object_path(sha256)
@@ -84,6 +108,21 @@ class Cache:
         os.replace(tmp, target)
 
     # ---- reading ------------------------------------------------------------------------------
+
+    def get_entry(self, key: str) -> dict[str, Any] | None:
+        """A key's entry as stored, its objects not checked; None when absent or torn."""
+        try:
+            return json.loads(self.entry_path(key).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def has_object(self, sha256: str, size: int | None = None) -> bool:
+        """Whether the object is stored (with `size` bytes, when given); its bytes are checked on restore."""
+        try:
+            found = self.object_path(sha256).stat()
+        except OSError:
+            return False
+        return size is None or found.st_size == size
 
     def lookup(self, key: str) -> dict[str, Any] | None:
         try:
@@ -126,7 +165,7 @@ class Cache:
         entry's listing does not add up to its digest or names a path outside the folder."""
         if "files" not in out:
             return self._copy_object(out["sha256"], dest)
-        if not all(_well_formed(rel, sha256) for rel, sha256, _ in out["files"]):
+        if listing_problem(out["files"]) is not None:
             return False
         dest.mkdir()
         for rel, sha256, _ in out["files"]:
@@ -192,11 +231,36 @@ def _entry_output(out: dict[str, Any]) -> dict[str, Any]:
     return kept | ({"files": out["files"]} if "files" in out else {})
 
 
+def entry_objects(entry: dict[str, Any]) -> dict[str, int]:
+    """sha256 -> bytes of every object a cache entry names (each file, or each file of a folder)."""
+    return {sha256: size for out in entry["outputs"].values() for sha256, size in _objects_of(out).items()}
+
+
 def _objects_of(out: dict[str, Any]) -> dict[str, int]:
     """sha256 -> bytes of the objects an entry's output is made of: the file, or each file of a folder."""
     if "files" in out:
         return {sha256: size for rel, sha256, size in out["files"] if not is_empty_folder(rel)}
     return {out["sha256"]: out["bytes"]}
+
+
+def listing_problem(files: list[list[Any]]) -> str | None:
+    """Why a folder entry's listing ([relative path, sha256, bytes] lines) may not be restored, or None:
+    each path must be _well_formed, none twice, and none inside a path listed as a file or as an
+    empty folder (a restore would fail half way, or write what no real folder holds)."""
+    names = set()
+    for rel, sha256, _ in files:
+        if not _well_formed(rel, sha256) or "\0" in rel:
+            return f"its path {rel!r} is not one inside the folder"
+        name = rel.rstrip("/")
+        if name in names:
+            return f"it lists {name!r} twice"
+        names.add(name)
+    for name in names:
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in names:
+                return f"it lists {name!r} inside {'/'.join(parts[:i])!r}, which it lists as a file or an empty folder"
+    return None
 
 
 def _well_formed(rel: str, sha256: str) -> bool:
