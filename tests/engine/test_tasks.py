@@ -228,6 +228,22 @@ def test_a_bad_manifest_exits_with_code_2_and_one_line_before_anything_is_writte
     assert not (ws.root / "build").exists()
 
 
+@pytest.mark.parametrize(("variable", "value", "message"), [
+    ("KILN_REMOTE_CACHE_UPLOAD", "sometimes", "KILN_REMOTE_CACHE_UPLOAD: 'sometimes' is not allowed; use 0 or 1"),
+    ("KILN_EXECUTOR", "dask", "KILN_EXECUTOR: 'dask' is not an executor; allowed: local, ray"),
+])
+def test_a_bad_build_setting_exits_with_code_2_and_one_line_before_anything_runs(tmp_path: Path, capsys, monkeypatch, variable, value, message):
+    ws = mlp_workspace(tmp_path / "ws")
+    monkeypatch.setenv("KILN_REMOTE_CACHE", "http://127.0.0.1:1")
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit) as exit_:
+        doit_globals(ws.root, "", skip_unchanged=False)
+    assert exit_.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and message in err
+    assert not (ws.root / "build").exists()
+
+
 def test_in_a_workspace_never_built_nothing_is_taken_as_unchanged(tmp_path: Path, capsys):
     ws = mlp_workspace(tmp_path / "ws")
     namespace = doit_globals(ws.root, "", skip_unchanged=True)

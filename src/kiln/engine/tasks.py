@@ -34,6 +34,7 @@ from kiln.execute import ray_executor
 from kiln.execute.resources import lock_workspace
 from kiln.schema.manifest import manifest_paths
 from kiln.state import fresh
+from kiln.state.remote_config import remote_config
 from kiln.state.report import publish_unchanged
 from kiln.state.uptodate import is_up_to_date
 
@@ -108,13 +109,16 @@ def doit_globals(root: Path | None = None, manifest_arg: str | None = None, skip
     `verbosity=quiet|normal|verbose`, as in `doit build verbosity=quiet`; `kiln build -q/-v`)."""
     started = time.monotonic()
     root = Path(root or os.getcwd()).resolve()
-    # Under the Ray executor, GPU facts in step keys (and "can this TensorRT target be built") are the
-    # cluster's GPU pool's, not this head's: installed before anything computes a key; read lazily
-    ray_executor.use_cluster_gpu_facts(ray_executor.active())
     manifest_arg = manifest_arg if manifest_arg is not None else get_var("manifest")
     if skip_unchanged is None:
         skip_unchanged = plain_build(sys.argv)
     try:
+        # Settings read from the environment and kiln.toml, checked once here: a bad one is one line
+        # and exit 2 before anything runs, not the same failure repeated by every step.
+        remote_config(root)
+        # Under the Ray executor, GPU facts in step keys (and "can this TensorRT target be built") are
+        # the cluster's GPU pool's, not this head's: installed before anything computes a key; read lazily
+        ray_executor.use_cluster_gpu_facts(ray_executor.executor() == "ray")
         verbosity = parse_verbosity(get_var("verbosity")) if verbosity is None else verbosity
         paths = manifest_paths(root, manifest_arg)
         with _unchanged_manifests(root, paths, skip_unchanged and not switched_off("KILN_FRESH")) as unchanged:
