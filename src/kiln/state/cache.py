@@ -125,11 +125,9 @@ class Cache:
         return size is None or found.st_size == size
 
     def lookup(self, key: str) -> dict[str, Any] | None:
-        try:
-            entry = json.loads(self.entry_path(key).read_text())
-        except (OSError, ValueError):
-            return None
-        if not all(self.object_path(sha256).is_file() for o in entry["outputs"].values() for sha256 in _objects_of(o)):
+        """A key's entry when every object it names is stored, else None."""
+        entry = self.get_entry(key)
+        if entry is None or not all(self.object_path(sha256).is_file() for sha256 in entry_objects(entry)):
             return None
         return entry
 
@@ -204,7 +202,7 @@ class Cache:
             except (OSError, ValueError):
                 path.unlink(missing_ok=True)
                 continue
-            entries.append((path.stat().st_mtime, path, {sha: size for o in entry["outputs"].values() for sha, size in _objects_of(o).items()}))
+            entries.append((path.stat().st_mtime, path, entry_objects(entry)))
         entries.sort(key=lambda e: e[0], reverse=True)  # newest first: kept first
         kept: dict[str, int] = {}
         kept_bytes = removed_entries = 0
