@@ -49,6 +49,7 @@ class Calibrate(Rule):
     version = 2  # 2: the optional "channels" output (per-channel |x| maxima)
     tools = ("onnx", "onnxruntime", "tokenizers", "transformers", "numpy")
     Params = CalibrateParams
+    cost = 3
     memory_base_mib = 1536  # one batch of every observed activation, plus onnxruntime's arena
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: CalibrateParams, ctx: RunContext) -> dict[str, Any]:

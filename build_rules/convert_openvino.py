@@ -25,6 +25,7 @@ class ConvertOpenvino(Rule):
     version = 1
     tools = ("openvino",)
     Params = ConvertOpenvinoParams
+    cost = 1.5
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ConvertOpenvinoParams, ctx: RunContext) -> dict[str, Any]:
         job = {"onnx": str(inputs["model"][0]), "xml": str(outputs["model"]), "bin": str(outputs["weights"]), "fp16": params.compress_to_fp16}

@@ -58,7 +58,9 @@ class ExportCoreml(Rule):
     version = 3  # 2: the trace checked against the source (facts: trace_checked_at); no empty weights folder. 3: outputs typed as the manifest's (fp16 for iOS16+ made them float16)
     tools = ("torch", "transformers", "coremltools")
     Params = ExportCoremlParams
+    cost = 11
     memory_base_mib, memory_per_input = TORCH_MODEL_MEMORY
+    runs_in_child = True  # the parent only writes the job and waits
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ExportCoremlParams, ctx: RunContext) -> dict[str, Any]:
         from kiln.sources.jobs import source_job

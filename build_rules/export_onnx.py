@@ -29,6 +29,7 @@ class ExportOnnx(Rule):
     version = 1
     tools = ("torch", "transformers", "onnx")
     Params = ExportOnnxParams
+    cost = 5  # the first torch import of the build, then the export
     memory_base_mib, memory_per_input = TORCH_MODEL_MEMORY
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ExportOnnxParams, ctx: RunContext) -> dict[str, Any]:

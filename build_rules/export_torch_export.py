@@ -28,7 +28,9 @@ class ExportTorchExport(Rule):
     version = 2  # 2: stack traces name machine-independent source paths
     tools = ("torch", "transformers")
     Params = ExportTorchExportParams
+    cost = 9
     memory_base_mib, memory_per_input = TORCH_MODEL_MEMORY
+    runs_in_child = True  # the parent only writes the job and waits
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: ExportTorchExportParams, ctx: RunContext) -> dict[str, Any]:
         from kiln.sources.jobs import source_job

@@ -11,8 +11,9 @@ options.op_types = ["MatMul", "Conv"] asks for it anyway (static QDQ is onnxrunt
 options.embeddings (int8 by default) turns the large embedding tables (a Gather on a 2-D float
 initializer, e.g. BERT's 47 MB word embedding, most of an int8 BERT otherwise) into onnxruntime's
 GatherBlockQuantized with 8-bit (or 4-bit) blocks: kiln.runtime.embeddings.
-options.fallback = "auto" keeps the layers the scan_layers step found most damaging in fp32, fewest
-first, until the target's gates pass on the validation data (kiln.runtime.budget).
+options.fallback = "auto" keeps the layers a per-layer sensitivity scan finds most damaging in fp32,
+fewest first, until the target's gates pass on the validation data (kiln.runtime.budget); the scan
+(kiln.runtime.scan) runs in this step, and only when the all-quantized model fails the gates.
 
 A model in which nothing was quantized fails the step, naming the weight ops the graph does have:
 an fp32 model is never published as int8. The facts count the quantized ops by type.
@@ -26,7 +27,7 @@ from typing import Any, Literal
 
 from kiln.errors import StepError, one_line
 from kiln.rules import Params, Rule, RunContext, register
-from kiln.runtime.budget import within_budget
+from kiln.runtime.budget import fallback_memory_mib, within_budget
 from kiln.runtime.embeddings import embedding_facts, quantize_for_target
 
 # What onnxruntime's dynamic (IntegerOps) quantizer rewrites on CPU; Gemm arrives as MatMul.
@@ -47,9 +48,15 @@ class QuantizeDynamic(Rule):
     name = "quantize_dynamic"
     # 2: subgraphs quantized, LSTM/Attention by default, sorted graph checked by onnx's full checker
     # 3: embeddings (GatherBlockQuantized) and the accuracy-budget fallback
-    version = 3
+    # 4: the fallback's per-layer scan runs here (was the scan_layers step), only when the all-quantized model fails
+    version = 4
     tools = ("onnx", "onnxruntime")
     Params = QuantizeDynamicParams
+    cost = 4
+
+    @classmethod
+    def memory_mib(cls, params: dict[str, Any], input_bytes: int) -> int:
+        return super().memory_mib(params, input_bytes) + fallback_memory_mib(params)
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: QuantizeDynamicParams, ctx: RunContext) -> dict[str, Any]:
         import logging
@@ -61,7 +68,7 @@ class QuantizeDynamic(Rule):
         layers = layers_to_quantize(model, params.exclude_nodes, ctx.step)  # checks the names, and names nameless nodes
         notes: dict[str, Any] = {}
         quantized, facts = within_budget(lambda kept: _quantize(model, params, kept, outputs["model"].parent, ctx, notes),
-                                         inputs, params.fallback, ctx.step, ctx.progress, max_kept=len(layers) - 1)
+                                         inputs, params.fallback, ctx, max_kept=len(layers) - 1)
         weight_ops = count_ops(quantized.graph, QUANTIZED_WEIGHT_OPS)
         if not weight_ops:
             raise StepError(ctx.step, nothing_quantized(model, params))

@@ -7,6 +7,8 @@ accuracy_level 4 lets onnxruntime's CPU kernel quantize them to int8 blockwise i
 onnxruntime's MatMulNBitsQuantizer skips Gemm (most of a BERT after onnxsim), hence kiln's rewrite.
 A model with no weight layer left to rewrite fails the step (an fp32 model is never published as
 int4), naming the weight ops it does have; the written file passes onnx's full checker.
+options.fallback = "auto" as for dynamic int8 (kiln.runtime.budget), the kept layers in 8-bit blocks;
+its per-layer scan, run here only when the all-quantized model fails, writes each layer as scan_layer.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import Any, Literal
 
 from kiln.errors import StepError
 from kiln.rules import Params, Rule, RunContext, register
-from kiln.runtime.budget import within_budget
+from kiln.runtime.budget import fallback_memory_mib, within_budget
+from kiln.runtime.scan import ScanHooks
 from kiln.runtime.embeddings import embedding_facts, quantize_for_target
 
 MS_DOMAIN = "com.microsoft"
@@ -38,9 +41,20 @@ class QuantizeInt4(Rule):
     name = "quantize_int4"
     # 2: sorted graph, checked by onnx's full checker
     # 3: embeddings (GatherBlockQuantized); the fallback keeps layers in 8-bit blocks
-    version = 3
+    # 4: the fallback's per-layer scan runs here (was the scan_layers step), only when the all-quantized model fails
+    version = 4
     tools = ("onnx", "numpy")  # the packing is kiln's own kernel: kiln's version is in every key
     Params = QuantizeInt4Params
+    cost = 10  # with fallback = "auto": a scan and a search
+
+    @classmethod
+    def tools_for(cls, params: dict[str, Any]) -> tuple[str, ...]:
+        """The fallback's scan and search measure the model in onnxruntime: its version then keys the step."""
+        return (*cls.tools, "onnxruntime") if params.get("fallback") else cls.tools
+
+    @classmethod
+    def memory_mib(cls, params: dict[str, Any], input_bytes: int) -> int:
+        return super().memory_mib(params, input_bytes) + fallback_memory_mib(params)
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: QuantizeInt4Params, ctx: RunContext) -> dict[str, Any]:
         from kiln.runtime.onnx_graph import layers_to_quantize, load, publish
@@ -50,7 +64,8 @@ class QuantizeInt4(Rule):
         if not layers:
             raise StepError(ctx.step, nothing_to_quantize(model, params))
         notes: dict[str, Any] = {}
-        quantized, facts = within_budget(lambda kept: _quantize(model, layers, kept, params, notes), inputs, params.fallback, ctx.step, ctx.progress, kept_as="8-bit blocks (int8 activations)", max_kept=len(layers))
+        quantized, facts = within_budget(lambda kept: _quantize(model, layers, kept, params, notes), inputs, params.fallback, ctx,
+                                         kept_as="8-bit blocks (int8 activations)", max_kept=len(layers), hooks=ScanHooks(int4_layer=scan_layer))
         publish(quantized, outputs["model"], ctx.step, outputs["data"] if params.external_data else None)
         kept = len(facts.get("fallback", {}).get("kept", []))
         return {"quantized_layers": len(layers), "quantized_ops": {"MatMulNBits": len(layers)}, "bits": {"4": len(layers) - kept, "8": kept},
@@ -87,6 +102,13 @@ def matmul_nbits(layer, w, params: QuantizeInt4Params, bits: int = 4):
     """(the MatMulNBits node replacing `layer`, its new initializers) for the weight w[K, N]."""
     shape, inits = _packed(layer, w, params, bits)
     return _node(layer, shape, params, bits), inits
+
+
+def scan_layer(layer, w, settings):
+    """For the fallback's scan (kiln.runtime.scan): the 4-bit MatMulNBits this rule writes for the
+    layer, with the scan's block_size, symmetric and accuracy_level."""
+    params = QuantizeInt4Params(block_size=settings.block_size, symmetric=settings.symmetric, accuracy_level=settings.accuracy_level)
+    return matmul_nbits(layer, w, params, bits=4)
 
 
 def _packed(layer, w, params: QuantizeInt4Params, bits: int) -> tuple[dict, list]:

@@ -9,7 +9,9 @@ output. Nodes named in exclude_nodes stay fp32 (per-layer fallback). A model lef
 layer to quantize, or a quantizer that wrote no int8 weight, fails the step: an fp32 model is never
 published as int8. options.embeddings and options.fallback = "auto" as for dynamic int8
 (build_rules/quantize_dynamic.py): large embedding tables become GatherBlockQuantized, and the
-layers the scan found most damaging stay fp32, fewest first, until the gates pass. The graph is sorted (the quantizer appends nodes out of order) and the written
+layers the scan found most damaging stay fp32, fewest first, until the gates pass (the scan, run here
+only when the all-quantized model fails, quantizes each layer's activation with this rule's ranges:
+scan_ranges). The graph is sorted (the quantizer appends nodes out of order) and the written
 file passes onnx's full checker. Byte-deterministic.
 """
 
@@ -20,7 +22,8 @@ from typing import Any, Literal
 
 from kiln.errors import StepError, one_line
 from kiln.rules import Params, Rule, RunContext, register
-from kiln.runtime.budget import within_budget
+from kiln.runtime.budget import fallback_memory_mib, within_budget
+from kiln.runtime.scan import ScanHooks
 from kiln.runtime.embeddings import embedding_facts, quantize_for_target
 
 
@@ -41,9 +44,15 @@ class QuantizeStatic(Rule):
     name = "quantize_static"
     # 2: sorted graph, checked by onnx's full checker; quantizing nothing fails
     # 3: embeddings (GatherBlockQuantized) and the accuracy-budget fallback
-    version = 3
+    # 4: the fallback's per-layer scan runs here (was the scan_layers step), only when the all-quantized model fails
+    version = 4
     tools = ("onnx", "onnxruntime", "numpy")
     Params = QuantizeStaticParams
+    cost = 10  # with fallback = "auto": a scan and a search
+
+    @classmethod
+    def memory_mib(cls, params: dict[str, Any], input_bytes: int) -> int:
+        return super().memory_mib(params, input_bytes) + fallback_memory_mib(params)
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: QuantizeStaticParams, ctx: RunContext) -> dict[str, Any]:
         import logging
@@ -72,7 +81,7 @@ class QuantizeStatic(Rule):
         def quantize(kept: list[str]):
             return _quantize_kept(model, ranges, [layer for layer in layers if layer.node.name not in kept], params, ctx, notes)
 
-        quantized, facts = within_budget(quantize, inputs, params.fallback, ctx.step, ctx.progress, max_kept=len(layers) - 1)
+        quantized, facts = within_budget(quantize, inputs, params.fallback, ctx, max_kept=len(layers) - 1, hooks=ScanHooks(ranges=scan_ranges))
         if not int8_weights(quantized):
             raise StepError(ctx.step, f"static int8 wrote no int8 weight for the {len(layers)} weight layers it was given: the artifact would be fp32")
         publish(quantized, outputs["model"], ctx.step, outputs["data"] if params.external_data else None)
@@ -142,6 +151,13 @@ def activation_ranges(calibration, names: list[str], params: QuantizeStaticParam
         t = obs.threshold(params.method, **options)
         ranges[name] = (max(obs.min, -t), min(obs.max, t))
     return ranges
+
+
+def scan_ranges(calibration, names: list[str], settings) -> dict[str, tuple[float, float]]:
+    """activation_ranges with the scan's settings (kiln.runtime.scan.ScanSettings: method, percentile,
+    activation_type): the ranges the scan quantizes each layer's activation with are this rule's."""
+    return activation_ranges(calibration, names, QuantizeStaticParams(method=settings.method, percentile=settings.percentile,
+                                                                      activation_type=settings.activation_type))
 
 
 def _quantize(model, ranges: dict, layer_names: list[str], params: QuantizeStaticParams, ctx: RunContext):

@@ -26,14 +26,21 @@ class ReferenceOutputsParams(Params):
     batch_size: int
     max_length: int
     max_samples: int | None = None
+    # text: the samples after the first `by_length_after` batched by token count (kiln.runtime.data.
+    # text_batches); None: all in file order. The planner keeps the first batch, and every sample a
+    # sensitivity scan reads, in file order.
+    by_length_after: int | None = None
 
 
 @register
 class ReferenceOutputs(Rule):
     name = "reference_outputs"
-    version = 2  # 2: the safetensors file in the package's tensor order (int32 inputs with float32 outputs were ordered by name)
+    # 2: the safetensors file in the package's tensor order (int32 inputs with float32 outputs were ordered by name)
+    # 3: text batched by token count after the first batches (by_length_after)
+    version = 3
     tools = ("torch", "transformers", "tokenizers", "onnxruntime", "numpy")
     Params = ReferenceOutputsParams
+    cost = 7  # imports torch and the model, runs the validation data
     memory_base_mib, memory_per_input = TORCH_MODEL_MEMORY
 
     @classmethod
@@ -48,7 +55,7 @@ class ReferenceOutputs(Rule):
         from kiln.sources import source_kind
 
         read: dict[str, Any] = {}  # how the data was read (a pad token borrowed from eos): to the report
-        feeds = batches(inputs["data"][0], inputs["source"], params.inputs, params.batch_size, params.max_length, params.max_samples, read)
+        feeds = batches(inputs["data"][0], inputs["source"], params.inputs, params.batch_size, params.max_length, params.max_samples, read, params.by_length_after)
         run = source_kind(params.source["kind"]).run_reference(feeds, inputs["source"], params.source, params.inputs, params.outputs, ctx)
         axes = {"inputs": {t["name"]: batch_axis(t) for t in params.inputs}, "outputs": {t["name"]: batch_axis(t) for t in params.outputs}}
         tensors: dict = {}

@@ -23,6 +23,7 @@ class SimplifyOnnx(Rule):
     version = 1
     tools = ("onnx", "onnxsim")
     Params = SimplifyOnnxParams
+    cost = 1.4
 
     def run(self, inputs: dict[str, list[Path]], outputs: dict[str, Path], params: SimplifyOnnxParams, ctx: RunContext) -> dict[str, Any]:
         import onnx

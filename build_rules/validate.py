@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from kiln.base.fsio import copy_artifact
+from kiln.base.quiet import alone
 from kiln.errors import StepError, one_line
 from kiln.rules import Params, Rule, RunContext, register
 from kiln.runtime.runners import Artifact, RuntimeUnavailable, StructuralOnly, close_runner
+from kiln.runtime.probes import defer
 from kiln.runtime.reference import ReferenceSet, select_metrics
 
 
@@ -51,6 +53,7 @@ class Validate(Rule):
     version = 5
     tools = ("numpy",)  # and the runtime the format is validated in (tools_for)
     Params = ValidateParams
+    cost = 2
 
     @classmethod
     def tools_for(cls, params: dict[str, Any]) -> tuple[str, ...]:
@@ -96,7 +99,7 @@ class Validate(Rule):
         # record, and so report.json, keeps the small summaries
         distributions = {name: m.distribution() for name, m in per_output.items()}
         _publish(inputs, outputs, report | {"passed": True, "distributions": distributions})
-        latency = _latency(fmt, inputs["model"][0], first_feed, refs.axes["inputs"]) if first_feed else None
+        latency = _latency(fmt, params.format, inputs["model"][0], first_feed, refs.axes["inputs"], ctx) if first_feed else None
         return report | {"passed": True} | ({"latency": latency} if latency else {})
 
     @staticmethod
@@ -130,12 +133,26 @@ def _publish(inputs: dict[str, list[Path]], outputs: dict[str, Path], report: di
     outputs["validation"].write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
 
 
-def _latency(fmt: Any, artifact: Path, feed: dict, axes: dict[str, int | None]) -> dict[str, Any] | None:
+def _latency(fmt: Any, format_name: str, artifact: Path, feed: dict, axes: dict[str, int | None], ctx: RunContext) -> dict[str, Any] | None:
     """The report-only latency on the first validation sample. It runs after publishing and can fail
-    nothing: when it cannot run, the report says why ({"skipped": reason})."""
+    nothing: when it cannot run, the report says why ({"skipped": reason}). Measured only while no
+    other step of the build runs (kiln.base.quiet); else left for the end of the build
+    (kiln.runtime.probes), so that a neighbour's load is never reported as this artifact's speed."""
+    from kiln.formats.base import TargetFormat
     from kiln.runtime.data import first_sample
 
+    if type(fmt).latency is TargetFormat.latency:
+        return None  # the format measures no latency
+    sample = first_sample(feed, axes)
+    with alone(ctx.root) as quiet:
+        if quiet:
+            return probe(fmt, artifact, sample)
+    return defer(ctx.root, ctx.step, format_name, artifact, sample)
+
+
+def probe(fmt: Any, artifact: Path, sample: dict) -> dict[str, Any] | None:
+    """fmt.latency, or {"skipped": why} when it cannot run."""
     try:
-        return fmt.latency(artifact, first_sample(feed, axes))
+        return fmt.latency(artifact, sample)
     except Exception as err:  # onnxruntime raises its own types; a probe must never fail a validated target
         return {"skipped": f"latency not measured: {one_line(err)}"}

@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
 
     build = sub.add_parser("build", help="build manifests (same as `doit build manifest=...`)")
     build.add_argument("manifests", nargs="*", help="paths or bare names in manifests/; default: all")
-    build.add_argument("-n", "--jobs", type=int, default=1, help="parallel steps")
+    build.add_argument("-n", "--jobs", type=int, help="steps run side by side (default: env KILN_JOBS, else the cores, at most 4)")
     loudness = build.add_mutually_exclusive_group()
     loudness.add_argument("-q", "--quiet", action="store_true", help="print only errors and the summary")
     loudness.add_argument("-v", "--verbose", action="store_true", help="also print why each step ran (or was up to date)")
@@ -210,7 +210,9 @@ def _build(args) -> int:
     from kiln.engine.progress import NORMAL, QUIET, VERBOSE
 
     verbosity = QUIET if args.quiet else VERBOSE if args.verbose else NORMAL
-    extra = ["-n", str(args.jobs), "-P", "thread"] if args.jobs > 1 else []
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError("--jobs", f"{args.jobs}: expected 1 or more parallel steps")
+    extra = ["-n", str(args.jobs)] if args.jobs is not None else []  # else DOIT_CONFIG's default (kiln.engine.tasks)
     with _executor_settings(args):  # planned under it: a Ray build's GPU facts are the cluster's
         namespace = doit_globals(args.root, names, skip_unchanged=True, verbosity=verbosity)  # a plain build: unchanged manifests are not planned
         return DoitMain(ModuleTaskLoader(namespace)).run([*extra, "build"])  # doit options go before the task name

@@ -73,6 +73,13 @@ class Rule:
     # model (weights, activations, the exporter's copies) and override it; see kiln.resources.
     memory_base_mib: ClassVar[int] = 256
     memory_per_input: ClassVar[float] = 3.0
+    # The tools run in a child process (kiln.runtime.child), not in the build's: such a step runs
+    # beside an in-process torch step (kiln.execute.step's torch lock is about this process's torch).
+    runs_in_child: ClassVar[bool] = False
+    # Roughly how many seconds a first run takes on a small model (bert on 2 cores), for the order a
+    # cold build starts steps in (kiln.plan.steps.critical_first); a step that ran before uses its
+    # own last time instead. Never a limit, never part of a key.
+    cost: ClassVar[float] = 1.0
 
     @classmethod
     def memory_mib(cls, params: dict[str, Any], input_bytes: int) -> int:

@@ -42,3 +42,21 @@ def reference(folder: Path, model: Path, batches: int = 3) -> Path:
     path = folder / "reference.safetensors"
     save_file(tensors, str(path))
     return path
+
+
+def calibration(folder: Path, model: Path, refs: Path) -> Path:
+    """calibrate's file for `model`: every weight layer's input observed on the reference inputs."""
+    from kiln.native.calibration import Calibration
+    from kiln.runtime.onnx_graph import layers_to_quantize, load, with_outputs
+    from kiln.runtime.reference import reference_batches
+
+    proto = load(model)
+    activations = sorted({layer.activation for layer in layers_to_quantize(proto, [], "t")})
+    sess = session(with_outputs(proto, activations))
+    observed = Calibration(256)
+    for feed, _ in reference_batches(refs):
+        for name, value in zip(activations, sess.run(activations, feed)):
+            observed.update(name, value)
+    path = folder / "calibration.json"
+    path.write_text(observed.to_json())
+    return path

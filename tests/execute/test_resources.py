@@ -201,3 +201,20 @@ def test_reservations_of_dead_processes_are_dropped(tmp_path: Path, monkeypatch)
     with reserve(tmp_path, Step(), 600):
         pass
     assert time.monotonic() - started < 1.0
+
+
+def test_default_jobs_is_the_cores_up_to_4_or_kiln_jobs(monkeypatch):
+    from kiln.errors import UsageError
+    from kiln.execute.resources import default_jobs
+
+    monkeypatch.delenv("KILN_JOBS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert default_jobs() == 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert default_jobs() == 1
+    monkeypatch.setenv("KILN_JOBS", "3")
+    assert default_jobs() == 3
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("KILN_JOBS", bad)
+        with pytest.raises(UsageError, match=f"KILN_JOBS: '{bad}': expected a whole number"):
+            default_jobs()

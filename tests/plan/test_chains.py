@@ -67,38 +67,47 @@ def test_int8_adds_dynamic_quantization_after_the_shared_simplify():
     chain = [s for s in plain.steps if "onnx_int8" in s.targets]
     assert [s.rule for s in chain] == ["reference_outputs", "export_onnx", "simplify_onnx", "quantize_dynamic", "validate"]
     assert chain[-1].params["thresholds"]["min_cosine"] == 0.9  # the int8 default
-    assert chain[3].params["embeddings"] == "int8" and "fallback" not in chain[3].params and "sensitivity" not in chain[3].inputs
+    assert chain[3].params["embeddings"] == "int8" and "fallback" not in chain[3].params and "reference" not in chain[3].inputs
 
 
-def test_smoothing_and_fallback_add_their_steps_and_the_gates_reach_only_the_search():
+def test_smoothing_adds_its_steps_and_the_fallback_its_scan_settings_and_gates_to_the_quantize_step():
     p = make_plan()
     chain = [s for s in p.steps if "onnx_int8" in s.targets]
-    assert [s.rule for s in chain] == ["reference_outputs", "export_onnx", "simplify_onnx", "calibrate", "smooth_onnx", "scan_layers", "quantize_dynamic", "validate"]
-    reference, _, simplify, calibrate, smooth, scan, quantize, _ = chain
+    assert [s.rule for s in chain] == ["reference_outputs", "export_onnx", "simplify_onnx", "calibrate", "smooth_onnx", "quantize_dynamic", "validate"]
+    reference, _, simplify, calibrate, smooth, quantize, _ = chain
     assert smooth.params["alpha"] == 0.7 and smooth.inputs["channels"] == (calibrate.outputs["channels"],)
-    assert scan.inputs["model"] == (smooth.outputs["model"],) and scan.params["quantization"] == "dynamic" and scan.params["max_samples"] == 64
-    assert quantize.inputs["sensitivity"] == (scan.outputs["sensitivity"],) and quantize.inputs["reference"] == (reference.outputs["outputs"],)
+    # the scan runs inside the quantize step, and only when the all-quantized model fails the gates
+    assert quantize.inputs["model"] == (smooth.outputs["model"],) and quantize.inputs["reference"] == (reference.outputs["outputs"],)
+    assert quantize.params["fallback"]["scan"] == {"quantization": "dynamic", "max_samples": 64} and reference.id in quantize.deps
     assert quantize.params["fallback"]["goal"] == {"min_cosine": 0.98, "mean_cosine": 0.98}  # the target's gates over the defaults
-    assert "goal" not in scan.params
+    assert not [s for s in p.steps if s.rule == "scan_layers"]
     stricter = make_plan(lambda d: d["targets"]["onnx_int8"].update(thresholds={"min_cosine": 0.985}))
     before = {s.id for s in p.steps}
-    assert sorted(s.rule for s in stricter.steps if s.id not in before) == ["quantize_dynamic", "validate"]  # the scan is kept
+    assert sorted(s.rule for s in stricter.steps if s.id not in before) == ["quantize_dynamic", "validate"]
+    changed = next(s for s in stricter.steps if s.rule == "quantize_dynamic" and "onnx_int8" in s.targets)
+    assert changed.params["fallback"]["scan"] == quantize.params["fallback"]["scan"]  # the same scan memo: not paid again
 
 
-def test_two_targets_quantizing_alike_share_one_scan_whatever_their_gates():
+def test_two_targets_quantizing_alike_scan_alike_whatever_their_gates():
+    """The scan memo's key is the model, the data and the scan settings: equal here, so one scan serves both."""
     p = make_plan(lambda d: d["targets"].__setitem__("strict", dict(d["targets"]["onnx_int8"], thresholds={"min_cosine": 0.99})))
-    scans = [s for s in p.steps if s.rule == "scan_layers"]
-    assert [s.targets for s in scans if s.params["quantization"] == "dynamic"] == [["onnx_int8", "strict"]]
-    assert {s.params["quantization"] for s in scans} == {"dynamic", "static", "int4"}
+    ours, strict = ([s for s in p.steps if s.rule == "quantize_dynamic" and target in s.targets] for target in ("onnx_int8", "strict"))
+    assert len(ours) == len(strict) == 1 and ours[0].id != strict[0].id
+    assert ours[0].params["fallback"]["scan"] == strict[0].params["fallback"]["scan"] and ours[0].inputs == strict[0].inputs
+    assert ours[0].params["fallback"]["goal"] != strict[0].params["fallback"]["goal"]
+    quantizers = [s for s in p.steps if s.rule.startswith("quantize_") and "fallback" in s.params]
+    assert {s.params["fallback"]["scan"]["quantization"] for s in quantizers} == {"dynamic", "static", "int4"}
 
 
 def test_static_smoothing_calibrates_the_fp32_model_then_the_smoothed_one():
     chain = [s for s in make_plan().steps if "onnx_int8_static" in s.targets]
     rules = [s.rule for s in chain]
-    assert rules == ["reference_outputs", "export_onnx", "simplify_onnx", "calibrate", "smooth_onnx", "calibrate", "scan_layers", "quantize_static", "validate"]
-    first, smooth, second, scan = chain[3], chain[4], chain[5], chain[6]
+    assert rules == ["reference_outputs", "export_onnx", "simplify_onnx", "calibrate", "smooth_onnx", "calibrate", "quantize_static", "validate"]
+    first, smooth, second, quantize = chain[3], chain[4], chain[5], chain[6]
     assert first.targets == ["onnx_int8", "onnx_int8_static"]  # one calibration feeds both smoothings
-    assert second.inputs["model"] == (smooth.outputs["model"],) and scan.inputs["calibration"] == (second.outputs["calibration"],)
+    assert second.inputs["model"] == (smooth.outputs["model"],) and quantize.inputs["calibration"] == (second.outputs["calibration"],)
+    scan = quantize.params["fallback"]["scan"]  # the scan's ranges: the calibration by this target's method
+    assert scan["quantization"] == "static" and (scan["method"], scan["activation_type"]) == (quantize.params["method"], quantize.params["activation_type"])
 
 
 def plain_quantization(d):
@@ -136,8 +145,8 @@ def test_int4_packs_after_the_shared_simplify():
     assert [s.rule for s in chain] == ["reference_outputs", "export_onnx", "simplify_onnx", "quantize_int4", "validate"]
     assert chain[3].params == {"block_size": 32, "symmetric": False, "accuracy_level": 4, "embeddings": "int8"}
     assert chain[-1].params["thresholds"]["min_cosine"] == 0.8  # the int4 default
-    scanned = [s for s in make_plan().steps if "onnx_int4" in s.targets and s.rule == "scan_layers"]
-    assert [(s.params["quantization"], s.params["block_size"], s.params["accuracy_level"]) for s in scanned] == [("int4", 32, 0)]
+    scanned = [s.params["fallback"]["scan"] for s in make_plan().steps if "onnx_int4" in s.targets and s.rule == "quantize_int4"]
+    assert [(s["quantization"], s["block_size"], s["accuracy_level"]) for s in scanned] == [("int4", 32, 0)]
 
 
 def test_torch_programs_export_from_the_source_and_validate_with_positional_inputs():
@@ -187,12 +196,12 @@ def test_external_data_auto_turns_on_above_the_threshold_for_every_onnx_step_of_
     small, big = _plan_with_source_bytes(EXTERNAL_DATA_AUTO_BYTES), _plan_with_source_bytes(EXTERNAL_DATA_AUTO_BYTES + 1)
     assert [s.id for s in small.steps] == [s.id for s in make_plan().steps]  # at the threshold: nothing changes
     chain = [s for s in big.steps if "onnx_int8" in s.targets]
-    assert [s.rule for s in chain] == ["reference_outputs", "export_onnx", "calibrate", "smooth_onnx", "scan_layers", "quantize_dynamic", "validate"]  # no onnxsim
-    _, export, calibrate, smooth, scan, quantize, publish = chain
+    assert [s.rule for s in chain] == ["reference_outputs", "export_onnx", "calibrate", "smooth_onnx", "quantize_dynamic", "validate"]  # no onnxsim
+    _, export, calibrate, smooth, quantize, publish = chain
     for step in (export, smooth, quantize):
         assert step.params["external_data"] is True and step.outputs["data"].name == "model.onnx.data"
     assert calibrate.inputs["model"] == (export.outputs["model"], export.outputs["data"])  # the data's digest keys it
-    assert scan.inputs["model"] == quantize.inputs["model"] == (smooth.outputs["model"], smooth.outputs["data"])
+    assert quantize.inputs["model"] == (smooth.outputs["model"], smooth.outputs["data"])  # the scan, when needed, digests both
     assert publish.inputs["model"] == (quantize.outputs["model"], quantize.outputs["data"])
     assert publish.outputs["data"] == ROOT / "build/bert/onnx_int8/model.onnx.data"
     ir = next(s for s in big.steps if s.rule == "convert_openvino")

@@ -47,7 +47,12 @@ def fake_search(monkeypatch, gain: dict[str, float], goal: float):
     monkeypatch.setattr(budget, "_measure", measure)
     monkeypatch.setattr(budget, "_latency_cost", lambda *a: {"all_quantized": 1.0, "with_fallback": 1.1})
     scanned = [{"node": n, "weight": n + ".w", "alone": {"min_cosine": 1.0 - g}} for n, g in gain.items()]
-    model, facts = search(lambda kept: Kept(kept), scanned, FakeRefs(gain), Budget({"min_cosine": goal}, ["y"], ["min_cosine"]), "t/step")
+
+    def scan():  # the ranking is asked for lazily: it costs a model run per layer
+        calls.append("scan")
+        return scanned
+
+    model, facts = search(lambda kept: Kept(kept), scan, FakeRefs(gain), Budget({"min_cosine": goal}, ["y"], ["min_cosine"]), "t/step")
     return model, facts["fallback"], calls
 
 
@@ -55,13 +60,24 @@ def test_search_finds_the_fewest_layers_in_rank_order_with_few_trials(monkeypatc
     gain = {f"l{i}": 0.01 for i in range(8)} | {"big": 0.05, "mid": 0.02}
     model, facts, calls = fake_search(monkeypatch, gain, goal=0.98)  # needs big + mid + one more: 3 kept
     assert set(model) == {"big", "mid", "l0"} and [k["node"] for k in facts["kept"]] == ["big", "mid", "l0"]
-    assert facts["passed"] and facts["bytes_cost"] == 30 and calls == [0, 1, 2, 4, 3]  # doubling, then bisection
+    assert facts["passed"] and facts["bytes_cost"] == 30 and calls == [0, "scan", 1, 2, 4, 3]  # doubling, then bisection
     assert [t["kept"] for t in facts["trials"]] == [0, 1, 2, 3, 4]
 
 
-def test_nothing_is_kept_when_the_fully_quantized_model_passes(monkeypatch):
+def test_nothing_is_kept_and_nothing_scanned_when_the_fully_quantized_model_passes(monkeypatch):
     model, facts, calls = fake_search(monkeypatch, {"a": 0.2}, goal=0.9)
     assert model == frozenset() and facts["kept"] == [] and calls == [0] and facts["bytes_cost"] == 0
+
+
+def test_a_search_allowed_to_keep_nothing_fails_after_one_scan(monkeypatch):
+    from kiln.runtime import budget
+
+    calls = []
+    monkeypatch.setattr(budget, "_measure", lambda model, kept, *a: (calls.append(kept), (budget.Trial(kept, {"min_cosine": 0.5}, False, ["min_cosine 0.5 < 0.9"]), {0: 0.5}))[1])
+    scanned = [{"node": "a", "weight": "a.w", "alone": {"min_cosine": 0.5}}]
+    with pytest.raises(StepError, match="fail even with 0 of the 1 scanned layers kept"):
+        search(lambda kept: frozenset(kept), lambda: calls.append("scan") or scanned, FakeRefs({}), Budget({"min_cosine": 0.9}, ["y"], ["min_cosine"]), "t", max_kept=0)
+    assert calls == [0, "scan"]
 
 
 def test_an_unreachable_goal_fails_naming_it(monkeypatch):

@@ -433,3 +433,29 @@ def test_integers_that_do_not_fit_the_inputs_dtype_are_refused_not_wrapped(tmp_p
     assert "input 'ids': values from 1 to 4294967297 do not fit int32" in _step_error(path, [{"name": "ids", "dtype": "int32", "shape": ["batch", 2]}])
     fits = _npz(tmp_path / "e.npz", ids=np.array([[1, 2]], np.int64))
     assert load_arrays(fits, [{"name": "ids", "dtype": "int32", "shape": ["batch", 2]}])["ids"].dtype == np.int32
+
+
+class _CountingTokenizer:
+    """A stand-in tokenizer: one token per word, plus the two special ones."""
+
+    def __call__(self, lines, truncation=True, max_length=128):
+        return {"input_ids": [[0] * min(max_length, len(line.split()) + 2) for line in lines]}
+
+
+def test_text_after_the_first_batches_is_batched_by_length_ties_in_file_order():
+    from kiln.runtime.data import by_length
+
+    lines = ["a b c d e", "a", "a b c", "a b", "x y z w v u", "b", "c d", "q"]
+    ordered = by_length(lines, _CountingTokenizer(), batch_size=2, max_length=128, after=3)
+    # 3 rounds up to two whole batches: the first four lines stay; the rest by token count, ties in order
+    assert ordered == ["a b c d e", "a", "a b c", "a b", "b", "q", "c d", "x y z w v u"]
+    assert sorted(ordered) == sorted(lines)
+
+
+def test_without_by_length_the_file_order_is_kept_and_truncation_counts():
+    from kiln.runtime.data import by_length
+
+    lines = ["a b c d e f", "a b c d", "a"]
+    assert by_length(lines, _CountingTokenizer(), 1, 128, None) == lines
+    # cut to 4 tokens, the two long lines tie and keep their order
+    assert by_length(lines, _CountingTokenizer(), 1, 4, 0) == ["a b c d e f", "a", "a b c d"]

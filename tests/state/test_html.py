@@ -281,7 +281,7 @@ def test_quantized_targets_show_their_latency_against_fp32_and_the_layers_kept_i
                 "kept": [{"node": "/l3/<Gemm>", "weight": "layer.3.<w>", "alone": {"min_cosine": 0.9887, "mean_cosine": 0.9981}}],
                 "trials": [{"kept": 0, "min_cosine": 0.9692, "mean_cosine": 0.996, "passed": False},
                            {"kept": 1, "min_cosine": 0.9821, "mean_cosine": 0.998, "passed": True}],
-                "scan_seconds": 41.2, "search_seconds": 12.3}
+                "scan": {"ran": True, "reused": False, "layers": 37, "samples": 64, "seconds": 41.2}, "search_seconds": 12.3}
     report = {"model": "m", "artifacts": [
         {"target": "fp32", "format": "onnx", "precision": "fp32", "status": "ran", "latency": {"median_ms": 22.5}},
         {"target": "int8", "format": "onnx", "precision": "int8", "status": "ran", "latency": {"median_ms": 8.063}, "fallback": fallback,
@@ -295,7 +295,13 @@ def test_quantized_targets_show_their_latency_against_fp32_and_the_layers_kept_i
     kept = page[page.index("<h2>Layers kept in higher precision"):page.index("<h2>Calibration")]
     assert "<code>layer.3.&lt;w&gt;</code>" in kept and "<td class=n>0.9887</td><td class=n>0.9981</td>" in kept and "<Gemm>" not in page
     assert "size +1.7 MiB" in kept and "7.8 ms all quantized → 8.1 ms" in kept and kept.count("<tr><td class=n>") == 2  # two trials
+    assert "scan of 37 layers on 64 samples 41.2 s · search 12.3 s" in kept
     assert "runs 1.27x slower than fp32" in page
+    from kiln.state.html import scan_summary
+
+    assert scan_summary({"ran": False, "why": "the all-quantized model passes the gates"}) == ["no scan: the all-quantized model passes the gates"]
+    assert scan_summary({"ran": True, "reused": True, "layers": 37, "samples": 64, "seconds": 0.01}) == ["scan of 37 layers on 64 samples reused from an earlier build"]
+    assert scan_summary(None) == []  # a report from before the scan moved into the quantize step
     plain = model_page(tmp_path, {"model": "m", "artifacts": [dict(report["artifacts"][0])]}, None, None)
     assert "Layers kept in higher precision" not in plain and "×" not in plain  # no fallback, no ratio: nothing added
 

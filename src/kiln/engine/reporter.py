@@ -11,7 +11,9 @@ from doit.reporter import ConsoleReporter
 
 from kiln.engine.progress import NORMAL, VERBOSE, PlainDisplay, display_for
 from kiln.engine.summary import html_line, html_report_path, target_rows
+from kiln.execute.probes import run_deferred
 from kiln.execute.resources import lock_workspace
+from kiln.runtime.probes import probes_dir
 from kiln.state import fresh
 from kiln.state.lockfile import provenance_complete, write_lock, write_provenance
 from kiln.state.records import read_record
@@ -97,6 +99,7 @@ class KilnReporter(ConsoleReporter):
 
     def _complete_run(self):
         super().complete_run()
+        self._deferred_probes()
         seconds = time.monotonic() - self.started
         touched = False
         for plan in self.plans:
@@ -128,6 +131,18 @@ class KilnReporter(ConsoleReporter):
             self.write(html_line(plan.root, plan.model) + "\n")
         if touched:
             page_written(write_index_html, self.plans[0].root / "build")
+
+    def _deferred_probes(self) -> None:
+        """The latency probes validate steps left for the end because other steps ran beside them
+        (kiln.runtime.probes): measured now, one at a time, before the reports read them."""
+        roots = {plan.root for plan in self.plans}
+        for root in sorted(roots):
+            if not any(probes_dir(root).glob("*.json")):
+                continue
+            steps = {s.name: s for plan in self.plans if plan.root == root for s in plan.steps}
+            if self.verbosity >= VERBOSE:
+                self.write("kiln: measuring latency of the artifacts validated while other steps ran\n")
+            run_deferred(root, steps)
 
     def _why(self, step_name: str) -> str | None:
         """Why a step that just ran ran (its record's reason), for -v; None when not verbose."""

@@ -26,6 +26,7 @@ from kiln.base.digests import digest, listing, remember, remember_listing
 from kiln.base.fsio import artifact_bytes, remove_artifact, replace_artifact, write_json_atomic
 from kiln.base.hashing import UnsafeFolderEntry, list_tree, tree_sha256
 from kiln.base.paths import relative
+from kiln.base.quiet import running
 from kiln.base.temps import sweep_stale_temps, temp_path
 from kiln.errors import KilnError, StepError, one_line
 from kiln.execute.resources import Meter, metered, remember_usage, reservation_mib, reserve
@@ -38,9 +39,11 @@ from kiln.state.uptodate import components, reason, step_key
 if TYPE_CHECKING:
     from kiln.plan.steps import Step
 
-# Under doit -P thread, torch work runs one step at a time: torch.onnx.export flips process-global
-# state (torch.onnx.is_in_onnx_export) that a model running in another thread would see, and torch
-# already spreads one step over every core. Processes (doit's default) each have their own torch.
+# Under doit -P thread (kiln's default), torch work in this process runs one step at a time:
+# torch.onnx.export flips process-global state (torch.onnx.is_in_onnx_export) that a model running in
+# another thread would see, and torch already spreads one step over every core. A rule whose torch
+# runs in a child process (Rule.runs_in_child) does not take it; doit's worker processes each have
+# their own torch.
 _torch_lock = threading.Lock()
 
 
@@ -51,7 +54,7 @@ def run_step(step: Step, root: Path, remote: Callable | None = None):
     a step that missed the caches elsewhere instead (kiln.execute.ray_executor.run_remote, given by
     kiln.engine.tasks under `--executor ray`): its outputs come back through the remote cache."""
     started = time.monotonic()
-    with metered() as meter:
+    with metered() as meter, running(root):  # running: latency probes know this step shares the cores (kiln.base.quiet)
         result = _run(step, root, started, meter, remote)
     remember_usage(root, step, meter.finish())
     return result
@@ -141,7 +144,7 @@ def _execute(step: Step, root: Path, why: str, started: float, meter: Meter):
     try:
         meter.reserved_mib = reservation_mib(root, step, rule.memory_mib(step.params, _input_bytes(step)))
         with reserve(root, step, meter.reserved_mib), \
-                _torch_lock if "torch" in rule.tools_for(step.params) else contextlib.nullcontext(), \
+                _torch_lock if "torch" in rule.tools_for(step.params) and not rule.runs_in_child else contextlib.nullcontext(), \
                 _captured(log, f"{step.name}: {step.rule} v{rule.version}, {why}"):
             info = rule().run({r: list(f) for r, f in step.inputs.items()}, temps, params, RunContext(root, step.name)) or {}
             missing = [role for role, path in temps.items() if not path.exists()]

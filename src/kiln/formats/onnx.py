@@ -98,8 +98,8 @@ class Onnx(TargetFormat):
             raise CrossError(f"targets.{name}.options.scan_samples", options.scan_samples, "no scan_samples without fallback = \"auto\"")
 
     def chain(self, planner: Planner, name: str, target: OnnxTarget) -> None:
-        """reference -> fp32 ONNX (shared) -> [smoothing] -> [sensitivity scan] -> one conversion to
-        the target's precision -> validate."""
+        """reference -> fp32 ONNX (shared) -> [smoothing] -> one conversion to the target's precision
+        (with options.fallback = "auto", its own sensitivity scan when needed) -> validate."""
         reference = planner.reference(name)
         model, model_step = planner.fp32_onnx(name, target)
         options = target.options
@@ -121,7 +121,7 @@ class Onnx(TargetFormat):
                 scan_params = {"quantization": "dynamic" if target.precision == "int8" else "int4"}
                 if target.precision == "int4":
                     scan_params |= {k: params[k] for k in ("block_size", "symmetric", "accuracy_level")}
-                more_inputs, deps, params = with_fallback(planner, name, target, model, model_step, reference, scan_params, params)
+                more_inputs, deps, params = with_fallback(planner, name, target, reference, scan_params, params, deps)
             model_step = planner.onnx_step(name, target, rule, params, model, model_step, more_inputs, deps)
         if model_step is not None:
             model = model_step.outputs["model"]
@@ -166,8 +166,8 @@ def smooth_step(planner: Planner, name: str, target: Any, model: Path, model_ste
 
 def quantize_static_step(planner: Planner, name: str, target: Any, model: Path, model_step: Step | None, activation_type: str,
                          reference: Step | None = None) -> Step:
-    """calibrate (shared, see calibrate_step) -> [sensitivity scan] -> quantize_static (ranges from
-    the calibration by this target's method)."""
+    """calibrate (shared, see calibrate_step) -> quantize_static (ranges from the calibration by this
+    target's method; with options.fallback = "auto", its own sensitivity scan when needed)."""
     calibrate = calibrate_step(planner, name, model, model_step)
     options = target.options
     params = {"method": options.calibration, "activation_type": activation_type, "per_channel": True,
@@ -181,23 +181,21 @@ def quantize_static_step(planner: Planner, name: str, target: Any, model: Path, 
         scan_params = {"quantization": "static", "method": options.calibration, "activation_type": activation_type}
         if options.calibration == "percentile":
             scan_params["percentile"] = options.percentile
-        more_inputs, deps, params = with_fallback(planner, name, target, model, model_step, reference, scan_params, params, inputs, deps)
+        more_inputs, deps, params = with_fallback(planner, name, target, reference, scan_params, params, deps)
         inputs |= more_inputs
     return planner.onnx_step(name, target, "quantize_static", params, model, model_step, inputs, deps)
 
 
-def with_fallback(planner: Planner, name: str, target: Any, model: Path, model_step: Step | None, reference: Step,
-                  scan_params: dict, params: dict, scan_inputs: dict | None = None, deps: list | None = None) -> tuple[dict, list, dict]:
-    """(quantize step inputs, deps, params) with options.fallback = "auto" wired in: the sensitivity
-    scan (one per model + data + quantization, whatever the gates) and the gates to reach. Unchanged
-    when the target has no fallback, so its step ids stay what they were."""
-    deps = [model_step] if deps is None else deps
+def with_fallback(planner: Planner, name: str, target: Any, reference: Step, scan_params: dict, params: dict,
+                  deps: list) -> tuple[dict, list, dict]:
+    """(quantize step inputs, deps, params) with options.fallback = "auto" wired in: the gates to
+    reach, and the settings of the per-layer scan (fallback["scan"]: the quantization, the slice of
+    validation data, exclude_nodes) that the quantize step runs only when the all-quantized model
+    misses them, on the reference file (and, static, the calibration it already has). The scan is
+    remembered in the workspace by its own inputs and settings, whatever the gates (kiln.runtime.scan):
+    targets quantizing alike share it. Unchanged when the target has no fallback, so its step ids
+    stay what they were."""
     if getattr(target.options, "fallback", "none") != "auto":
         return {}, deps, params
-    budget = planner.budget(name)
-    scan = planner.add(name, "scan_layers", scan_params | {k: v for k, v in budget.items() if k != "goal"}
-                       | {"max_samples": target.options.scan_samples} | excluded(target),
-                       {"model": planner.onnx_files(model, model_step), "reference": (reference.outputs["outputs"],)} | (scan_inputs or {}),
-                       {"sensitivity": "sensitivity.json"}, [*deps, reference])
-    inputs = {"sensitivity": (scan.outputs["sensitivity"],), "reference": (reference.outputs["outputs"],)}
-    return inputs, [*deps, scan, reference], params | {"fallback": budget}
+    scan = scan_params | {"max_samples": target.options.scan_samples} | excluded(target)
+    return {"reference": (reference.outputs["outputs"],)}, [*deps, reference], params | {"fallback": planner.budget(name) | {"scan": scan}}

@@ -57,8 +57,18 @@ class Planner:
             "source": self.source_params, "inputs": self.inputs, "outputs": self.outputs,
             "batch_size": validation.batch_size, "max_length": self.max_length(validation), "max_samples": validation.max_samples,
         }
+        if self.resolved.data_file.suffix == ".txt":
+            params["by_length_after"] = self.file_order_samples()
         inputs = {"source": self.resolved.source_files, "data": (self.resolved.data_file,)}
         return self.add(name, "reference_outputs", params, inputs, {"outputs": "reference.safetensors"})
+
+    def file_order_samples(self) -> int:
+        """How many validation samples keep the file's order before the rest are batched by length:
+        the first batch (mixed lengths: padding gets exercised) and every sample a sensitivity scan
+        reads (options.scan_samples: the scan measures the first N in file order, as it always has)."""
+        scans = [getattr(t.options, "scan_samples", 0) for t in self.spec.targets.values()
+                 if getattr(getattr(t, "options", None), "fallback", None) == "auto"]
+        return max([self.spec.validation.batch_size, *scans])
 
     def fp32_onnx(self, name: str, target) -> tuple[Path, Step | None]:
         """The fp32 ONNX a target starts from: what the source gives (an export, a conversion, or the

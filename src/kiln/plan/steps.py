@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from kiln.base.hashing import canonical_json, sha256_text
 from kiln.base.paths import workspace_path
@@ -104,3 +104,46 @@ def share_steps(plans: list[Plan]) -> None:
             if first is not step:
                 first.shared_with.extend((plan.model, t) for t in step.targets)
                 plan.steps[i] = first
+
+
+def critical_first(steps: list[Step], seconds: Callable[[Step], float]) -> list[Step]:
+    """The steps, those heading the longest chain of work first (a step's priority is its own
+    expected seconds plus the most any chain of steps that need it adds), ties in plan order.
+    doit starts ready tasks in the order it is given them, so under -n the long chains (calibrate
+    -> quantize -> validate behind the ONNX export) start early instead of waiting behind the short
+    ones; with one job the order changes nothing but the order of the log."""
+    dependents: dict[str, list[Step]] = {}
+    for step in steps:
+        for dep in step.deps:
+            dependents.setdefault(dep, []).append(step)
+    priority: dict[str, float] = {}
+    for step in reversed(_topological(steps)):  # dependents before the steps they need
+        priority[step.id] = seconds(step) + max((priority[d.id] for d in dependents.get(step.id, [])), default=0.0)
+    position = {step.id: i for i, step in enumerate(steps)}
+    return sorted(steps, key=lambda s: (-priority[s.id], position[s.id]))
+
+
+def _topological(steps: list[Step]) -> list[Step]:
+    """Dependencies before dependents (the plan's order already is one; deps outside `steps` ignored)."""
+    by_id = {s.id: s for s in steps}
+    done: set[str] = set()
+    order: list[Step] = []
+
+    def visit(step: Step) -> None:
+        stack = [(step, iter(step.deps))]
+        while stack:
+            node, deps = stack[-1]
+            for dep in deps:
+                if dep in by_id and dep not in done:
+                    done.add(dep)
+                    stack.append((by_id[dep], iter(by_id[dep].deps)))
+                    break
+            else:
+                stack.pop()
+                order.append(node)
+
+    for step in steps:
+        if step.id not in done:
+            done.add(step.id)
+            visit(step)
+    return order

@@ -1,8 +1,9 @@
 """options.fallback = "auto": quantize, measure the target's own gates on the validation data exactly
 as validation will, and when they fail keep the most damaging layers in higher precision, fewest
-first, until they pass. The damage ranking comes from the scan_layers step (each layer quantized
-alone); the search then re-measures the real quantized model at every count, since the effects of
-several layers neither add up nor stay in order.
+first, until they pass. The damage ranking comes from the per-layer scan (kiln.runtime.scan: each
+layer quantized alone), made only once the all-quantized model has failed the gates (most targets
+pass fully quantized, and then pay no scan); the search then re-measures the real quantized model at
+every count, since the effects of several layers neither add up nor stay in order.
 
 The count is searched by doubling (0, 1, 2, 4, ...) until the gates pass, then bisection down to the
 smallest passing count: about 2 log2(N) real quantizations of an N-layer model rather than N. A
@@ -19,12 +20,26 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from kiln.errors import StepError
 from kiln.runtime.onnxrt import session
 from kiln.runtime.reference import ReferenceSet, session_runner, worst_over_outputs
 from kiln.runtime.runners import timed
+from kiln.runtime.scan import LazyScan, ScanHooks, settings_from
+
+if TYPE_CHECKING:
+    from kiln.rules import RunContext
+
+
+# What a quantize step with options.fallback = "auto" reserves beyond its own needs: the scan's copy
+# of the model and its sessions, beside the step's quantized models (the scan_layers step's own base).
+SCAN_MEMORY_MIB = 1024
+
+
+def fallback_memory_mib(params: dict[str, Any]) -> int:
+    """MiB a quantize rule's memory_mib adds for its fallback (nothing without one)."""
+    return SCAN_MEMORY_MIB if params.get("fallback") else 0
 
 
 @dataclass
@@ -76,33 +91,38 @@ class Trial:
     complete: bool = True  # False: stopped at the first batch that failed a gate (worst is over the batches run)
 
 
-def within_budget(quantize: Callable[[list[str]], Any], inputs: dict[str, list[Path]], fallback: dict[str, Any] | None, step: str,
-                  progress: Callable[[int, int | None], None] | None = None, kept_as: str = "float",
-                  max_kept: int | None = None) -> tuple[Any, dict[str, Any]]:
+def within_budget(quantize: Callable[[list[str]], Any], inputs: dict[str, list[Path]], fallback: dict[str, Any] | None, ctx: RunContext,
+                  kept_as: str = "float", max_kept: int | None = None, hooks: ScanHooks | None = None) -> tuple[Any, dict[str, Any]]:
     """A quantize step's model and facts: quantize([]) when the target has no fallback, else the
-    search below over the scan's ranking (inputs "sensitivity") on the reference file (inputs "reference")."""
-    import json
-
+    search below on the reference file (inputs "reference"), over the ranking of the per-layer scan
+    (fallback["scan"]: its settings; hooks: the rule's own pieces it quantizes a layer with), which
+    runs only if the all-quantized model fails. facts["fallback"]["scan"] says whether it ran."""
     if not fallback:
         return quantize([]), {}
     budget = Budget.from_params(fallback)
-    scanned = json.loads(inputs["sensitivity"][0].read_text())["layers"]
-    refs = ReferenceSet(inputs["reference"][0], budget.outputs, budget.padding_mask, step)
-    model, facts = search(quantize, scanned, refs, budget, step, progress, max_kept)
+    scanned = LazyScan(inputs, settings_from(fallback, ctx.step), ctx, hooks or ScanHooks())
+    refs = ReferenceSet(inputs["reference"][0], budget.outputs, budget.padding_mask, ctx.step)
+    try:
+        model, facts = search(quantize, scanned, refs, budget, ctx.step, ctx.progress, max_kept)
+    except StepError as err:
+        if isinstance(err.facts.get("fallback"), dict):  # a search that failed: the report says what it scanned too
+            err.facts["fallback"]["scan"] = scanned.facts()
+        raise
     facts["fallback"]["kept_as"] = kept_as  # what "kept" means: float, or int4's 8-bit blocks
+    facts["fallback"]["scan"] = scanned.facts()
     return model, facts
 
 
-def search(quantize: Callable[[list[str]], Any], scanned: list[dict], refs: Any, budget: Budget, step: str,
+def search(quantize: Callable[[list[str]], Any], scanned: Callable[[], list[dict]], refs: Any, budget: Budget, step: str,
            progress: Callable[[int, int | None], None] | None = None, max_kept: int | None = None) -> tuple[Any, dict[str, Any]]:
     """(the quantized model that passes with the fewest layers kept, the facts for the report).
     quantize(kept): the rule's own quantization with those node names kept in higher precision,
-    a fresh ModelProto each call. refs: a kiln.runtime.reference.ReferenceSet of the whole
-    validation data. max_kept: at most this many kept (int8 keeps one layer quantized, else it is an
-    fp32 model). Fails the step when even keeping that many misses the gates."""
-    order = ranked(scanned, budget.goal)
-    names = [layer["node"] for layer in order]
-    top = len(names) if max_kept is None else max(0, min(max_kept, len(names)))
+    a fresh ModelProto each call. scanned(): the scanned layers ({"node", "weight", "alone"}), asked
+    for only when the all-quantized model fails. refs: a kiln.runtime.reference.ReferenceSet of the
+    whole validation data. max_kept: at most this many kept (int8 keeps one layer quantized, else it
+    is an fp32 model). Fails the step when even keeping that many misses the gates."""
+    order: list[dict] = []
+    names: list[str] = []  # the ranked node names, once the scan has run
     trials: dict[int, Trial] = {}
     models: dict[int, Any] = {}
     hardest: list[int] = []  # batch indices, worst first in the all-quantized model: later trials run them first
@@ -123,22 +143,30 @@ def search(quantize: Callable[[list[str]], Any], scanned: list[dict], refs: Any,
         return trials[k].passed
 
     low, high = -1, None  # the largest count known to fail, the smallest known to pass
+    scan_seconds = 0.0
+    if attempt(0):
+        high = 0
+    else:
+        low = 0
+        scan_started = time.perf_counter()
+        order = ranked(scanned(), budget.goal)
+        scan_seconds = time.perf_counter() - scan_started  # reported by the scan itself, not as search time
+        names.extend(layer["node"] for layer in order)
+    top = len(names) if max_kept is None else max(0, min(max_kept, len(names)))
     k = 0
-    while high is None:
+    while high is None and k != top:  # doubling: 1, 2, 4, ... up to top
+        k = min(top, max(1, 2 * k))
         if attempt(k):
             high = k
         else:
             low = k
-            if k == top:
-                break
-            k = min(top, max(1, 2 * k))
     if high is None:
         best = max(trials.values(), key=lambda t: t.worst.get("min_cosine", 0.0))
         raise StepError(step, f"options.fallback = \"auto\": the gates fail even with {top} of the {len(names)} scanned layers kept "
                               f"in higher precision ({'; '.join(trials[top].failed)}; best min_cosine {'' if best.complete else 'at most '}{best.worst.get('min_cosine', float('nan')):.6g} "
                               f"with {best.kept} kept): the error left is outside the scanned layers (embeddings, other ops) or in the "
                               f"kept precision itself; loosen the gates, or set options.embeddings = \"fp32\"",
-                        facts={"fallback": _facts(order, trials, None, budget, started)})
+                        facts={"fallback": _facts(order, trials, None, budget, started, scan_seconds)})
     while high - low > 1:
         mid = (low + high) // 2
         if attempt(mid):
@@ -146,7 +174,7 @@ def search(quantize: Callable[[list[str]], Any], scanned: list[dict], refs: Any,
         else:
             low = mid
     chosen = models[high]
-    facts = _facts(order, trials, high, budget, started)
+    facts = _facts(order, trials, high, budget, started, scan_seconds)
     facts["bytes_cost"] = chosen.ByteSize() - models[0].ByteSize() if high else 0
     facts["latency_ms"] = _latency_cost(models[0], chosen, refs) if high else None
     return chosen, {"fallback": facts}
@@ -207,7 +235,7 @@ def _latency_cost(all_quantized, chosen, refs: Any) -> dict[str, float] | None:
     return result
 
 
-def _facts(order: list[dict], trials: dict[int, Trial], kept: int | None, budget: Budget, started: float) -> dict[str, Any]:
+def _facts(order: list[dict], trials: dict[int, Trial], kept: int | None, budget: Budget, started: float, scan_seconds: float) -> dict[str, Any]:
     final = trials.get(kept) if kept is not None else None
     return {
         "goal": budget.goal, "passed": final is not None,
@@ -215,5 +243,5 @@ def _facts(order: list[dict], trials: dict[int, Trial], kept: int | None, budget
                   "damage": round(damage(layer["alone"], budget.goal), 4)} for layer in order[: kept or 0]],
         "trials": [{"kept": t.kept, **t.worst, "passed": t.passed} | ({} if t.complete else {"stopped_early": True})
                    for _, t in sorted(trials.items())],
-        "search_seconds": round(time.perf_counter() - started, 2),
+        "search_seconds": round(time.perf_counter() - started - scan_seconds, 2),
     }

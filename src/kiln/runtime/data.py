@@ -19,12 +19,13 @@ from kiln.runtime.tokenizer import TOKENIZER_FILES, load_tokenizer  # noqa: F401
 
 
 def batches(data_file: Path, source_files: list[Path] | None, inputs: list[dict], batch_size: int, max_length: int, max_samples: int | None,
-            facts: dict | None = None) -> Iterator[dict[str, np.ndarray]]:
+            facts: dict | None = None, by_length_after: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """The batches of a data file: text tokenized with the source's tokenizer, or arrays. `facts`
-    (the step's, for the report) learns how the text was read (a pad token borrowed from eos)."""
+    (the step's, for the report) learns how the text was read (a pad token borrowed from eos).
+    by_length_after: text only, see text_batches."""
     if data_file.suffix == ".txt":
         tokenizer = load_tokenizer(source_files[0].parent, facts)
-        return text_batches(data_file, tokenizer, inputs, batch_size, max_length, max_samples)
+        return text_batches(data_file, tokenizer, inputs, batch_size, max_length, max_samples, by_length_after)
     return array_batches(data_file, inputs, batch_size, max_samples)
 
 
@@ -39,8 +40,15 @@ def read_text_lines(path: Path, max_samples: int | None) -> list[str]:
     return lines[:max_samples] if max_samples else lines
 
 
-def text_batches(path: Path, tokenizer: Any, inputs: list[dict], batch_size: int, max_length: int, max_samples: int | None) -> Iterator[dict[str, np.ndarray]]:
-    lines = read_text_lines(path, max_samples)
+def text_batches(path: Path, tokenizer: Any, inputs: list[dict], batch_size: int, max_length: int, max_samples: int | None,
+                 by_length_after: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of batch_size lines, each padded to its longest. by_length_after = K: the first K
+    lines (rounded up to whole batches) keep the file's order, the rest are batched in order of
+    their token count (ties in file order), so a batch pads its lines by a few tokens rather than to
+    the longest line of a random 32: bert's 240 validation sentences are 17,824 token positions in
+    file order, 7,712 so (the model runs 2-3x less). The first batches keep mixed lengths on
+    purpose: an artifact that ignores the attention mask still meets real padding there."""
+    lines = by_length(read_text_lines(path, max_samples), tokenizer, batch_size, max_length, by_length_after)
     words = unknown = 0
     for start in range(0, len(lines), batch_size):
         encoded = tokenizer(lines[start : start + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="np")
@@ -53,6 +61,20 @@ def text_batches(path: Path, tokenizer: Any, inputs: list[dict], batch_size: int
         # would pass by accident.
         what = "no tokens but special ones" if not words else f"the unknown token {tokenizer.unk_token!r} for every one of its {words} word tokens"
         raise StepError(str(path), f"the model's tokenizer gives {what}: it does not read this text, so nothing real would be validated; check the tokenizer files of the model folder")
+
+
+def by_length(lines: list[str], tokenizer: Any, batch_size: int, max_length: int, after: int | None) -> list[str]:
+    """The lines in batching order (see text_batches)."""
+    if after is None:
+        return lines
+    kept = min(len(lines), -(-max(after, 1) // batch_size) * batch_size)
+    rest = lines[kept:]
+    if not rest:
+        return lines
+    encoded = tokenizer(rest, truncation=True, max_length=max_length)
+    ids = encoded["input_ids"] if "input_ids" in encoded else next(iter(encoded.values()))
+    order = sorted(range(len(rest)), key=lambda i: (len(ids[i]), i))
+    return lines[:kept] + [rest[i] for i in order]
 
 
 def _word_tokens(encoded: Any, tokenizer: Any) -> tuple[int, int]:

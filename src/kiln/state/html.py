@@ -408,8 +408,9 @@ def metrics_table(output: str, targets: list[dict]) -> str:
 
 def fallback_section(targets: list[dict]) -> str:
     """Per target whose quantize step kept layers in float to meet its gates: the goal, whether it was
-    met, the size and latency cost, each kept layer with the gate metrics when only it is quantized
-    (the sensitivity scan), and the search's trials (how many layers kept, what that measured)."""
+    met, the size and latency cost, whether the sensitivity scan ran (the quantize step runs it only
+    when the all-quantized model fails, or reuses an earlier one), each kept layer with the gate
+    metrics when only it is quantized, and the search's trials (how many layers kept, what that measured)."""
     parts = []
     for t in targets:
         if isinstance(t.get("fallback"), dict):
@@ -424,8 +425,19 @@ def fallback_summary(fallback: dict) -> str:
     latency = fallback.get("latency_ms") or {}
     costs = [f"size {_bytes_delta(fallback.get('bytes_cost'))}",
              f"latency {_ms(_float(latency.get('all_quantized')))} all quantized → {_ms(_float(latency.get('with_fallback')))} with these layers in {fallback.get('kept_as') or 'float'}",
-             f"search {_num(fallback.get('search_seconds'), 3)} s (the scan_layers step's time is in the timeline)"]
+             *scan_summary(fallback.get("scan")), f"search {_num(fallback.get('search_seconds'), 3)} s"]
     return f"<p class=small>goal {_e(goal)}: {verdict} · " + " · ".join(_e(c) for c in costs) + "</p>"
+
+
+def scan_summary(scan: Any) -> list[str]:
+    """The per-layer scan in a few words (the quantize step's facts["fallback"]["scan"]), or nothing
+    for a report that has no such facts."""
+    if not isinstance(scan, dict):
+        return []
+    if scan.get("ran") is False:
+        return [f"no scan: {scan.get('why') or 'not needed'}"]
+    what = f"scan of {_num(scan.get('layers'), 6)} layers on {_num(scan.get('samples'), 6)} samples"
+    return [f"{what} reused from an earlier build" if scan.get("reused") else f"{what} {_num(scan.get('seconds'), 3)} s"]
 
 
 def kept_table(fallback: dict) -> str:
