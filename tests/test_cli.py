@@ -13,7 +13,7 @@ def test_schema_is_json_schema_of_the_manifest(workspace: Workspace):
 
 def test_check_accepts_the_default_manifest(workspace: Workspace):
     proc = workspace.kiln("check", "bert")
-    assert proc.returncode == 0 and "ok: model bert, 32 steps, artifacts: build/bert/onnx_fp32/model.onnx, build/bert/onnx_fp16/model.onnx, build/bert/onnx_int8/model.onnx, build/bert/onnx_int8_static/model.onnx, build/bert/onnx_int4/model.onnx, build/bert/torchscript/model.pt, build/bert/torch_export/model.pt2, build/bert/openvino_fp32/model.xml, build/bert/openvino_fp16/model.xml, build/bert/safetensors_fp16/model.safetensors" in proc.stdout
+    assert proc.returncode == 0 and "ok: model bert, 29 steps, artifacts: build/bert/onnx_fp32/model.onnx, build/bert/onnx_fp16/model.onnx, build/bert/onnx_int8/model.onnx, build/bert/onnx_int8_static/model.onnx, build/bert/onnx_int4/model.onnx, build/bert/torchscript/model.pt, build/bert/torch_export/model.pt2, build/bert/openvino_fp32/model.xml, build/bert/openvino_fp16/model.xml, build/bert/safetensors_fp16/model.safetensors" in proc.stdout
 
 
 def test_bad_manifest_exits_2_with_one_line_and_writes_nothing(workspace: Workspace):

@@ -129,3 +129,28 @@ def test_a_source_that_fails_to_load_in_the_export_child_is_not_blamed_on_the_tr
     assert "torch.jit" not in line and "Traceback" not in out
     log = ws.root / line[line.index("(log: ") + 6:-1]
     assert "Traceback (most recent call last)" in log.read_text()  # the child's, passed on into the step's log
+
+
+def test_traced_and_exported_bytes_match_the_golden(tmp_path: Path):
+    """Same inputs and tool versions, same bytes, whatever was edited around the exporters: traced
+    TorchScript records the file names and line numbers of the frames it traces under (kiln's
+    `_trace` and `in_fresh_stack` included), so a line added above them without a rule version bump
+    would give other bytes under an unchanged step key (a cache or a lockfile would then disagree
+    with a rebuild). Regenerate only with a rule version bump or a torch upgrade:
+    KILN_UPDATE_GOLDEN=1 pytest tests/build_rules/test_export_torch.py -k golden."""
+    import json
+    import os
+
+    golden = Path(__file__).resolve().parents[1] / "golden" / "torch_artifacts.json"
+    ws = torch_workspace(tmp_path / "a", TARGETS.replace('[targets.scripted]\nformat = "torchscript"\nmode = "script"\n', ""))
+    ws.doit("build")
+    found = {rel: sha256(ws.root / "build/tiny" / rel) for rel in ("traced/model.pt", "exported/model.pt2")}
+    known = json.loads(golden.read_text()) if golden.exists() else {}
+    if os.environ.get("KILN_UPDATE_GOLDEN"):
+        golden.write_text(json.dumps(known | {torch.__version__: found}, indent=1, sort_keys=True) + "\n")
+        known[torch.__version__] = found
+    if torch.__version__ not in known:
+        import pytest
+
+        pytest.skip(f"no golden bytes for torch {torch.__version__} (tests/golden/torch_artifacts.json)")
+    assert found == known[torch.__version__]

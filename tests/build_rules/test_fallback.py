@@ -70,7 +70,7 @@ def test_the_fewest_layers_that_meet_the_goal_are_kept(tmp_path, sensitive, rule
             assert node.op_type == "MatMulNBits" and {a.name: a.i for a in node.attribute}["bits"] == 8
         else:
             assert node.op_type in ("MatMul", "Gemm")  # kept in fp32
-    assert fallback_facts["bytes_cost"] > 0 and set(fallback_facts["latency_ms"]) == {"all_quantized", "with_fallback"}
+    assert fallback_facts["bytes_cost"] > 0 and set(fallback_facts["latency_ms"]) == {"all_quantized", "with_fallback", "alone"}
     assert fallback_facts["kept_as"] == ("8-bit blocks (int8 activations)" if rule == "quantize_int4" else "float")
 
 

@@ -138,3 +138,12 @@ def test_a_trial_stopped_at_its_first_failing_batch_shows_its_minimum_as_an_uppe
     early = FALLBACK | {"trials": [FALLBACK["trials"][0] | {"stopped_early": True}, *FALLBACK["trials"][1:]]}
     rows = target_rows(report({"target": "onnx_int8", "precision": "int8", "latency": {"median_ms": 8.0}, "status": "ran", "fallback": early}))
     assert "min_cosine <=0.969 -> 0.982" in rows[0]["fallback"]
+
+
+def test_a_fallback_latency_measured_beside_other_steps_says_so():
+    noisy = FALLBACK | {"latency_ms": {"all_quantized": 7.8, "with_fallback": 8.1, "alone": False}}
+    (row,) = target_rows(report({"target": "onnx_int8_static", "precision": "int8", "status": "ran", "fallback": noisy}))
+    assert row["fallback"].endswith("latency 7.8 -> 8.1 ms (measured beside other steps)")
+    quiet = FALLBACK | {"latency_ms": {"all_quantized": 7.8, "with_fallback": 8.1, "alone": True}}
+    (row,) = target_rows(report({"target": "onnx_int8_static", "precision": "int8", "status": "ran", "fallback": quiet}))
+    assert row["fallback"].endswith("latency 7.8 -> 8.1 ms")

@@ -23,14 +23,24 @@ from kiln.state.records import read_record, record_path
 from workspaces import MANIFEST, mlp
 
 
-@pytest.fixture
-def built(tmp_path: Path, monkeypatch):
-    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+def two_onnx_targets(tmp_path: Path):
+    """A tiny ONNX model with an fp32 and an fp16 target: two validate steps with latency probes."""
     ws = new_workspace(tmp_path / "ws", {"m": MANIFEST.format(name="m") + '\n[targets.fp16]\nformat = "onnx"\nprecision = "fp16"\n'})
     mlp(ws.root / "manifests/models/m.onnx", seed=0)
     np.savez(ws.root / "manifests/data/x.npz", x=np.random.default_rng(7).standard_normal((32, 8)).astype(np.float32))
-    proc = subprocess.run([sys.executable, "-m", "kiln.cli", "build", "m", "-n", "1"], cwd=ws.root, capture_output=True, text=True,
+    return ws
+
+
+def build(ws, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kiln.cli", "build", "m", *args], cwd=ws.root, capture_output=True, text=True,
                           env=os.environ | {"HF_HUB_OFFLINE": "1"})
+
+
+@pytest.fixture
+def built(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    ws = two_onnx_targets(tmp_path)
+    proc = build(ws, "-n", "1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     plan = plan_manifests(ws.root, [ws.manifest("m")], wildcard=True)[0]
     validate = next(s for s in plan.steps if s.rule == "validate" and s.targets == ["fp32"])
@@ -86,11 +96,8 @@ def test_a_parallel_build_leaves_every_latency_measured_and_no_request(tmp_path:
     """Two validate steps side by side (-n 2): whichever probe met the other step was deferred and
     measured at the end; the report holds real numbers for both, never the placeholder."""
     monkeypatch.setenv("KILN_CACHE", "off")
-    ws = new_workspace(tmp_path / "ws", {"m": MANIFEST.format(name="m") + '\n[targets.fp16]\nformat = "onnx"\nprecision = "fp16"\n'})
-    mlp(ws.root / "manifests/models/m.onnx", seed=0)
-    np.savez(ws.root / "manifests/data/x.npz", x=np.random.default_rng(7).standard_normal((32, 8)).astype(np.float32))
-    proc = subprocess.run([sys.executable, "-m", "kiln.cli", "build", "m", "-n", "2"], cwd=ws.root, capture_output=True, text=True,
-                          env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    ws = two_onnx_targets(tmp_path)
+    proc = build(ws, "-n", "2")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     artifacts = {a["target"]: a for a in ws.report("m")["artifacts"]}
     assert all(artifacts[t]["latency"]["median_ms"] > 0 for t in ("fp32", "fp16")), artifacts
@@ -103,12 +110,9 @@ def test_probes_that_meet_another_step_are_measured_at_the_end(tmp_path: Path, m
     from kiln.base.quiet import running
 
     monkeypatch.setenv("KILN_CACHE", "off")
-    ws = new_workspace(tmp_path / "ws", {"m": MANIFEST.format(name="m") + '\n[targets.fp16]\nformat = "onnx"\nprecision = "fp16"\n'})
-    mlp(ws.root / "manifests/models/m.onnx", seed=0)
-    np.savez(ws.root / "manifests/data/x.npz", x=np.random.default_rng(7).standard_normal((32, 8)).astype(np.float32))
+    ws = two_onnx_targets(tmp_path)
     with running(ws.root):
-        proc = subprocess.run([sys.executable, "-m", "kiln.cli", "build", "m", "-n", "1", "-v"], cwd=ws.root, capture_output=True, text=True,
-                              env=os.environ | {"HF_HUB_OFFLINE": "1"})
+        proc = build(ws, "-n", "1", "-v")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "kiln: measuring latency of the artifacts validated while other steps ran" in proc.stdout
     artifacts = {a["target"]: a for a in ws.report("m")["artifacts"]}

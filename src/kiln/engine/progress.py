@@ -17,6 +17,7 @@ and the live display polls those files.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import threading
 import time
@@ -198,3 +199,15 @@ def display_for(stream: TextIO, verbosity: int, root: Path | None) -> PlainDispl
     if verbosity > QUIET and is_terminal(stream) and os.environ.get("TERM") != "dumb":
         return LiveDisplay(stream, verbosity, root)
     return PlainDisplay(stream, verbosity, root)
+
+
+def terminal(stream: TextIO) -> TextIO:
+    """A stream writing where `stream` writes, through a duplicate of its descriptor: kiln's own
+    output to the terminal stays there while the steps' native output is captured (kiln.execute.step._NativeCapture).
+    `stream` itself when it has no descriptor."""
+    try:
+        fd = os.dup(stream.fileno())
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return stream
+    return io.TextIOWrapper(io.FileIO(fd, "w", closefd=True), encoding=getattr(stream, "encoding", None) or "utf-8",
+                            errors="backslashreplace", line_buffering=True, write_through=True)

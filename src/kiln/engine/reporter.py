@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, ClassVar
 from doit.exceptions import UnmetDependency
 from doit.reporter import ConsoleReporter
 
-from kiln.engine.progress import NORMAL, VERBOSE, PlainDisplay, display_for
+from kiln.engine.progress import NORMAL, VERBOSE, PlainDisplay, display_for, terminal
 from kiln.engine.summary import html_line, html_report_path, target_rows
 from kiln.execute.probes import run_deferred
 from kiln.execute.resources import lock_workspace
@@ -33,7 +33,7 @@ class KilnReporter(ConsoleReporter):
     verbosity: ClassVar[int] = NORMAL  # kiln.engine.progress: QUIET, NORMAL, VERBOSE
 
     def __init__(self, outstream, options):
-        super().__init__(outstream, options)
+        super().__init__(terminal(outstream), options)  # its own descriptor: steps' native output is captured meanwhile
         self.statuses: dict[str, str] = {}
         self.started = time.monotonic()
         self.display: PlainDisplay | None = None  # made in initialize: doit builds a reporter for `doit list` too

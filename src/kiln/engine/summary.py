@@ -191,7 +191,8 @@ def fallback_text(fallback: dict[str, Any]) -> str:
         facts.append(f"{fallback['bytes_cost'] / 1e6:+.1f} MB")
     latency = fallback.get("latency_ms") or {}
     if _number(latency.get("all_quantized")) and _number(latency.get("with_fallback")):
-        facts.append(f"latency {latency['all_quantized']:.3g} -> {latency['with_fallback']:.3g} ms")
+        facts.append(f"latency {latency['all_quantized']:.3g} -> {latency['with_fallback']:.3g} ms"
+                     + (" (measured beside other steps)" if latency.get("alone") is False else ""))
     return text + (": " + ", ".join(facts) if facts else "")
 
 

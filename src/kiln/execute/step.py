@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -302,7 +304,7 @@ def _captured(log: Path, header: str):
         with open(temp, "w", encoding="utf-8", errors="backslashreplace", buffering=1) as stream:
             stream.write(header + "\n")
             try:
-                with _routed(stream), _descriptors(stream) if threading.current_thread() is threading.main_thread() else contextlib.nullcontext():
+                with _routed(stream), _descriptors(stream) if threading.current_thread() is threading.main_thread() else _native_to_logs():
                     yield
             except BaseException:
                 stream.write("\n" + traceback.format_exc())
@@ -364,6 +366,120 @@ def _descriptors(stream: TextIO):
         for fd, copy in zip((1, 2), saved, strict=True):
             os.dup2(copy, fd)
             os.close(copy)
+
+
+class _NativeCapture:
+    """While steps run in worker threads (doit -P thread, kiln's default), what native code writes
+    to file descriptors 1 and 2 (a C library's printf, onnxruntime's std::cerr, a child process that
+    inherited them) goes through a pipe to the log of the step running then, or of every step running
+    then, marked so, when several are: descriptors belong to the process, so which thread wrote a
+    chunk cannot be known. Installed by the first step to start, removed by the last to end (as
+    _routed); a step that ends first waits until the pipe holds nothing it wrote (drain: a numbered
+    marker written after its output comes out of the pipe after it). kiln's own terminal output (the
+    reporter, the live display) writes to a duplicate of the terminal's descriptor
+    (kiln.engine.progress.terminal), which this does not touch; a chunk read while no step runs goes
+    to the terminal's stderr."""
+
+    MARK = re.compile(rb"\x00kiln-native-drained:(\d+)\x00")
+    MARK_MAX = 40  # bytes: a partial marker at the end of a read waits for the next read
+
+    def __init__(self):
+        self.users = 0
+        self.saved: list[int] = []
+        self.pump: threading.Thread | None = None
+        self.drained = threading.Condition()
+        self.seen: set[int] = set()
+        self.marks = itertools.count()
+
+    def start(self) -> None:
+        try:
+            os.fstat(1), os.fstat(2)
+        except OSError:  # no stdout/stderr descriptors: nothing to capture
+            return
+        _flush_all()
+        self.saved = [os.dup(1), os.dup(2)]
+        read, write = os.pipe()
+        os.dup2(write, 1)
+        os.dup2(write, 2)
+        os.close(write)
+        self.pump = threading.Thread(target=self._pump, args=(read, self.saved[1]), name="kiln-native-output", daemon=True)
+        self.pump.start()
+
+    def drain(self) -> None:
+        """Return once everything written to 1 and 2 before this call has reached the logs."""
+        if not self.saved:
+            return
+        _flush_all()
+        mark = next(self.marks)
+        os.write(1, b"\x00kiln-native-drained:%d\x00" % mark)
+        with self.drained:
+            self.drained.wait_for(lambda: mark in self.seen, timeout=5.0)
+            self.seen.discard(mark)
+
+    def stop(self) -> None:
+        if not self.saved:
+            return
+        self.drain()
+        for fd, copy in zip((1, 2), self.saved, strict=True):
+            os.dup2(copy, fd)  # the pipe's last writers (unless a child kept them): the pump reads its end
+        pump, saved, self.pump, self.saved = self.pump, self.saved, None, []
+        if pump is not None:
+            pump.join(timeout=2.0)  # a child that inherited the descriptors may keep the pipe open: not waited for
+        if pump is None or not pump.is_alive():
+            for copy in saved:
+                os.close(copy)
+
+    def _pump(self, read: int, terminal: int) -> None:
+        pending = b""
+        with os.fdopen(read, "rb", buffering=0) as pipe:
+            while chunk := pipe.read(1 << 16):
+                pending += chunk
+                while (found := self.MARK.search(pending)) is not None:
+                    self._route(pending[: found.start()], terminal)
+                    pending = pending[found.end():]
+                    with self.drained:
+                        self.seen.add(int(found.group(1)))
+                        self.drained.notify_all()
+                cut = pending.rfind(b"\x00", max(0, len(pending) - self.MARK_MAX))
+                keep = len(pending) - cut if cut >= 0 else 0  # maybe the start of a marker
+                self._route(pending[: len(pending) - keep], terminal)
+                pending = pending[len(pending) - keep:]
+        self._route(pending, terminal)
+
+    @staticmethod
+    def _route(chunk: bytes, terminal: int) -> None:
+        if not chunk:
+            return
+        with _logs_lock:
+            logs = list(_logs.values())
+        if not logs:
+            with contextlib.suppress(OSError):
+                os.write(terminal, chunk)
+            return
+        text = chunk.decode("utf-8", errors="backslashreplace")
+        note = "" if len(logs) == 1 else f"[native output while {len(logs)} steps ran; it may be any one's]\n"
+        for log in logs:
+            with contextlib.suppress(ValueError, OSError):  # a log closed meanwhile
+                log.write(note + text)
+
+
+_native = _NativeCapture()
+
+
+@contextlib.contextmanager
+def _native_to_logs():
+    with _logs_lock:
+        if _native.users == 0:
+            _native.start()
+        _native.users += 1
+    try:
+        yield
+    finally:
+        _native.drain()  # this step's log is still registered: what it wrote lands there
+        with _logs_lock:
+            _native.users -= 1
+            if _native.users == 0:
+                _native.stop()
 
 
 def _flush_all() -> None:

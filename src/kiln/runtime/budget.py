@@ -16,12 +16,14 @@ layer-by-layer walk would.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from kiln.base.quiet import alone
 from kiln.errors import StepError
 from kiln.runtime.onnxrt import session
 from kiln.runtime.reference import ReferenceSet, session_runner, worst_over_outputs
@@ -103,7 +105,7 @@ def within_budget(quantize: Callable[[list[str]], Any], inputs: dict[str, list[P
     scanned = LazyScan(inputs, settings_from(fallback, ctx.step), ctx, hooks or ScanHooks())
     refs = ReferenceSet(inputs["reference"][0], budget.outputs, budget.padding_mask, ctx.step)
     try:
-        model, facts = search(quantize, scanned, refs, budget, ctx.step, ctx.progress, max_kept)
+        model, facts = search(quantize, scanned, refs, budget, ctx.step, ctx.progress, max_kept, ctx.root)
     except StepError as err:
         if isinstance(err.facts.get("fallback"), dict):  # a search that failed: the report says what it scanned too
             err.facts["fallback"]["scan"] = scanned.facts()
@@ -114,7 +116,7 @@ def within_budget(quantize: Callable[[list[str]], Any], inputs: dict[str, list[P
 
 
 def search(quantize: Callable[[list[str]], Any], scanned: Callable[[], list[dict]], refs: Any, budget: Budget, step: str,
-           progress: Callable[[int, int | None], None] | None = None, max_kept: int | None = None) -> tuple[Any, dict[str, Any]]:
+           progress: Callable[[int, int | None], None] | None = None, max_kept: int | None = None, root: Path | None = None) -> tuple[Any, dict[str, Any]]:
     """(the quantized model that passes with the fewest layers kept, the facts for the report).
     quantize(kept): the rule's own quantization with those node names kept in higher precision,
     a fresh ModelProto each call. scanned(): the scanned layers ({"node", "weight", "alone"}), asked
@@ -176,7 +178,7 @@ def search(quantize: Callable[[list[str]], Any], scanned: Callable[[], list[dict
     chosen = models[high]
     facts = _facts(order, trials, high, budget, started, scan_seconds)
     facts["bytes_cost"] = chosen.ByteSize() - models[0].ByteSize() if high else 0
-    facts["latency_ms"] = _latency_cost(models[0], chosen, refs) if high else None
+    facts["latency_ms"] = _latency_cost(models[0], chosen, refs, root) if high else None
     return chosen, {"fallback": facts}
 
 
@@ -219,19 +221,23 @@ class _session:
             self.tmp.cleanup()
 
 
-def _latency_cost(all_quantized, chosen, refs: Any) -> dict[str, float] | None:
+def _latency_cost(all_quantized, chosen, refs: Any, root: Path | None = None) -> dict[str, Any] | None:
     """Latency (median ms, 2 threads, the first validation sample) of the all-quantized model and of
-    the one with the fallback, measured in the same process one after the other."""
+    the one with the fallback, measured in the same process one after the other; "alone": whether
+    no other step of the build ran meanwhile (kiln.base.quiet: steps run side by side by default, and
+    a neighbour's load makes both numbers, and their ratio, noisier)."""
     from kiln.runtime.data import first_sample
 
     if not refs.batches or chosen.ByteSize() >= (1 << 31) - (1 << 24):
         return None
     feed = first_sample(refs.batches[0][0], refs.axes["inputs"])
-    result = {}
-    for label, model in (("all_quantized", all_quantized), ("with_fallback", chosen)):
-        sess = session(model.SerializeToString(), threads=2, spinning=False)
-        shaped = {i.name: feed[i.name] for i in sess.get_inputs()}
-        result[label] = timed(lambda sess=sess, shaped=shaped: sess.run(None, shaped), shaped, 30, 2)["median_ms"]
+    result: dict[str, Any] = {}
+    with alone(root) if root is not None else contextlib.nullcontext(True) as quiet:
+        for label, model in (("all_quantized", all_quantized), ("with_fallback", chosen)):
+            sess = session(model.SerializeToString(), threads=2, spinning=False)
+            shaped = {i.name: feed[i.name] for i in sess.get_inputs()}
+            result[label] = timed(lambda sess=sess, shaped=shaped: sess.run(None, shaped), shaped, 30, 2)["median_ms"]
+    result["alone"] = bool(quiet)
     return result
 
 

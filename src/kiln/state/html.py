@@ -424,7 +424,8 @@ def fallback_summary(fallback: dict) -> str:
     verdict = {True: '<span class="ok">met</span>', False: '<span class="bad">not met</span>'}.get(passed, '<span class="muted">not said</span>')
     latency = fallback.get("latency_ms") or {}
     costs = [f"size {_bytes_delta(fallback.get('bytes_cost'))}",
-             f"latency {_ms(_float(latency.get('all_quantized')))} all quantized → {_ms(_float(latency.get('with_fallback')))} with these layers in {fallback.get('kept_as') or 'float'}",
+             f"latency {_ms(_float(latency.get('all_quantized')))} all quantized → {_ms(_float(latency.get('with_fallback')))} with these layers in {fallback.get('kept_as') or 'float'}"
+             + (" (measured while other steps ran)" if latency.get("alone") is False else ""),
              *scan_summary(fallback.get("scan")), f"search {_num(fallback.get('search_seconds'), 3)} s"]
     return f"<p class=small>goal {_e(goal)}: {verdict} · " + " · ".join(_e(c) for c in costs) + "</p>"
 
