@@ -9,8 +9,6 @@ replace_artifact) and recorded by its tree digest and bytes with its files liste
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib
 import io
 import itertools
 import logging
@@ -147,7 +145,6 @@ def _execute(step: Step, root: Path, why: str, started: float, meter: Meter):
     _wrap_streams()  # now, not once the locks below are taken: doit -P thread has just put its own sys.stdout in place
     try:
         meter.reserved_mib = reservation_mib(root, step, rule.memory_mib(step.params, _input_bytes(step)))
-        _import_tools(rule, step.params)
         with reserve(root, step, meter.reserved_mib), \
                 _torch_lock if "torch" in rule.tools_for(step.params) and not rule.runs_in_child else contextlib.nullcontext(), \
                 _captured(log, f"{step.name}: {step.rule} v{rule.version}, {why}"):
@@ -495,47 +492,6 @@ def _flush_all() -> None:
                 stream.flush()
     with contextlib.suppress(Exception):
         ctypes.CDLL(None).fflush(None)
-
-
-# Steps run side by side in threads (kiln's default), and two threads importing C-extension packages
-# for the first time at once can meet half-initialized modules: sklearn in one thread and onnx in
-# another gave "cannot import name '__cpu_features__' from partially initialized module
-# numpy._core._multiarray_umath". So a step imports the tools its rule declares (and what they
-# import) first, one step at a time; a rule's own imports then find them loaded.
-_imports_lock = threading.Lock()
-
-
-def _import_tools(rule, params: dict) -> None:
-    """Import the top-level modules of the rule's tools that are not loaded yet, under one lock.
-    Not for a rule whose tools run in a child process (its parent never imports them)."""
-    if rule.runs_in_child:
-        return
-    with _imports_lock:
-        for module in _modules_of(tuple(rule.tools_for(params))):
-            if module not in sys.modules:
-                with contextlib.suppress(Exception):  # a tool that fails to import fails in the rule, with its own error
-                    importlib.import_module(module)
-
-
-@functools.cache
-def _modules_of(tools: tuple[str, ...]) -> tuple[str, ...]:
-    """The importable top-level modules of these distributions (numpy -> numpy, scikit-learn ->
-    sklearn), in the order given; names that are no installed distribution (kiln, java, tool
-    environments) have none."""
-    from importlib import metadata
-
-    provided: dict[str, list[str]] = {}
-    for module, distributions in metadata.packages_distributions().items():
-        for distribution in distributions:
-            provided.setdefault(distribution.lower().replace("_", "-"), []).append(module)
-    found: list[str] = []
-    for tool in tools:
-        modules = [m for m in sorted(provided.get(tool.lower().replace("_", "-"), [])) if m.isidentifier() and not m.startswith("_")]
-        named = tool.lower().replace("-", "_")
-        for module in [named] if named in modules else modules:  # torch, not torchgen and functorch beside it
-            if module not in found:
-                found.append(module)
-    return tuple(found)
 
 
 def _input_bytes(step: Step) -> int:
