@@ -180,6 +180,12 @@ def doit_globals(root: Path | None = None, manifest_arg: str | None = None, skip
 
     def task_build():
         """Build manifests: doit build [manifest=bert] [verbosity=quiet|verbose]; its steps: doit list --all build"""
+        # numpy first, here in the main thread: steps run side by side in threads, and two threads
+        # importing numpy-based packages for the first time at once met a half-initialized numpy
+        # ("cannot import name '__cpu_features__' from partially initialized module"). Only when
+        # something was planned: a no-op build of unchanged manifests imports no numpy.
+        if plans:
+            import numpy  # noqa: F401
         first: dict[str, tuple[Plan, Step]] = {}
         for plan in plans:
             for step in plan.steps:
