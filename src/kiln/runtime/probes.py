@@ -44,9 +44,9 @@ def defer(root: Path, step: str, fmt: str, artifact: Path, sample: dict) -> dict
 
 
 def requests(root: Path) -> list[dict[str, Any]]:
-    """The waiting requests, oldest token order irrelevant: sorted by step name (the report's order)."""
+    """The waiting requests, in step-name order (the report's), ties by token."""
     found = []
-    for path in sorted(probes_dir(root).glob("*.json")):
+    for path in probes_dir(root).glob("*.json"):
         try:
             request = json.loads(path.read_text())
         except (OSError, ValueError):
