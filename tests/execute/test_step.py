@@ -17,6 +17,7 @@ for torch rules, the process-wide torch lock."""
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
@@ -393,6 +394,46 @@ def test_steps_running_in_threads_keep_their_python_output_apart(tmp_path: Path,
     assert "noise" not in out and "noise" not in err  # none of it reached the terminal
 
 
+def test_native_output_beyond_a_pipes_buffer_written_holding_the_gil_does_not_stall_steps_in_threads(tmp_path: Path, monkeypatch):
+    """A C library that writes a lot to fd 1 without releasing the GIL (ctypes.PyDLL keeps it) while
+    another step runs: the writer must never wait for a reader thread that needs the GIL (a pipe
+    would fill at 64 KiB and hang the build). Every byte reaches the logs."""
+    steps = []
+    for name in ("a", "b"):
+        root = tmp_path / name
+        write_source(root, f"noise from {name}")
+        steps.append((root, make_step(root)))
+    barrier = threading.Barrier(2)
+    libc = ctypes.PyDLL(None)
+    block = b"x" * 1023 + b"\n"
+
+    def loud(tag):
+        barrier.wait(timeout=10)
+        line = f"native {tag} ".encode()
+        for _ in range(256):  # 256 KiB each, four times a pipe's buffer
+            libc.write(1, line + block, len(line) + len(block))
+        barrier.wait(timeout=10)
+
+    monkeypatch.setattr(sys.modules[__name__], "make_noise", loud)
+    errors = []
+
+    def run(root, step):
+        try:
+            run_step(step, root)
+        except BaseException as err:  # noqa: BLE001 - reported by the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=pair, daemon=True) for pair in steps]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads), "a step stalled writing native output"
+    assert errors == []
+    for (root, step), name in zip(steps, ("a", "b"), strict=True):
+        assert log_path(root, step).read_text().count(f"native noise from {name} ") == 256
+
+
 # ---- shared steps: every owner's baseline ---------------------------------------------------------
 
 def test_the_last_run_baseline_is_written_for_every_owner_of_a_shared_step(tmp_path: Path):
@@ -426,6 +467,33 @@ def test_only_torch_steps_run_under_the_process_wide_torch_lock(tmp_path: Path):
     run_step(make_step(tmp_path, rule=TORCH_RULE), tmp_path)
     assert [(r["step"], r["torch_lock"]) for r in RUNS] == [("m/t/test_copy_upper", False), ("m/t/test_copy_upper_torch", True)]
     assert not step_module._torch_lock.locked()
+
+
+def test_a_step_whose_tools_are_not_imported_yet_imports_them_first_taking_turns_with_torch_steps(tmp_path: Path, monkeypatch):
+    """Two threads importing a package for the first time at once can meet it half-initialized
+    (sklearn_iris's two steps: "cannot import name 'clone' from partially initialized module"). A
+    step imports its missing tools under the torch lock first; once they are loaded it never waits."""
+    write_source(tmp_path, "imports")
+    monkeypatch.delitem(sys.modules, "json", raising=True)  # a tool of this rule that this process has "not imported yet"
+    monkeypatch.setattr(CopyUpper, "tools", ("numpy", "json"))
+    monkeypatch.setattr(step_module, "_modules_of", lambda tools: [t for t in tools if t in ("numpy", "json")])
+    done = threading.Event()
+    with step_module._torch_lock:  # a torch step runs
+        thread = threading.Thread(target=lambda: (run_step(make_step(tmp_path), tmp_path), done.set()), daemon=True)
+        thread.start()
+        assert not done.wait(1.0), "the step imported its missing tool while a torch step ran"
+    assert done.wait(30)
+    assert "json" in sys.modules and [r["torch_lock"] for r in RUNS] == [False]  # the rule itself ran without the lock
+    RUNS.clear()
+    with step_module._torch_lock:  # now loaded: the step runs beside the torch step
+        run_step(make_step(tmp_path, {"suffix": "!"}), tmp_path)
+    assert len(RUNS) == 1
+
+
+def test_tools_map_to_the_modules_their_distributions_install():
+    assert step_module._modules_of(("scikit-learn", "numpy", "onnx")) == ["sklearn", "numpy", "onnx"]
+    assert step_module._modules_of(("torch",)) == ["torch"]  # not torchgen or functorch beside it
+    assert step_module._modules_of(("java", "toolenv:litert-torch", "no-such-distribution")) == []
 
 
 # ---- a rule whose output is a folder (model.mlpackage, a SavedModel) --------------------------------

@@ -8,12 +8,13 @@ replace_artifact) and recorded by its tree digest and bytes with its files liste
 
 from __future__ import annotations
 
+import codecs
 import contextlib
+import functools
+import importlib
 import io
-import itertools
 import logging
 import os
-import re
 import sys
 import threading
 import time
@@ -45,7 +46,8 @@ if TYPE_CHECKING:
 # torch.onnx.export flips process-global state (torch.onnx.is_in_onnx_export) that a model running in
 # another thread would see, and torch already spreads one step over every core. A rule whose torch
 # runs in a child process (Rule.runs_in_child) does not take it; doit's worker processes each have
-# their own torch.
+# their own torch. Other steps take it only to import tools this process has not loaded yet
+# (_tools_ready).
 _torch_lock = threading.Lock()
 
 
@@ -145,9 +147,7 @@ def _execute(step: Step, root: Path, why: str, started: float, meter: Meter):
     _wrap_streams()  # now, not once the locks below are taken: doit -P thread has just put its own sys.stdout in place
     try:
         meter.reserved_mib = reservation_mib(root, step, rule.memory_mib(step.params, _input_bytes(step)))
-        with reserve(root, step, meter.reserved_mib), \
-                _torch_lock if "torch" in rule.tools_for(step.params) and not rule.runs_in_child else contextlib.nullcontext(), \
-                _captured(log, f"{step.name}: {step.rule} v{rule.version}, {why}"):
+        with reserve(root, step, meter.reserved_mib), _tools_ready(rule, step.params), _captured(log, f"{step.name}: {step.rule} v{rule.version}, {why}"):
             info = rule().run({r: list(f) for r, f in step.inputs.items()}, temps, params, RunContext(root, step.name)) or {}
             missing = [role for role, path in temps.items() if not path.exists()]
             if missing:
@@ -371,93 +371,74 @@ def _descriptors(stream: TextIO):
 class _NativeCapture:
     """While steps run in worker threads (doit -P thread, kiln's default), what native code writes
     to file descriptors 1 and 2 (a C library's printf, onnxruntime's std::cerr, a child process that
-    inherited them) goes through a pipe to the log of the step running then, or of every step running
-    then, marked so, when several are: descriptors belong to the process, so which thread wrote a
-    chunk cannot be known. Installed by the first step to start, removed by the last to end (as
-    _routed); a step that ends first waits until the pipe holds nothing it wrote (drain: a numbered
-    marker written after its output comes out of the pipe after it). kiln's own terminal output (the
-    reporter, the live display) writes to a duplicate of the terminal's descriptor
-    (kiln.engine.progress.terminal), which this does not touch; a chunk read while no step runs goes
-    to the terminal's stderr."""
+    inherited them) goes to an unnamed temp file, and from there to the log of the step running
+    then, or of every step running then, marked so, when several are: descriptors belong to the
+    process, so which thread wrote a chunk cannot be known. Installed by the first step to start,
+    removed by the last to end (as _routed); a step that ends copies what was written until then
+    (drain). A file, not a pipe: a writer never waits for a reader, so native code that writes while
+    holding the GIL or a stdio lock cannot stall the build (a pipe's reader thread needs both).
+    kiln's own terminal output (the reporter, the live display) writes to a duplicate of the
+    terminal's descriptor (kiln.engine.progress.terminal), which this does not touch; what is
+    drained while no step runs goes to the terminal's stderr."""
 
-    MARK = re.compile(rb"\x00kiln-native-drained:(\d+)\x00")
-    MARK_MAX = 40  # bytes: a partial marker at the end of a read waits for the next read
+    PIECE = 1 << 20  # bytes copied at a time
 
     def __init__(self):
         self.users = 0
         self.saved: list[int] = []
-        self.pump: threading.Thread | None = None
-        self.drained = threading.Condition()
-        self.seen: set[int] = set()
-        self.marks = itertools.count()
+        self.file = -1
+        self.offset = 0
 
     def start(self) -> None:
+        import fcntl
+        import tempfile
+
         try:
             os.fstat(1), os.fstat(2)
         except OSError:  # no stdout/stderr descriptors: nothing to capture
             return
         _flush_all()
-        self.saved = [os.dup(1), os.dup(2)]
-        read, write = os.pipe()
-        os.dup2(write, 1)
-        os.dup2(write, 2)
-        os.close(write)
-        self.pump = threading.Thread(target=self._pump, args=(read, self.saved[1]), name="kiln-native-output", daemon=True)
-        self.pump.start()
+        fd, path = tempfile.mkstemp(prefix="kiln-native-")
+        os.unlink(path)  # unnamed: gone with its last descriptor, even after a crash
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)  # writers of 1 and 2 never overwrite each other
+        self.saved, self.file, self.offset = [os.dup(1), os.dup(2)], fd, 0
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
 
     def drain(self) -> None:
-        """Return once everything written to 1 and 2 before this call has reached the logs."""
+        """Copy everything written to 1 and 2 before this call to the logs of the steps running."""
         if not self.saved:
             return
         _flush_all()
-        mark = next(self.marks)
-        os.write(1, b"\x00kiln-native-drained:%d\x00" % mark)
-        with self.drained:
-            self.drained.wait_for(lambda: mark in self.seen, timeout=5.0)
-            self.seen.discard(mark)
+        with _logs_lock:
+            end = os.fstat(self.file).st_size
+            logs = list(_logs.values())
+            note = "" if len(logs) < 2 else f"[native output while {len(logs)} steps ran; it may be any one's]\n"
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="backslashreplace")
+            while self.offset < end:
+                chunk = os.pread(self.file, min(self.PIECE, end - self.offset), self.offset)
+                if not chunk:
+                    break
+                self.offset += len(chunk)
+                self._route(chunk, decoder.decode(chunk, final=self.offset >= end), logs, note)
+                note = ""
 
     def stop(self) -> None:
         if not self.saved:
             return
         self.drain()
+        _flush_all()
         for fd, copy in zip((1, 2), self.saved, strict=True):
-            os.dup2(copy, fd)  # the pipe's last writers (unless a child kept them): the pump reads its end
-        pump, saved, self.pump, self.saved = self.pump, self.saved, None, []
-        if pump is not None:
-            pump.join(timeout=2.0)  # a child that inherited the descriptors may keep the pipe open: not waited for
-        if pump is None or not pump.is_alive():
-            for copy in saved:
-                os.close(copy)
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(self.file)
+        self.saved, self.file = [], -1
 
-    def _pump(self, read: int, terminal: int) -> None:
-        pending = b""
-        with os.fdopen(read, "rb", buffering=0) as pipe:
-            while chunk := pipe.read(1 << 16):
-                pending += chunk
-                while (found := self.MARK.search(pending)) is not None:
-                    self._route(pending[: found.start()], terminal)
-                    pending = pending[found.end():]
-                    with self.drained:
-                        self.seen.add(int(found.group(1)))
-                        self.drained.notify_all()
-                cut = pending.rfind(b"\x00", max(0, len(pending) - self.MARK_MAX))
-                keep = len(pending) - cut if cut >= 0 else 0  # maybe the start of a marker
-                self._route(pending[: len(pending) - keep], terminal)
-                pending = pending[len(pending) - keep:]
-        self._route(pending, terminal)
-
-    @staticmethod
-    def _route(chunk: bytes, terminal: int) -> None:
-        if not chunk:
-            return
-        with _logs_lock:
-            logs = list(_logs.values())
+    def _route(self, chunk: bytes, text: str, logs: list[TextIO], note: str) -> None:
         if not logs:
             with contextlib.suppress(OSError):
-                os.write(terminal, chunk)
+                os.write(self.saved[1], chunk)
             return
-        text = chunk.decode("utf-8", errors="backslashreplace")
-        note = "" if len(logs) == 1 else f"[native output while {len(logs)} steps ran; it may be any one's]\n"
         for log in logs:
             with contextlib.suppress(ValueError, OSError):  # a log closed meanwhile
                 log.write(note + text)
@@ -492,6 +473,63 @@ def _flush_all() -> None:
                 stream.flush()
     with contextlib.suppress(Exception):
         ctypes.CDLL(None).fflush(None)
+
+
+@contextlib.contextmanager
+def _tools_ready(rule, params: dict):
+    """Hold the torch lock for a rule that runs torch in this process, the whole run; for any other
+    rule, only while it imports those of its tools that this process has not imported yet. Two
+    threads importing packages for the first time at once can meet half-initialized modules
+    (CPython 3.11's per-module import locks: sklearn_iris's convert_sklearn and reference_outputs
+    both importing sklearn gave "cannot import name 'clone' from partially initialized module
+    'sklearn.base'"), and an import must not overlap torch work in another thread. So first imports
+    take turns with each other and with torch steps; a rule's own imports then find its tools loaded."""
+    tools = tuple(rule.tools_for(params))
+    if rule.runs_in_child:  # the parent only writes the job and waits; its tools load in the child
+        yield
+        return
+    if "torch" in tools:
+        with _torch_lock:
+            yield
+        return
+    missing = [module for module in _modules_of(tools) if module not in sys.modules]
+    if missing:
+        with _torch_lock:
+            for module in missing:
+                with contextlib.suppress(Exception):  # a tool that fails to import fails in the rule, with its own error
+                    importlib.import_module(module)
+    yield
+
+
+def _modules_of(tools: tuple[str, ...]) -> list[str]:
+    """The importable top-level modules of these distributions (numpy -> numpy, scikit-learn ->
+    sklearn), in the order given; names that are no installed distribution (java, tool
+    environments) have none."""
+    provided = _modules_by_distribution()
+    found: list[str] = []
+    for tool in tools:
+        modules = provided.get(_normalized(tool), [])
+        named = tool.lower().replace("-", "_")
+        for module in [named] if named in modules else modules:  # torch, not torchgen and functorch beside it
+            if module not in found:
+                found.append(module)
+    return found
+
+
+@functools.cache
+def _modules_by_distribution() -> dict[str, list[str]]:
+    from importlib import metadata
+
+    provided: dict[str, list[str]] = {}
+    for module, distributions in metadata.packages_distributions().items():
+        if module.isidentifier() and not module.startswith("_"):
+            for distribution in distributions:
+                provided.setdefault(_normalized(distribution), []).append(module)
+    return {name: sorted(modules) for name, modules in provided.items()}
+
+
+def _normalized(distribution: str) -> str:
+    return distribution.lower().replace("_", "-").replace(".", "-")
 
 
 def _input_bytes(step: Step) -> int:
