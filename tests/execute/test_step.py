@@ -350,15 +350,40 @@ def test_a_rerun_replaces_the_log_and_a_failed_one_keeps_the_output_in_it(tmp_pa
     assert result.get_msg().strip() == f"m/t/test_copy_upper: the text says no (log: build/.kiln/logs/{step.id}.log)"
 
 
+def two_noisy_steps(root: Path) -> list[tuple[Path, Step]]:
+    """Steps of workspaces a and b whose rules make noise tagged with their workspace."""
+    steps = []
+    for name in ("a", "b"):
+        write_source(root / name, f"noise from {name}")
+        steps.append((root / name, make_step(root / name)))
+    return steps
+
+
+def run_in_threads(steps: list[tuple[Path, Step]]) -> list[BaseException]:
+    """Run the steps side by side in threads, as doit -P thread does; what they raised. A step still
+    running after a minute fails the test: it stalled."""
+    errors: list[BaseException] = []
+
+    def run(root, step):
+        try:
+            run_step(step, root)
+        except BaseException as err:  # noqa: BLE001 - reported by the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=pair, daemon=True) for pair in steps]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads), "a step stalled"
+    return errors
+
+
 def test_steps_running_in_threads_keep_their_python_output_apart(tmp_path: Path, capfd, monkeypatch):
     """doit -P thread (kiln's default): Python-level output is routed by the thread that wrote it;
     file descriptors are process-wide, so native output goes to the logs of the steps running when
     it was written (both, marked so, when two were), and none of it to the terminal."""
-    steps = []
-    for name in ("a", "b"):
-        root = tmp_path / name
-        write_source(root, f"noise from {name}")
-        steps.append((root, make_step(root)))
+    steps = two_noisy_steps(tmp_path)
     barrier = threading.Barrier(2)
     original = make_noise
 
@@ -367,21 +392,8 @@ def test_steps_running_in_threads_keep_their_python_output_apart(tmp_path: Path,
         original(tag)
         barrier.wait(timeout=10)
 
-    errors = []
-
-    def run(root, step):
-        try:
-            run_step(step, root)
-        except BaseException as err:  # noqa: BLE001 - reported by the main thread
-            errors.append(err)
-
     monkeypatch.setattr(sys.modules[__name__], "make_noise", together)
-    threads = [threading.Thread(target=run, args=pair) for pair in steps]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert errors == []
+    assert run_in_threads(steps) == []
     for (root, step), (name, other) in zip(steps, (("a", "b"), ("b", "a")), strict=True):
         log = log_path(root, step).read_text()
         assert f"printed noise from {name}" in log and f"logged noise from {name}" in log and f"warned noise from {name}" in log
@@ -398,11 +410,7 @@ def test_native_output_beyond_a_pipes_buffer_written_holding_the_gil_does_not_st
     """A C library that writes a lot to fd 1 without releasing the GIL (ctypes.PyDLL keeps it) while
     another step runs: the writer must never wait for a reader thread that needs the GIL (a pipe
     would fill at 64 KiB and hang the build). Every byte reaches the logs."""
-    steps = []
-    for name in ("a", "b"):
-        root = tmp_path / name
-        write_source(root, f"noise from {name}")
-        steps.append((root, make_step(root)))
+    steps = two_noisy_steps(tmp_path)
     barrier = threading.Barrier(2)
     libc = ctypes.PyDLL(None)
     block = b"x" * 1023 + b"\n"
@@ -415,21 +423,7 @@ def test_native_output_beyond_a_pipes_buffer_written_holding_the_gil_does_not_st
         barrier.wait(timeout=10)
 
     monkeypatch.setattr(sys.modules[__name__], "make_noise", loud)
-    errors = []
-
-    def run(root, step):
-        try:
-            run_step(step, root)
-        except BaseException as err:  # noqa: BLE001 - reported by the main thread
-            errors.append(err)
-
-    threads = [threading.Thread(target=run, args=pair, daemon=True) for pair in steps]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert not any(thread.is_alive() for thread in threads), "a step stalled writing native output"
-    assert errors == []
+    assert run_in_threads(steps) == []
     for (root, step), name in zip(steps, ("a", "b"), strict=True):
         assert log_path(root, step).read_text().count(f"native noise from {name} ") == 256
 
