@@ -29,7 +29,7 @@ class ExportTorchscriptParams(Params):
 class ExportTorchscript(Rule):
     name = "export_torchscript"
     version = 3  # 2: traced files name machine-independent source paths; 3: kiln's own frames too
-    tools = ("torch", "transformers")
+    tools = ("torch", "transformers", "python")  # python: traced files record threading.py's frames (kiln.base.tools.PYTHON)
     Params = ExportTorchscriptParams
     memory_base_mib, memory_per_input = TORCH_MODEL_MEMORY
 

@@ -136,21 +136,24 @@ def test_traced_and_exported_bytes_match_the_golden(tmp_path: Path):
     TorchScript records the file names and line numbers of the frames it traces under (kiln's
     `_trace` and `in_fresh_stack` included), so a line added above them without a rule version bump
     would give other bytes under an unchanged step key (a cache or a lockfile would then disagree
-    with a rebuild). Regenerate only with a rule version bump or a torch upgrade:
-    KILN_UPDATE_GOLDEN=1 pytest tests/build_rules/test_export_torch.py -k golden."""
+    with a rebuild). They also record the standard library's threading.py frames, so the golden is
+    per torch and Python version (both are in the step's key). Regenerate only with a rule version
+    bump or a new torch or Python: KILN_UPDATE_GOLDEN=1 pytest tests/build_rules/test_export_torch.py -k golden."""
     import json
     import os
+    import platform
 
     golden = Path(__file__).resolve().parents[1] / "golden" / "torch_artifacts.json"
     ws = torch_workspace(tmp_path / "a", TARGETS.replace('[targets.scripted]\nformat = "torchscript"\nmode = "script"\n', ""))
     ws.doit("build")
     found = {rel: sha256(ws.root / "build/tiny" / rel) for rel in ("traced/model.pt", "exported/model.pt2")}
+    versions = f"torch {torch.__version__}, python {platform.python_version()}"
     known = json.loads(golden.read_text()) if golden.exists() else {}
     if os.environ.get("KILN_UPDATE_GOLDEN"):
-        golden.write_text(json.dumps(known | {torch.__version__: found}, indent=1, sort_keys=True) + "\n")
-        known[torch.__version__] = found
-    if torch.__version__ not in known:
+        golden.write_text(json.dumps(known | {versions: found}, indent=1, sort_keys=True) + "\n")
+        known[versions] = found
+    if versions not in known:
         import pytest
 
-        pytest.skip(f"no golden bytes for torch {torch.__version__} (tests/golden/torch_artifacts.json)")
-    assert found == known[torch.__version__]
+        pytest.skip(f"no golden bytes for {versions} (tests/golden/torch_artifacts.json)")
+    assert found == known[versions]

@@ -1,9 +1,10 @@
-"""Versions of the tools a step's key holds (installed distributions, kiln itself, and the Java
-runtime that PMML's converter and evaluator run in)."""
+"""Versions of the tools a step's key holds (installed distributions, kiln itself, the Java
+runtime that PMML's converter and evaluator run in, and Python itself where the bytes depend on it)."""
 
 from __future__ import annotations
 
 import functools
+import platform
 from importlib import metadata
 
 import kiln
@@ -16,6 +17,9 @@ JAVA = "java"  # not a Python distribution: the JVM on PATH
 # tensorrt.__version__, read by kiln.base.cuda's probe: the `tensorrt` distribution is a metapackage that
 # is absent when tensorrt-cu12/-cu13 is installed directly (how a CUDA major is pinned)
 TENSORRT = "tensorrt"
+# the interpreter's own version: traced TorchScript records the frames it traced under, the standard
+# library's threading.py among them, whose line numbers move between CPython patch releases
+PYTHON = "python"
 
 
 @functools.cache
@@ -31,6 +35,8 @@ def tool_version(name: str) -> str:
         return java_version()
     if name == TENSORRT:
         return tensorrt_version()
+    if name == PYTHON:
+        return platform.python_version()
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
