@@ -398,7 +398,10 @@ class _NativeCapture:
         except OSError:  # no stdout/stderr descriptors: nothing to capture
             return
         _flush_all()
-        fd, path = tempfile.mkstemp(prefix="kiln-native-")
+        try:
+            fd, path = tempfile.mkstemp(prefix="kiln-native-")
+        except OSError:  # no writable temp folder: native output stays on the terminal, the steps run
+            return
         os.unlink(path)  # unnamed: gone with its last descriptor, even after a crash
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)  # writers of 1 and 2 never overwrite each other
         self.saved, self.file, self.offset = [os.dup(1), os.dup(2)], fd, 0
