@@ -24,6 +24,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any, ClassVar
@@ -472,16 +473,47 @@ def test_a_step_whose_tools_are_not_imported_yet_imports_them_first_taking_turns
     monkeypatch.setattr(CopyUpper, "tools", ("numpy", "json"))
     monkeypatch.setattr(step_module, "_modules_of", lambda tools: [t for t in tools if t in ("numpy", "json")])
     done = threading.Event()
-    with step_module._torch_lock:  # a torch step runs
+    with step_module._torch_lock.turn():  # a torch step runs
         thread = threading.Thread(target=lambda: (run_step(make_step(tmp_path), tmp_path), done.set()), daemon=True)
         thread.start()
         assert not done.wait(1.0), "the step imported its missing tool while a torch step ran"
     assert done.wait(30)
     assert "json" in sys.modules and [r["torch_lock"] for r in RUNS] == [False]  # the rule itself ran without the lock
     RUNS.clear()
-    with step_module._torch_lock:  # now loaded: the step runs beside the torch step
+    with step_module._torch_lock.turn():  # now loaded: the step runs beside the torch step
         run_step(make_step(tmp_path, {"suffix": "!"}), tmp_path)
     assert len(RUNS) == 1
+
+
+def test_the_torch_lock_serves_a_waiting_import_first_then_torch_steps_in_the_builds_order():
+    """Imports take a fraction of a second, torch steps many: the next step of the longest chain must
+    not wait a whole torch step to import its tools. Torch steps then go in the build's order (the
+    ONNX export heads the longest chain; reference_outputs, queued first, waits)."""
+    lock, order = step_module._TorchLock(), []
+    lock.ranks = {"m/t/export_onnx": 0, "m/t/reference_outputs": 5}
+
+    def torch_step(name):
+        with lock.turn(name):
+            order.append(name)
+
+    def importer():
+        with lock.importing():
+            order.append("import")
+
+    with lock.turn():  # a torch step runs; two more wait, then an import
+        threads = [threading.Thread(target=torch_step, args=("m/t/reference_outputs",), daemon=True),
+                   threading.Thread(target=torch_step, args=("m/t/export_onnx",), daemon=True),
+                   threading.Thread(target=importer, daemon=True)]
+        for thread, waiting in zip(threads, (1, 2), strict=False):
+            thread.start()
+            while len(lock._waiting) < waiting:
+                time.sleep(0.01)
+        threads[2].start()
+        while lock._importers == 0:
+            time.sleep(0.01)
+    for thread in threads:
+        thread.join(10)
+    assert order == ["import", "m/t/export_onnx", "m/t/reference_outputs"] and not lock.locked()
 
 
 def test_tools_map_to_the_modules_their_distributions_install():

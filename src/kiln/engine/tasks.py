@@ -194,6 +194,10 @@ def doit_globals(root: Path | None = None, manifest_arg: str | None = None, skip
         owner = {step_id: plan for step_id, (plan, _) in first.items()}
         ordered = critical_first([step for _, step in first.values()], lambda s: expected_seconds(s, owner[s.id].root))
         serve_in_order([f"{TASK}:{step.name}" for step in ordered])
+        if ordered:
+            from kiln.execute.step import set_step_order  # the rules (pydantic): only when a task exists
+
+            set_step_order([step.name for step in ordered])
         for step in ordered:
             yield to_task(step, owner[step.id], names)
 

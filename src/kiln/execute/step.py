@@ -13,6 +13,7 @@ import contextlib
 import functools
 import importlib
 import io
+import itertools
 import logging
 import os
 import sys
@@ -47,8 +48,64 @@ if TYPE_CHECKING:
 # another thread would see, and torch already spreads one step over every core. A rule whose torch
 # runs in a child process (Rule.runs_in_child) does not take it; doit's worker processes each have
 # their own torch. Other steps take it only to import tools this process has not loaded yet
-# (_tools_ready).
-_torch_lock = threading.Lock()
+# (_tools_ready), and go first when both wait: an import takes a fraction of a second, a torch step
+# many (bert's simplify_onnx, next on the longest chain, waited 1.7 s behind reference_outputs).
+class _TorchLock:
+    """The torch lock: imports first, then the waiting torch step that ranks first in the build's
+    order (kiln.plan.steps.critical_first: the head of the longest chain), then the others as they came."""
+
+    def __init__(self):
+        self._changed = threading.Condition(threading.Lock())
+        self._held = False
+        self._importers = 0  # threads waiting to import
+        self._waiting: list[tuple[int, int]] = []  # (rank, arrival) of the torch steps waiting
+        self._arrivals = itertools.count()
+        self.ranks: dict[str, int] = {}  # step name -> rank in the build's order (set_step_order)
+
+    def locked(self) -> bool:
+        return self._held
+
+    @contextlib.contextmanager
+    def importing(self):
+        with self._changed:
+            self._importers += 1
+            try:
+                self._changed.wait_for(lambda: not self._held)
+            finally:
+                self._importers -= 1
+            self._held = True
+        try:
+            yield
+        finally:
+            self._release()
+
+    @contextlib.contextmanager
+    def turn(self, step_name: str = ""):
+        me = (self.ranks.get(step_name, len(self.ranks)), next(self._arrivals))
+        with self._changed:
+            self._waiting.append(me)
+            try:
+                self._changed.wait_for(lambda: not self._held and self._importers == 0 and me == min(self._waiting))
+            finally:
+                self._waiting.remove(me)
+            self._held = True
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._changed:
+            self._held = False
+            self._changed.notify_all()
+
+
+def set_step_order(names: list[str]) -> None:
+    """The build's order of steps (best first), which waiting torch steps take the lock in."""
+    _torch_lock.ranks = {name: rank for rank, name in enumerate(names)}
+
+
+_torch_lock = _TorchLock()
 
 
 def run_step(step: Step, root: Path, remote: Callable | None = None):
@@ -147,7 +204,7 @@ def _execute(step: Step, root: Path, why: str, started: float, meter: Meter):
     _wrap_streams()  # now, not once the locks below are taken: doit -P thread has just put its own sys.stdout in place
     try:
         meter.reserved_mib = reservation_mib(root, step, rule.memory_mib(step.params, _input_bytes(step)))
-        with reserve(root, step, meter.reserved_mib), _tools_ready(rule, step.params), _captured(log, f"{step.name}: {step.rule} v{rule.version}, {why}"):
+        with reserve(root, step, meter.reserved_mib), _tools_ready(rule, step.params, step.name), _captured(log, f"{step.name}: {step.rule} v{rule.version}, {why}"):
             info = rule().run({r: list(f) for r, f in step.inputs.items()}, temps, params, RunContext(root, step.name)) or {}
             missing = [role for role, path in temps.items() if not path.exists()]
             if missing:
@@ -479,7 +536,7 @@ def _flush_all() -> None:
 
 
 @contextlib.contextmanager
-def _tools_ready(rule, params: dict):
+def _tools_ready(rule, params: dict, step_name: str):
     """Hold the torch lock for a rule that runs torch in this process, the whole run; for any other
     rule, only while it imports those of its tools that this process has not imported yet. Two
     threads importing packages for the first time at once can meet half-initialized modules
@@ -492,12 +549,12 @@ def _tools_ready(rule, params: dict):
         yield
         return
     if "torch" in tools:
-        with _torch_lock:
+        with _torch_lock.turn(step_name):
             yield
         return
     missing = [module for module in _modules_of(tools) if module not in sys.modules]
     if missing:
-        with _torch_lock:
+        with _torch_lock.importing():
             for module in missing:
                 with contextlib.suppress(Exception):  # a tool that fails to import fails in the rule, with its own error
                     importlib.import_module(module)
