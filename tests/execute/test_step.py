@@ -464,31 +464,29 @@ def test_only_torch_steps_run_under_the_process_wide_torch_lock(tmp_path: Path):
     assert not step_module._torch_lock.locked()
 
 
-def test_a_step_whose_tools_are_not_imported_yet_imports_them_first_taking_turns_with_torch_steps(tmp_path: Path, monkeypatch):
+def test_a_step_whose_tools_are_not_imported_yet_imports_them_first_one_step_at_a_time(tmp_path: Path, monkeypatch):
     """Two threads importing a package for the first time at once can meet it half-initialized
     (sklearn_iris's two steps: "cannot import name 'clone' from partially initialized module"). A
-    step imports its missing tools under the torch lock first; once they are loaded it never waits."""
+    step imports its missing tools under the imports lock first; once they are loaded it never waits."""
     write_source(tmp_path, "imports")
     monkeypatch.delitem(sys.modules, "json", raising=True)  # a tool of this rule that this process has "not imported yet"
     monkeypatch.setattr(CopyUpper, "tools", ("numpy", "json"))
     monkeypatch.setattr(step_module, "_modules_of", lambda tools: [t for t in tools if t in ("numpy", "json")])
     done = threading.Event()
-    with step_module._torch_lock.turn():  # a torch step runs
+    with step_module._imports_lock:  # another step imports its tools
         thread = threading.Thread(target=lambda: (run_step(make_step(tmp_path), tmp_path), done.set()), daemon=True)
         thread.start()
-        assert not done.wait(1.0), "the step imported its missing tool while a torch step ran"
+        assert not done.wait(1.0), "the step imported its missing tool while another step imported"
     assert done.wait(30)
-    assert "json" in sys.modules and [r["torch_lock"] for r in RUNS] == [False]  # the rule itself ran without the lock
+    assert "json" in sys.modules and [r["torch_lock"] for r in RUNS] == [False]
     RUNS.clear()
-    with step_module._torch_lock.turn():  # now loaded: the step runs beside the torch step
+    with step_module._imports_lock:  # now loaded: the step runs while another imports
         run_step(make_step(tmp_path, {"suffix": "!"}), tmp_path)
     assert len(RUNS) == 1
 
 
-def test_the_torch_lock_serves_a_waiting_import_first_then_torch_steps_in_the_builds_order():
-    """Imports take a fraction of a second, torch steps many: the next step of the longest chain must
-    not wait a whole torch step to import its tools. Torch steps then go in the build's order (the
-    ONNX export heads the longest chain; reference_outputs, queued first, waits)."""
+def test_waiting_torch_steps_take_the_torch_lock_in_the_builds_order():
+    """The ONNX export heads the longest chain: it goes before reference_outputs, queued first."""
     lock, order = step_module._TorchLock(), []
     lock.ranks = {"m/t/export_onnx": 0, "m/t/reference_outputs": 5}
 
@@ -496,24 +494,15 @@ def test_the_torch_lock_serves_a_waiting_import_first_then_torch_steps_in_the_bu
         with lock.turn(name):
             order.append(name)
 
-    def importer():
-        with lock.importing():
-            order.append("import")
-
-    with lock.turn():  # a torch step runs; two more wait, then an import
-        threads = [threading.Thread(target=torch_step, args=("m/t/reference_outputs",), daemon=True),
-                   threading.Thread(target=torch_step, args=("m/t/export_onnx",), daemon=True),
-                   threading.Thread(target=importer, daemon=True)]
-        for thread, waiting in zip(threads, (1, 2), strict=False):
+    with lock.turn():  # a torch step runs; two more wait
+        threads = [threading.Thread(target=torch_step, args=(name,), daemon=True) for name in ("m/t/reference_outputs", "m/t/export_onnx")]
+        for waiting, thread in enumerate(threads, start=1):
             thread.start()
             while len(lock._waiting) < waiting:
                 time.sleep(0.01)
-        threads[2].start()
-        while lock._importers == 0:
-            time.sleep(0.01)
     for thread in threads:
         thread.join(10)
-    assert order == ["import", "m/t/export_onnx", "m/t/reference_outputs"] and not lock.locked()
+    assert order == ["m/t/export_onnx", "m/t/reference_outputs"] and not lock.locked()
 
 
 def test_tools_map_to_the_modules_their_distributions_install():

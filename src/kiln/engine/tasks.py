@@ -33,7 +33,7 @@ from kiln.state.html import write_model_html
 from kiln.errors import KilnError
 from kiln.execute import ray_executor
 from kiln.execute.resources import default_jobs, lock_workspace
-from kiln.plan.steps import critical_first
+from kiln.plan.steps import critical_first, seconds_after
 from kiln.schema.manifest import manifest_paths
 from kiln.state import fresh
 from kiln.state.records import read_record
@@ -192,12 +192,15 @@ def doit_globals(root: Path | None = None, manifest_arg: str | None = None, skip
                 first.setdefault(step.id, (plan, step))  # a step shared by several manifests is one task
         names = {step_id: step.name for step_id, (_, step) in first.items()}
         owner = {step_id: plan for step_id, (plan, _) in first.items()}
-        ordered = critical_first([step for _, step in first.values()], lambda s: expected_seconds(s, owner[s.id].root))
+        steps = [step for _, step in first.values()]
+        expected = {step.id: expected_seconds(step, owner[step.id].root) for step in steps}
+        ordered = critical_first(steps, lambda s: expected[s.id])
         serve_in_order([f"{TASK}:{step.name}" for step in ordered])
         if ordered:
             from kiln.execute.step import set_step_order  # the rules (pydantic): only when a task exists
 
-            set_step_order([step.name for step in ordered])
+            after = seconds_after(steps, lambda s: expected[s.id])
+            set_step_order([step.name for step in sorted(ordered, key=lambda s: -after[s.id])])  # torch steps: longest chain after first
         for step in ordered:
             yield to_task(step, owner[step.id], names)
 

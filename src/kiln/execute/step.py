@@ -47,17 +47,14 @@ if TYPE_CHECKING:
 # torch.onnx.export flips process-global state (torch.onnx.is_in_onnx_export) that a model running in
 # another thread would see, and torch already spreads one step over every core. A rule whose torch
 # runs in a child process (Rule.runs_in_child) does not take it; doit's worker processes each have
-# their own torch. Other steps take it only to import tools this process has not loaded yet
-# (_tools_ready), and go first when both wait: an import takes a fraction of a second, a torch step
-# many (bert's simplify_onnx, next on the longest chain, waited 1.7 s behind reference_outputs).
+# their own torch. Waiting torch steps take it in the build's order (set_step_order).
 class _TorchLock:
-    """The torch lock: imports first, then the waiting torch step that ranks first in the build's
-    order (kiln.plan.steps.critical_first: the head of the longest chain), then the others as they came."""
+    """The torch lock: the waiting torch step that ranks first in the build's order (kiln.plan.steps.
+    critical_first: the head of the longest chain) goes next, then the others as they came."""
 
     def __init__(self):
         self._changed = threading.Condition(threading.Lock())
         self._held = False
-        self._importers = 0  # threads waiting to import
         self._waiting: list[tuple[int, int]] = []  # (rank, arrival) of the torch steps waiting
         self._arrivals = itertools.count()
         self.ranks: dict[str, int] = {}  # step name -> rank in the build's order (set_step_order)
@@ -66,38 +63,27 @@ class _TorchLock:
         return self._held
 
     @contextlib.contextmanager
-    def importing(self):
-        with self._changed:
-            self._importers += 1
-            try:
-                self._changed.wait_for(lambda: not self._held)
-            finally:
-                self._importers -= 1
-            self._held = True
-        try:
-            yield
-        finally:
-            self._release()
-
-    @contextlib.contextmanager
-    def turn(self, step_name: str = ""):
+    def turn(self, step_name: str = "", first: Callable[[], None] = lambda: None):
+        """Hold the lock once it is this step's turn. `first` runs after the step has joined the
+        queue, before it waits: a step still importing its tools keeps its place."""
         me = (self.ranks.get(step_name, len(self.ranks)), next(self._arrivals))
         with self._changed:
             self._waiting.append(me)
-            try:
-                self._changed.wait_for(lambda: not self._held and self._importers == 0 and me == min(self._waiting))
-            finally:
+        try:
+            first()
+            with self._changed:
+                self._changed.wait_for(lambda: not self._held and me == min(self._waiting))
+                self._held = True
+        finally:
+            with self._changed:
                 self._waiting.remove(me)
-            self._held = True
+                self._changed.notify_all()
         try:
             yield
         finally:
-            self._release()
-
-    def _release(self) -> None:
-        with self._changed:
-            self._held = False
-            self._changed.notify_all()
+            with self._changed:
+                self._held = False
+                self._changed.notify_all()
 
 
 def set_step_order(names: list[str]) -> None:
@@ -106,6 +92,8 @@ def set_step_order(names: list[str]) -> None:
 
 
 _torch_lock = _TorchLock()
+# First imports of a step's tools, one step at a time (_tools_ready).
+_imports_lock = threading.Lock()
 
 
 def run_step(step: Step, root: Path, remote: Callable | None = None):
@@ -204,7 +192,8 @@ def _execute(step: Step, root: Path, why: str, started: float, meter: Meter):
     _wrap_streams()  # now, not once the locks below are taken: doit -P thread has just put its own sys.stdout in place
     try:
         meter.reserved_mib = reservation_mib(root, step, rule.memory_mib(step.params, _input_bytes(step)))
-        with reserve(root, step, meter.reserved_mib), _tools_ready(rule, step.params, step.name), _captured(log, f"{step.name}: {step.rule} v{rule.version}, {why}"):
+        with reserve(root, step, meter.reserved_mib), _captured(log, f"{step.name}: {step.rule} v{rule.version}, {why}"), \
+                _tools_ready(rule, step.params, step.name):  # inside the capture: what imports print goes to the step's log
             info = rule().run({r: list(f) for r, f in step.inputs.items()}, temps, params, RunContext(root, step.name)) or {}
             missing = [role for role, path in temps.items() if not path.exists()]
             if missing:
@@ -537,28 +526,33 @@ def _flush_all() -> None:
 
 @contextlib.contextmanager
 def _tools_ready(rule, params: dict, step_name: str):
-    """Hold the torch lock for a rule that runs torch in this process, the whole run; for any other
-    rule, only while it imports those of its tools that this process has not imported yet. Two
+    """Import those of the rule's tools that this process has not imported yet, one step at a time;
+    then, for a rule that runs torch in this process, hold the torch lock for the whole run. Two
     threads importing packages for the first time at once can meet half-initialized modules
     (CPython 3.11's per-module import locks: sklearn_iris's convert_sklearn and reference_outputs
     both importing sklearn gave "cannot import name 'clone' from partially initialized module
-    'sklearn.base'"), and an import must not overlap torch work in another thread. So first imports
-    take turns with each other and with torch steps; a rule's own imports then find its tools loaded."""
-    tools = tuple(rule.tools_for(params))
+    'sklearn.base'"); a rule's own imports then find its tools loaded. The imports lock is never
+    held while waiting for anything else, so it cannot deadlock with the torch lock."""
     if rule.runs_in_child:  # the parent only writes the job and waits; its tools load in the child
         yield
         return
+    tools = tuple(rule.tools_for(params))
     if "torch" in tools:
-        with _torch_lock.turn(step_name):
+        with _torch_lock.turn(step_name, first=lambda: _import_missing(tools)):  # in the queue while importing
             yield
+    else:
+        _import_missing(tools)
+        yield
+
+
+def _import_missing(tools: tuple[str, ...]) -> None:
+    if all(module in sys.modules for module in _modules_of(tools)):
         return
-    missing = [module for module in _modules_of(tools) if module not in sys.modules]
-    if missing:
-        with _torch_lock.importing():
-            for module in missing:
+    with _imports_lock:
+        for module in _modules_of(tools):
+            if module not in sys.modules:
                 with contextlib.suppress(Exception):  # a tool that fails to import fails in the rule, with its own error
                     importlib.import_module(module)
-    yield
 
 
 def _modules_of(tools: tuple[str, ...]) -> list[str]:

@@ -112,15 +112,26 @@ def critical_first(steps: list[Step], seconds: Callable[[Step], float]) -> list[
     doit starts ready tasks in the order it is given them, so under -n the long chains (calibrate
     -> quantize -> validate behind the ONNX export) start early instead of waiting behind the short
     ones; with one job the order changes nothing but the order of the log."""
+    after = seconds_after(steps, seconds)
+    position = {step.id: i for i, step in enumerate(steps)}
+    return sorted(steps, key=lambda s: (-(seconds(s) + after[s.id]), position[s.id]))
+
+
+def seconds_after(steps: list[Step], seconds: Callable[[Step], float]) -> dict[str, float]:
+    """Per step id, the most any chain of steps that need it adds after it ends. Among steps that
+    take turns on one resource (the torch lock), the one with the longest chain after it goes first:
+    that chain then runs beside the others' turns (bert: the ONNX export, 1 s, heads simplify ->
+    calibrate -> quantize; reference_outputs, 5 s, only the validations)."""
     dependents: dict[str, list[Step]] = {}
     for step in steps:
         for dep in step.deps:
             dependents.setdefault(dep, []).append(step)
-    priority: dict[str, float] = {}
+    whole: dict[str, float] = {}  # the step's own seconds and the longest chain after it
+    after: dict[str, float] = {}
     for step in reversed(_topological(steps)):  # dependents before the steps they need
-        priority[step.id] = seconds(step) + max((priority[d.id] for d in dependents.get(step.id, [])), default=0.0)
-    position = {step.id: i for i, step in enumerate(steps)}
-    return sorted(steps, key=lambda s: (-priority[s.id], position[s.id]))
+        after[step.id] = max((whole[d.id] for d in dependents.get(step.id, [])), default=0.0)
+        whole[step.id] = seconds(step) + after[step.id]
+    return after
 
 
 def _topological(steps: list[Step]) -> list[Step]:
