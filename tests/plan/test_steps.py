@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kiln.plan.steps import Step, critical_first
+from kiln.plan.steps import Step, critical_first, seconds_after
 from workspaces import make_plan
 
 
@@ -26,6 +26,18 @@ def test_the_step_heading_the_longest_chain_comes_first_ties_in_plan_order():
     # a known-long step pulls its chain forward
     heavy = {"reference": 30.0}
     assert [s.id for s in critical_first(steps, lambda s: heavy.get(s.id, 1.0))][0] == "reference"
+
+
+def test_seconds_after_a_step_is_its_longest_chain_of_dependents_without_itself():
+    """What orders the torch lock: the export (1 s) heads a 3 s chain, reference_outputs (5 s) a 1 s
+    one, so the export goes first and its chain runs beside reference_outputs."""
+    reference, export = _step("reference"), _step("export")
+    simplify = _step("simplify", ["export"])
+    check = _step("check", ["simplify", "reference"])
+    seconds = {"reference": 5.0, "export": 1.0, "simplify": 2.0, "check": 1.0}
+    after = seconds_after([reference, export, simplify, check], lambda s: seconds[s.id])
+    assert after == {"reference": 1.0, "export": 3.0, "simplify": 1.0, "check": 0.0}
+    assert [s.id for s in critical_first([reference, export, simplify, check], lambda s: seconds[s.id])][0] == "reference"
 
 
 def test_every_step_comes_after_its_dependencies():
