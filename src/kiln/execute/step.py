@@ -49,8 +49,9 @@ if TYPE_CHECKING:
 # runs in a child process (Rule.runs_in_child) does not take it; doit's worker processes each have
 # their own torch. Waiting torch steps take it in the build's order (set_step_order).
 class _TorchLock:
-    """The torch lock: the waiting torch step that ranks first in the build's order (kiln.plan.steps.
-    critical_first: the head of the longest chain) goes next, then the others as they came."""
+    """The torch lock: the waiting torch step that ranks first in the build's order (set_step_order:
+    the longest chain of work after it, kiln.plan.steps.seconds_after) goes next, then the others
+    as they came."""
 
     def __init__(self):
         self._changed = threading.Condition(threading.Lock())
