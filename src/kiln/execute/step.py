@@ -547,11 +547,12 @@ def _tools_ready(rule, params: dict, step_name: str):
 
 
 def _import_missing(tools: tuple[str, ...]) -> None:
-    if all(module in sys.modules for module in _modules_of(tools)):
+    missing = [module for module in _modules_of(tools) if module not in sys.modules]
+    if not missing:
         return
     with _imports_lock:
-        for module in _modules_of(tools):
-            if module not in sys.modules:
+        for module in missing:
+            if module not in sys.modules:  # another step may have imported it meanwhile
                 with contextlib.suppress(Exception):  # a tool that fails to import fails in the rule, with its own error
                     importlib.import_module(module)
 
